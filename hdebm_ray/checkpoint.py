@@ -1,0 +1,53 @@
+"""Checkpoints as plain directories: one ``<name>.pt`` state_dict per component, ``config.yaml`` and ``meta.json``.
+
+Everything is loaded with ``torch.load(weights_only=True)``: a checkpoint never holds pickled objects, so loading
+one cannot run code, and it stays readable without this package's classes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config, from_dict, load_config
+
+META_FILE, CONFIG_FILE = "meta.json", "config.yaml"
+
+
+def save_checkpoint(directory: str | Path, states: dict[str, dict], config: Config, meta: dict[str, Any]) -> Path:
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, state in states.items():
+        torch.save(state, out / f"{name}.pt")
+    (out / CONFIG_FILE).write_text(config.to_yaml())
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return out
+
+
+def load_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"'{directory}' is not a checkpoint directory (no {META_FILE})")
+    return json.loads(path.read_text())
+
+
+def load_config_of(directory: str | Path) -> Config:
+    return load_config(config_file=Path(directory) / CONFIG_FILE)
+
+
+def load_states(directory: str | Path, names: list[str] | None = None, map_location="cpu") -> dict[str, dict]:
+    """The named (default: all) state_dicts of a checkpoint, loaded with ``weights_only=True``."""
+    d = Path(directory)
+    names = names if names is not None else sorted(p.stem for p in d.glob("*.pt"))
+    missing = [n for n in names if not (d / f"{n}.pt").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"checkpoint '{d}' has no {missing[0]}.pt (has {sorted(p.name for p in d.glob('*.pt'))})"
+        )
+    return {n: torch.load(d / f"{n}.pt", map_location=map_location, weights_only=True) for n in names}
+
+
+__all__ = ["save_checkpoint", "load_meta", "load_states", "load_config_of", "from_dict"]

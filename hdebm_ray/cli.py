@@ -1,0 +1,164 @@
+"""Command line: ``hdebm-ray`` / ``python -m hdebm_ray``.
+
+Every command that takes a config resolves it (``--preset``, ``--config``, ``--set``), validates it and checks
+its data before Ray starts, so a bad key, value or path fails in a second with a message naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config, preset_names
+from .data import DatasetError
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help=f"named preset ({', '.join(preset_names())})")
+    p.add_argument("--config", help="YAML file with config sections (over the preset)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one dotted key, e.g. --set stage1.langevin.step_size=1e-3 (repeatable)",
+    )
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def resolve(args) -> object:
+    overrides = list(args.set)
+    if getattr(args, "address", None):
+        overrides.append(f"ray.address={args.address}")
+    return load_config(args.preset, args.config, overrides)
+
+
+def prepare_run(cfg) -> None:
+    """Checks that need the filesystem, then the resolved config saved next to the run."""
+    from .data import check_data_available
+    from .launch import is_uri, run_dir
+
+    check_data_available(cfg)
+    d = run_dir(cfg)
+    if not is_uri(d):
+        Path(d).mkdir(parents=True, exist_ok=True)
+        (Path(d) / "config.yaml").write_text(cfg.to_yaml())
+
+
+def cmd_pipeline(args) -> int:
+    from .launch import init_ray, run_dir, run_pipeline
+    from .stages import PIPELINE
+
+    cfg = resolve(args)
+    stages = args.stages.split(",") if args.stages else PIPELINE
+    unknown = [s for s in stages if s not in PIPELINE]
+    if unknown:
+        raise ConfigError(f"--stages: unknown stage {unknown[0]!r}; stages are {', '.join(PIPELINE)}")
+    if args.dry_run:
+        print(cfg.to_yaml(), end="")
+        return 0
+    prepare_run(cfg)
+    init_ray(cfg)
+    state = run_pipeline(cfg, stages)
+    print(f"\nResults in {run_dir(cfg)}")
+    for stage, entry in state.items():
+        print(f"  {stage:10s} checkpoint: {entry['checkpoint']}")
+        for k, v in (entry.get("summary") or {}).items():
+            print(f"  {'':10s} {k}: {v}")
+    print(f"  TensorBoard: tensorboard --logdir {run_dir(cfg)}/tb")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .launch import fit_stage, init_ray, read_pipeline_state, run_dir
+    from .stages import INIT_FROM
+
+    cfg = resolve(args)
+    if args.dry_run:
+        print(cfg.to_yaml(), end="")
+        return 0
+    init_from = args.init_from
+    parent = INIT_FROM.get(args.stage)
+    if parent and not init_from:
+        entry = read_pipeline_state(cfg).get(parent)
+        if not entry:
+            raise ConfigError(
+                f"stage {args.stage!r} starts from a {parent!r} checkpoint: pass --init-from DIR "
+                f"or run the {parent!r} stage of run {cfg.run.name!r} first"
+            )
+        init_from = entry["checkpoint"]
+    prepare_run(cfg)
+    init_ray(cfg)
+    out = fit_stage(cfg, args.stage, init_from)
+    print(f"\n{args.stage} finished in {run_dir(cfg)}; checkpoint {out['checkpoint']}")
+    return 0
+
+
+def cmd_dataset_convert(args) -> int:
+    from .data import write_parquet_shards
+
+    overrides = [f"data.dataset={args.source}", f"data.path={args.input or ''}"]
+    if args.resolution:
+        overrides.append(f"data.resolution={args.resolution}")
+    if args.channels:
+        overrides.append(f"data.channels={args.channels}")
+    cfg = load_config(None, None, overrides)
+    from .data import build_dataset
+
+    paths = write_parquet_shards(build_dataset(cfg), args.out, args.shard_size)
+    print(f"wrote {len(paths)} shard(s) to {args.out}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    for name in preset_names():
+        print(name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .stages import STAGES
+
+    parser = argparse.ArgumentParser(prog="hdebm-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pipeline", help="run the stages in order, resuming a run of the same name")
+    add_config_args(p)
+    p.add_argument("--stages", help="comma-separated subset of the stages, in pipeline order")
+    p.set_defaults(fn=cmd_pipeline)
+
+    p = sub.add_parser("train", help="run one stage")
+    add_config_args(p)
+    p.add_argument("--stage", required=True, choices=list(STAGES))
+    p.add_argument("--init-from", help="checkpoint dir of the previous stage (default: from this run)")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("dataset", help="dataset tools")
+    dsub = p.add_subparsers(dest="dataset_command", required=True)
+    c = dsub.add_parser("convert", help="write parquet shards of encoded images")
+    c.add_argument("--source", required=True, choices=["digits", "cifar10", "image_folder", "parquet"])
+    c.add_argument("--in", dest="input", help="source folder (cifar10 root, image folder)")
+    c.add_argument("--out", required=True, help="output folder for shard-*.parquet")
+    c.add_argument("--resolution", type=int)
+    c.add_argument("--channels", type=int)
+    c.add_argument("--shard-size", type=int, default=10000)
+    c.set_defaults(fn=cmd_dataset_convert)
+
+    p = sub.add_parser("presets", help="list the shipped presets")
+    p.set_defaults(fn=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, DatasetError, FileNotFoundError) as e:
+        print(f"hdebm-ray: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,439 @@
+"""Run configuration: frozen dataclasses, YAML presets, dotted overrides and validation.
+
+A config is resolved in layers: dataclass defaults < preset YAML (shipped in ``hdebm_ray/presets``) <
+``--config FILE`` < repeated ``--set dotted.key=value``. Every layer is checked against the dataclasses, so an
+unknown key, a value of the wrong type or a value out of range fails before any work starts, with a message that
+names the dotted key and what is allowed. Field metadata (``lo``/``hi``/``choices``) carries the ranges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type or out of range; the message names the key."""
+
+
+def knob(default, *, lo=None, hi=None, lo_open=False, choices=None, doc=""):
+    """A config field with its allowed range: ``lo``/``hi`` inclusive unless ``lo_open``."""
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices, "doc": doc}
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str = knob("hdebm", doc="run name; re-running with the same name resumes")
+    storage_path: str = knob("runs", doc="local dir, NFS mount or s3:// / gs:// URI for checkpoints and logs")
+    seed: int = knob(0, lo=0)
+
+
+@dataclass(frozen=True)
+class RaySection:
+    address: str = knob("", doc="'' = $RAY_ADDRESS if set, else an embedded local Ray; or 'auto' / ray://...")
+    num_workers: int = knob(2, lo=1, doc="Ray Train workers (DDP ranks)")
+    use_gpu: bool = knob(False)
+    cpus_per_worker: float = knob(1.0, lo=0.0, lo_open=True)
+    max_failures: int = knob(1, lo=-1, doc="worker-group restarts per stage; -1 = unlimited")
+    checkpoints_to_keep: int = knob(2, lo=1)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    dataset: str = knob("digits", choices=("digits", "toy2d", "cifar10", "image_folder", "parquet"))
+    path: str = knob("", doc="root folder (cifar10, image_folder) or folder of .parquet shards")
+    resolution: int = knob(16, lo=8, hi=1024, doc="image side in pixels (power of two)")
+    channels: int = knob(1, choices=(1, 3))
+    download: bool = knob(True, doc="cifar10: let torchvision download into data.path")
+    toy2d_mixture: str = knob("grid", choices=("grid", "ring"))
+    toy2d_std: float = knob(0.04, lo=0.0, lo_open=True, doc="std of each toy2d mixture component")
+    toy2d_num_samples: int = knob(20000, lo=100)
+    num_loader_workers: int = knob(0, lo=0, doc="DataLoader processes per Ray worker")
+
+
+@dataclass(frozen=True)
+class UNetSection:
+    channels: int = knob(32, lo=8)
+    channel_mult: tuple[int, ...] = knob((1, 2, 2), lo=1)
+    num_res_blocks: int = knob(1, lo=1)
+    attn_resolutions: tuple[int, ...] = knob((8,), lo=1)
+    num_heads: int = knob(4, lo=1)
+    dropout: float = knob(0.0, lo=0.0, hi=0.9)
+
+
+@dataclass(frozen=True)
+class EnergySection:
+    width: int = knob(64, lo=4, doc="channels of the SN-GAN ResNet energy net (hidden units for MLPs)")
+    multiscale: bool = knob(False, doc="sum of energies at full, half and quarter resolution")
+
+
+@dataclass(frozen=True)
+class GeneratorSection:
+    z_dim: int = knob(64, lo=1)
+    width: int = knob(64, lo=4, doc="channels of the SN-GAN generator (hidden units for MLPs)")
+    out_scale: float = knob(2.0, lo=0.0, lo_open=True, doc="tanh output is multiplied by this (Hat EBM: 2)")
+
+
+@dataclass(frozen=True)
+class MLPSection:
+    hidden: int = knob(128, lo=4, doc="hidden units of the toy2d MLP denoiser")
+    depth: int = knob(3, lo=1)
+
+
+@dataclass(frozen=True)
+class NetworkSection:
+    unet: UNetSection = UNetSection()
+    energy: EnergySection = EnergySection()
+    generator: GeneratorSection = GeneratorSection()
+    mlp: MLPSection = MLPSection()
+
+
+@dataclass(frozen=True)
+class DiffusionSection:
+    T: int = knob(1000, lo=2, doc="diffusion length of the cosine schedule")
+    T_trunc: int = knob(256, lo=1, doc="truncation time T' (< T); training draws t from {1..T'}")
+    cosine_s: float = knob(0.008, lo=0.0)
+    steps: int = knob(2000, lo=1)
+    batch_size: int = knob(64, lo=1, doc="global batch, split evenly over Ray workers")
+    lr: float = knob(2e-4, lo=0.0, lo_open=True)
+    grad_clip: float = knob(0.0, lo=0.0, doc="layer-wise max grad norm; 0 = off")
+    report_every: int = knob(100, lo=1, doc="steps between ray.train.report ticks")
+    checkpoint_every: int = knob(500, lo=1, doc="steps between checkpoints (multiple of report_every)")
+
+
+@dataclass(frozen=True)
+class DistillSection:
+    n0_steps: int = knob(16, lo=1, doc="N0: DDIM steps of the first teacher (power of two dividing T')")
+    steps_per_stage: int = knob(300, lo=1)
+    batch_size: int = knob(64, lo=1)
+    lr: float = knob(5e-5, lo=0.0, lo_open=True)
+    grad_clip: float = knob(0.0, lo=0.0)
+    report_every: int = knob(100, lo=1)
+    checkpoint_every: int = knob(300, lo=1)
+    eval_batch: int = knob(256, lo=1, doc="images used to measure student-vs-teacher MSE after each stage")
+
+
+@dataclass(frozen=True)
+class LangevinSection:
+    steps: int = knob(20, lo=1, doc="K")
+    step_size: float = knob(5e-4, lo=0.0, lo_open=True, doc="epsilon: drift eps^2/2 * grad U, noise eps")
+    temperature: float = knob(1e-8, lo=0.0, lo_open=True, doc="T_mc: U = H / T_mc")
+    drift_clip: float = knob(2.5, lo=0.0, doc="per-sample L2 bound on the drift; 0 = off")
+
+
+@dataclass(frozen=True)
+class Stage1Section:
+    steps: int = knob(600, lo=1)
+    batch_size: int = knob(64, lo=1)
+    langevin: LangevinSection = LangevinSection()
+    bank_size: int = knob(2048, lo=1, doc="N entries (z1, z2, X-) in the shared bank")
+    beta1: float = knob(1.0, lo=0.0)
+    beta2: float = knob(0.1, lo=0.0)
+    gen_loss_scale: float = knob(1000.0, lo=0.0, lo_open=True, doc="Hat EBM multiplies the pixel MSE by 1000")
+    lr_energy: float = knob(1e-4, lo=0.0, lo_open=True)
+    lr_generator: float = knob(1e-4, lo=0.0, lo_open=True)
+    lr_schedule: str = knob("constant", choices=("constant", "cosine"))
+    warmup_steps: int = knob(0, lo=0)
+    grad_clip: float = knob(50.0, lo=0.0)
+    data_jitter: float = knob(1e-3, lo=0.0)
+    mad_filter: bool = knob(False, doc="drop data with energy < median - mad_k * MAD (ImageNet)")
+    mad_k: float = knob(6.0, lo=0.0, lo_open=True)
+    ema_halflife_kimg: float = knob(10.0, lo=0.0, doc="EMA half-life in thousands of images; 0 = off")
+    report_every: int = knob(50, lo=1)
+    checkpoint_every: int = knob(200, lo=1)
+
+
+@dataclass(frozen=True)
+class Stage2Section:
+    steps: int = knob(300, lo=1)
+    batch_size: int = knob(64, lo=1)
+    langevin_steps: int = knob(20, lo=1, doc="K (Y-steps)")
+    y_step_size: float = knob(5e-4, lo=0.0, lo_open=True, doc="epsilon1")
+    z1_step_size: float = knob(5e-5, lo=0.0, lo_open=True, doc="epsilon2")
+    z2_step_size: float = knob(1e-3, lo=0.0, lo_open=True, doc="epsilon3")
+    y_steps_per_latent_step: int = knob(5, lo=1)
+    latent_prior: bool = knob(False, doc="add the N(0, I) prior gradient to the latent steps")
+    temperature: float = knob(1e-8, lo=0.0, lo_open=True)
+    drift_clip: float = knob(2.5, lo=0.0)
+    lr: float = knob(2e-5, lo=0.0, lo_open=True)
+    lr_schedule: str = knob("constant", choices=("constant", "cosine"))
+    warmup_steps: int = knob(0, lo=0)
+    grad_clip: float = knob(50.0, lo=0.0)
+    data_jitter: float = knob(1e-3, lo=0.0)
+    mad_filter: bool = knob(False)
+    mad_k: float = knob(6.0, lo=0.0, lo_open=True)
+    ema_halflife_kimg: float = knob(10.0, lo=0.0)
+    report_every: int = knob(50, lo=1)
+    checkpoint_every: int = knob(100, lo=1)
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunSection = RunSection()
+    ray: RaySection = RaySection()
+    data: DataSection = DataSection()
+    network: NetworkSection = NetworkSection()
+    diffusion: DiffusionSection = DiffusionSection()
+    distill: DistillSection = DistillSection()
+    stage1: Stage1Section = Stage1Section()
+    stage2: Stage2Section = Stage2Section()
+
+    def to_dict(self) -> dict:
+        return to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **dotted: Any) -> Config:
+        """A copy with dotted keys overridden, validated: ``cfg.replace(**{"stage1.steps": 10})``."""
+        tree = self.to_dict()
+        for key, value in dotted.items():
+            _set_dotted(tree, key, value)
+        return from_dict(tree)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building and checking
+
+
+def to_plain(obj) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(key: str, value: Any, typ: Any, meta: dict) -> Any:
+    """Convert a YAML / command-line value to the field's type, or raise naming the key."""
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        (elem_t, _) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list of {elem_t.__name__}, got {value!r}")
+        out = tuple(_coerce(f"{key}[{i}]", v, elem_t, {}) for i, v in enumerate(value))
+        for i, v in enumerate(out):
+            _check_range(f"{key}[{i}]", v, meta)
+        return out
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                f = math.nan
+            if f.is_integer():
+                return int(f)
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        try:
+            out = float(value)  # also accepts "1e-3", which YAML 1.1 reads as a string
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}") from None
+        if not math.isfinite(out):
+            raise ConfigError(f"config key '{key}' must be finite, got {value!r}")
+        return out
+    if typ is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {typ} for {key}")
+
+
+def _check_range(key: str, value: Any, meta: dict) -> None:
+    choices, lo, hi = meta.get("choices"), meta.get("lo"), meta.get("hi")
+    if choices is not None and value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"config key '{key}' = {value!r} is not allowed; choose one of {allowed}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        lo_open = meta.get("lo_open", False)
+        below = lo is not None and (value <= lo if lo_open else value < lo)
+        above = hi is not None and value > hi
+        if below or above:
+            parts = []
+            if lo is not None:
+                parts.append(f"{'>' if lo_open else '>='} {lo}")
+            if hi is not None:
+                parts.append(f"<= {hi}")
+            raise ConfigError(f"config key '{key}' = {value!r} is out of range: must be {' and '.join(parts)}")
+
+
+def _build(cls, tree: dict, prefix: str):
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {tree!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(tree) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; known keys under '{prefix.rstrip('.') or '<root>'}': "
+            + ", ".join(sorted(fields))
+        )
+    kwargs = {}
+    for name, value in tree.items():
+        f, typ, key = fields[name], hints[name], prefix + name
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, value, key + ".")
+        else:
+            kwargs[name] = _coerce(key, value, typ, dict(f.metadata))
+            if typing.get_origin(typ) is not tuple:
+                _check_range(key, kwargs[name], dict(f.metadata))
+    return cls(**kwargs)
+
+
+def from_dict(tree: dict) -> Config:
+    """Build and validate a Config from a (possibly partial) nested dict."""
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+def validate(cfg: Config) -> None:
+    """Checks that relate several keys; single-key ranges are checked while building."""
+    d, n = cfg.diffusion, cfg.ray.num_workers
+    if d.T_trunc >= d.T:
+        raise ConfigError(f"config key 'diffusion.T_trunc' = {d.T_trunc} must be < diffusion.T = {d.T}")
+    n0 = cfg.distill.n0_steps
+    if not _is_pow2(n0) or d.T_trunc % n0 != 0:
+        raise ConfigError(
+            f"config key 'distill.n0_steps' = {n0} must be a power of two that divides diffusion.T_trunc = {d.T_trunc}"
+        )
+    for section in ("diffusion", "distill", "stage1", "stage2"):
+        sec = getattr(cfg, section)
+        if sec.batch_size % n != 0:
+            raise ConfigError(
+                f"config key '{section}.batch_size' = {sec.batch_size} must be divisible by ray.num_workers = {n}"
+            )
+        if sec.checkpoint_every % sec.report_every != 0:
+            raise ConfigError(
+                f"config key '{section}.checkpoint_every' = {sec.checkpoint_every} must be a multiple of "
+                f"{section}.report_every = {sec.report_every} (checkpoints ride on reports)"
+            )
+    if cfg.stage1.bank_size < cfg.stage1.batch_size:
+        raise ConfigError(
+            f"config key 'stage1.bank_size' = {cfg.stage1.bank_size} must be >= stage1.batch_size = "
+            f"{cfg.stage1.batch_size} (each step leases a batch of distinct slots)"
+        )
+    data = cfg.data
+    if data.dataset != "toy2d":
+        if not _is_pow2(data.resolution):
+            raise ConfigError(f"config key 'data.resolution' = {data.resolution} must be a power of two")
+        bad = [r for r in cfg.network.unet.attn_resolutions if r > data.resolution]
+        if bad:
+            raise ConfigError(
+                f"config key 'network.unet.attn_resolutions' has {bad[0]} > data.resolution = {data.resolution}"
+            )
+        levels = len(cfg.network.unet.channel_mult)
+        if data.resolution // 2 ** (levels - 1) < 4:
+            raise ConfigError(
+                f"config key 'network.unet.channel_mult' has {levels} levels: too many for data.resolution = "
+                f"{data.resolution} (the lowest level must stay >= 4 px)"
+            )
+    if data.dataset in ("image_folder", "parquet") and not data.path:
+        raise ConfigError(
+            f"config key 'data.path' must name the {data.dataset} folder for data.dataset = {data.dataset!r}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers: presets, files, overrides
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("hdebm_ray.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, origin: str) -> dict:
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{origin} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{origin} must hold a mapping of config sections, got {type(tree).__name__}")
+    return tree
+
+
+def load_preset(name: str) -> dict:
+    if name not in preset_names():
+        raise ConfigError(f"unknown preset '{name}'; available presets: {', '.join(preset_names())}")
+    text = resources.files("hdebm_ray.presets").joinpath(f"{name}.yaml").read_text()
+    return _read_yaml(text, f"preset '{name}'")
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, p in enumerate(parts[:-1]):
+        if not isinstance(node.get(p), dict):
+            raise ConfigError(f"unknown config key '{key}' ('{'.'.join(parts[: i + 1])}' is not a section)")
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects dotted.key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def load_config(
+    preset: str | None = None, config_file: str | Path | None = None, overrides: typing.Iterable[str] = ()
+) -> Config:
+    """Resolve defaults < preset < config file < ``--set`` overrides into a validated Config."""
+    tree = Config().to_dict()
+    if preset:
+        tree = _merge(tree, load_preset(preset))
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        tree = _merge(tree, _read_yaml(path.read_text(), f"config file '{path}'"))
+    # Build once before overrides so a bad key in the files is reported against the file, not an override.
+    _build(Config, tree, "")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return from_dict(tree)

@@ -1,0 +1,133 @@
+"""The driver side: connect to (or start) Ray, run stages as TorchTrainer jobs, chain them into the pipeline.
+
+The same code path serves an embedded local Ray on a laptop and an existing cluster (``RAY_ADDRESS``,
+``--address``, or ``ray job submit``, which sets ``RAY_ADDRESS`` for the entrypoint).
+Each stage is one Ray Train run named after the stage under ``<storage_path>/<run.name>/``; re-running with the
+same run name resumes every stage from its last registered checkpoint, and finished stages are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .checkpoint import load_meta
+from .config import Config
+from .stages import INIT_FROM, PIPELINE
+
+NAMESPACE = "hdebm"
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def run_dir(cfg: Config) -> str:
+    """Absolute storage location of this run (local path, NFS path or object-store URI)."""
+    base = cfg.run.storage_path
+    if not is_uri(base):
+        base = str(Path(base).expanduser().resolve())
+    return f"{base.rstrip('/')}/{cfg.run.name}"
+
+
+def init_ray(cfg: Config) -> None:
+    """Connect to the cluster named by ray.address / $RAY_ADDRESS, or start an embedded local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Report ticks wait for the controller's poll; the 2 s default dominates short CPU steps.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(
+        address=address,
+        namespace=NAMESPACE,
+        log_to_driver=True,
+        runtime_env={
+            "env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}
+        },
+    )
+
+
+def trainer_for(cfg: Config, stage: str, init_from: str | None = None, callbacks=(), name: str | None = None):
+    """A TorchTrainer that runs ``stage`` with ``cfg.ray.num_workers`` DDP workers (gloo on CPU, nccl on GPU)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .ray_worker import train_loop_per_worker
+
+    r = cfg.ray
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}
+    storage = run_dir(cfg)
+    log_dir = None if is_uri(storage) else f"{storage}/tb"
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "stage": stage, "init_from": init_from, "log_dir": log_dir},
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name or stage,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=r.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            callbacks=list(callbacks),
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+def _state_path(cfg: Config) -> Path | None:
+    d = run_dir(cfg)
+    return None if is_uri(d) else Path(d) / "pipeline.json"
+
+
+def read_pipeline_state(cfg: Config) -> dict:
+    p = _state_path(cfg)
+    return json.loads(p.read_text()) if p is not None and p.is_file() else {}
+
+
+def _write_pipeline_state(cfg: Config, state: dict) -> None:
+    p = _state_path(cfg)
+    if p is not None:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(state, indent=2))
+
+
+def _finished(entry: dict | None) -> bool:
+    if not entry:
+        return False
+    try:
+        return bool(load_meta(entry["checkpoint"]).get("done"))
+    except FileNotFoundError:
+        return False
+
+
+def fit_stage(cfg: Config, stage: str, init_from: str | None = None, callbacks=()) -> dict:
+    """Run one stage to its end (resuming if it ran before); returns {checkpoint, step, summary}."""
+    result = trainer_for(cfg, stage, init_from, callbacks).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {stage!r} finished without registering a checkpoint")
+    path = result.checkpoint.path
+    meta = load_meta(path) if not is_uri(path) else {}
+    return {"checkpoint": path, "step": meta.get("step"), "summary": meta.get("summary", {})}
+
+
+def run_pipeline(cfg: Config, stages: list[str] | None = None) -> dict:
+    """Run the stages in order, each from the previous one's final checkpoint; skips finished stages."""
+    stages = stages or PIPELINE
+    state = read_pipeline_state(cfg)
+    for stage in stages:
+        if _finished(state.get(stage)):
+            print(f"[pipeline] {stage}: already finished at {state[stage]['checkpoint']}", flush=True)
+            continue
+        parent = INIT_FROM.get(stage)
+        init_from = None
+        if parent is not None:
+            if not _finished(state.get(parent)):
+                raise RuntimeError(f"stage {stage!r} needs a finished {parent!r} stage in {run_dir(cfg)}")
+            init_from = state[parent]["checkpoint"]
+        print(f"[pipeline] {stage}: starting" + (f" from {init_from}" if init_from else ""), flush=True)
+        state[stage] = fit_stage(cfg, stage, init_from)
+        _write_pipeline_state(cfg, state)
+        print(f"[pipeline] {stage}: done -> {state[stage]['checkpoint']}", flush=True)
+    return state

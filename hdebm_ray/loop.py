@@ -1,0 +1,87 @@
+"""The step loop every stage shares, independent of Ray.
+
+A stage (diffusion, distillation, HDEBM Stage 1/2, baselines) is an object with ``train_step(step) -> metrics``,
+``state_dict()`` / ``load_state_dict()`` over named plain state_dicts, ``total_steps`` and ``images_per_step``.
+``run_loop`` drives it from a start step to the end, calling ``report(step, metrics, with_checkpoint)`` once
+per tick; the Ray worker (``ray_worker.py``) and the in-process runner only differ in what ``report`` does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class WorkerContext:
+    """Where a stage runs: its rank, the world size, its device and how to wrap a trained model (DDP)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    wrap: Callable[[nn.Module], nn.Module] = lambda m: m
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module behind a DDP wrapper (Langevin and sampling run on it, not through DDP)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def mean_over_ranks(value: float) -> float:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([value], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        return float(t.item()) / dist.get_world_size()
+    return value
+
+
+class Stage(Protocol):
+    name: str
+    total_steps: int
+    images_per_step: int
+    report_every: int
+    checkpoint_every: int
+
+    def train_step(self, step: int) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, dict]: ...
+
+    def load_state_dict(self, states: dict[str, dict]) -> None: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+
+ReportFn = Callable[[int, dict[str, float], bool], None]
+
+
+def run_loop(stage: Stage, start_step: int, report: ReportFn) -> None:
+    """Train from ``start_step`` to ``stage.total_steps``; metrics are averaged over each report tick."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}  # per key: some metrics appear only on some steps
+    count, tick_start = 0, time.perf_counter()
+    for step in range(start_step, stage.total_steps):
+        for k, v in stage.train_step(step).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+            counts[k] = counts.get(k, 0) + 1
+        count += 1
+        done = step + 1
+        if done % stage.report_every == 0 or done == stage.total_steps:
+            elapsed = time.perf_counter() - tick_start
+            metrics = {k: v / counts[k] for k, v in sums.items()}
+            metrics["Timing/sec_per_step"] = elapsed / count
+            metrics["Timing/images_per_sec"] = count * stage.images_per_step / max(elapsed, 1e-9)
+            with_ckpt = done % stage.checkpoint_every == 0 or done == stage.total_steps
+            report(done, metrics, with_ckpt)
+            sums, counts, count, tick_start = {}, {}, 0, time.perf_counter()

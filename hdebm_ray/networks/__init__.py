@@ -1,0 +1,66 @@
+"""Network registry: builds each role's network (denoiser D, energy H, generator G1) from the config.
+
+Images get the Improved-DDPM UNet and the SN-GAN ResNets; ``toy2d`` vectors get the MLP counterparts.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import Config
+from .mlp import MLPDenoiser, MLPEnergy, MLPGenerator
+from .sngan import MultiScaleEnergy, ResNetEnergy, ResNetGenerator
+from .unet import UNet
+
+TOY_DIM = 2
+
+
+def is_vector_data(cfg: Config) -> bool:
+    return cfg.data.dataset == "toy2d"
+
+
+def sample_shape(cfg: Config) -> tuple[int, ...]:
+    """Shape of one data sample (without the batch dimension)."""
+    if is_vector_data(cfg):
+        return (TOY_DIM,)
+    return (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+
+
+def build_denoiser(cfg: Config) -> nn.Module:
+    n = cfg.network
+    if is_vector_data(cfg):
+        return MLPDenoiser(dim=TOY_DIM, hidden=n.mlp.hidden, depth=n.mlp.depth)
+    u = n.unet
+    return UNet(
+        in_channels=cfg.data.channels,
+        resolution=cfg.data.resolution,
+        channels=u.channels,
+        channel_mult=u.channel_mult,
+        num_res_blocks=u.num_res_blocks,
+        attn_resolutions=u.attn_resolutions,
+        num_heads=u.num_heads,
+        dropout=u.dropout,
+    )
+
+
+def build_energy(cfg: Config) -> nn.Module:
+    e = cfg.network.energy
+    if is_vector_data(cfg):
+        return MLPEnergy(dim=TOY_DIM, hidden=e.width, depth=cfg.network.mlp.depth)
+    cls = MultiScaleEnergy if e.multiscale else ResNetEnergy
+    return cls(in_channels=cfg.data.channels, resolution=cfg.data.resolution, width=e.width)
+
+
+def build_generator(cfg: Config) -> nn.Module:
+    g = cfg.network.generator
+    if is_vector_data(cfg):
+        return MLPGenerator(
+            dim=TOY_DIM, z_dim=g.z_dim, hidden=g.width, depth=cfg.network.mlp.depth, out_scale=g.out_scale
+        )
+    return ResNetGenerator(
+        out_channels=cfg.data.channels,
+        resolution=cfg.data.resolution,
+        z_dim=g.z_dim,
+        width=g.width,
+        out_scale=g.out_scale,
+    )

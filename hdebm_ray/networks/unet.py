@@ -1,0 +1,160 @@
+"""Improved-DDPM UNet (Nichol & Dhariwal 2021) predicting x0, as HDEBM's truncated diffusion uses.
+
+Residual blocks with scale-shift timestep conditioning (GroupNorm(h)·(1 + w) + b), multi-head self-attention
+at the listed resolutions, channel widths ``channels · channel_mult[level]``. Zero-initialised output layers
+make every block start as the identity, which keeps deep configurations stable at initialisation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def group_norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, ch), ch)
+
+
+def zero_module(m: nn.Module) -> nn.Module:
+    for p in m.parameters():
+        nn.init.zeros_(p)
+    return m
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, shape (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.in_layers = nn.Sequential(group_norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * c_out))
+        self.out_norm = group_norm(c_out)
+        self.out_layers = nn.Sequential(
+            nn.SiLU(), nn.Dropout(dropout), zero_module(nn.Conv2d(c_out, c_out, 3, padding=1))
+        )
+        self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x, emb):
+        h = self.in_layers(x)
+        scale, shift = self.emb_layers(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.out_norm(h) * (1 + scale) + shift
+        return self.skip(x) + self.out_layers(h)
+
+
+class Attention(nn.Module):
+    def __init__(self, ch: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads if ch % num_heads == 0 else 1
+        self.norm = group_norm(ch)
+        self.qkv = nn.Conv1d(ch, 3 * ch, 1)
+        self.proj = zero_module(nn.Conv1d(ch, ch, 1))
+
+    def forward(self, x, emb=None):
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x).reshape(b, c, h * w))
+        q, k, v = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, h * w).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v)  # (b, heads, hw, c/heads)
+        out = out.transpose(-1, -2).reshape(b, c, h * w)
+        return x + self.proj(out).reshape(b, c, h, w)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x, emb=None):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, emb=None):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Stack(nn.ModuleList):
+    """Layers that all take (h, emb)."""
+
+    def forward(self, h, emb):
+        for layer in self:
+            h = layer(h, emb)
+        return h
+
+
+class UNet(nn.Module):
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        resolution: int,
+        channels: int = 128,
+        channel_mult=(1, 2, 2, 2),
+        num_res_blocks: int = 3,
+        attn_resolutions=(16, 8),
+        num_heads: int = 4,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.channels = channels
+        emb_dim = 4 * channels
+        self.time_embed = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.input_conv = nn.Conv2d(in_channels, channels, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skips, ch, res = [channels], channels, resolution
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [ResBlock(ch, channels * mult, emb_dim, dropout)]
+                ch = channels * mult
+                if res in attn_resolutions:
+                    layers.append(Attention(ch, num_heads))
+                self.down.append(Stack(layers))
+                skips.append(ch)
+            if level != len(channel_mult) - 1:
+                self.down.append(Stack([Downsample(ch)]))
+                skips.append(ch)
+                res //= 2
+
+        self.middle = Stack(
+            [ResBlock(ch, ch, emb_dim, dropout), Attention(ch, num_heads), ResBlock(ch, ch, emb_dim, dropout)]
+        )
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [ResBlock(ch + skips.pop(), channels * mult, emb_dim, dropout)]
+                ch = channels * mult
+                if res in attn_resolutions:
+                    layers.append(Attention(ch, num_heads))
+                if level and i == num_res_blocks:
+                    layers.append(Upsample(ch))
+                    res *= 2
+                self.up.append(Stack(layers))
+
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, in_channels, 3, padding=1)))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = self.time_embed(timestep_embedding(t, self.channels))
+        h = self.input_conv(x)
+        hs = [h]
+        for block in self.down:
+            h = block(h, emb)
+            hs.append(h)
+        h = self.middle(h, emb)
+        for block in self.up:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)

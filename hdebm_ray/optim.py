@@ -1,0 +1,53 @@
+"""Optimisation helpers shared by every stage: Adam, LR schedules, layer-wise clipping and EMA in images."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def layerwise_clip_(params, max_norm: float) -> float:
+    """Clip each parameter tensor's gradient to ``max_norm`` separately (HDEBM D.3); returns the total norm.
+
+    ``max_norm <= 0`` only measures.
+    """
+    sq = 0.0
+    for p in params:
+        if p.grad is None:
+            continue
+        n = p.grad.detach().norm()
+        sq += float(n) ** 2
+        if max_norm > 0 and n > max_norm:
+            p.grad.mul_(max_norm / (n + 1e-6))
+    return math.sqrt(sq)
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    """Factor on the base LR: linear warm-up from 0, then constant or cosine decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return step / warmup_steps
+        if schedule == "cosine":
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def adam_with_schedule(
+    params, lr: float, schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 1, betas=(0.9, 0.999)
+):
+    opt = torch.optim.Adam(params, lr=lr, betas=betas)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(schedule, warmup_steps, total_steps))
+
+
+def ema_model(model: nn.Module, halflife_kimg: float, batch_size: int):
+    """An EMA copy whose decay per step gives a half-life in images, so batch-size changes keep its meaning."""
+    if halflife_kimg <= 0:
+        return None
+    beta = 0.5 ** (batch_size / (halflife_kimg * 1000))
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(beta))

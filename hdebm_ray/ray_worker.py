@@ -1,0 +1,70 @@
+"""The Ray Train worker: one DDP rank running a stage through the shared step loop.
+
+Checkpoints ride on ``ray.train.report`` (a barrier every rank calls equally often; rank 0 attaches the
+checkpoint). A restarted or re-run worker resumes from ``ray.train.get_checkpoint()``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import ray.train
+import ray.train.torch
+import torch
+
+from .checkpoint import save_checkpoint
+from .config import from_dict
+from .loop import WorkerContext, run_loop
+from .runner import StageLogger, checkpoint_meta, restore
+from .stages import build_stage
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = from_dict(loop_config["config"])
+    tctx = ray.train.get_context()
+    rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    ctx = WorkerContext(
+        rank=rank,
+        world_size=world,
+        device=ray.train.torch.get_device(),
+        wrap=lambda m: ray.train.torch.prepare_model(m),
+    )
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+
+    init_from = loop_config.get("init_from")
+    if init_from:
+        with ray.train.Checkpoint(init_from).as_directory() as init_dir:
+            stage = build_stage(loop_config["stage"], cfg, ctx, init_dir)
+    else:
+        stage = build_stage(loop_config["stage"], cfg, ctx, None)
+
+    start = 0
+    if (ckpt := ray.train.get_checkpoint()) is not None:
+        with ckpt.as_directory() as d:
+            start = restore(stage, d, ctx.device)
+        if rank == 0:
+            print(f"[{stage.name}] resumed from {ckpt.path} at step {start}", flush=True)
+    # Different noise per rank, and a restart does not replay the noise of the steps it redoes.
+    torch.manual_seed(cfg.run.seed * 100003 + rank * 7919 + start)
+
+    logger = StageLogger(stage, loop_config.get("log_dir"), enabled=rank == 0)
+
+    def report(step: int, metrics: dict, with_ckpt: bool) -> None:
+        logger.log(step, metrics)
+        metrics = {**metrics, "step": step, "nimg": step * stage.images_per_step}
+        if with_ckpt and rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(tmp, stage.state_dict(), cfg, checkpoint_meta(stage, step, start))
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                    checkpoint_dir_name=f"checkpoint_{step:08d}_{int(time.time() * 1000)}",
+                )
+        else:
+            ray.train.report(metrics)
+
+    run_loop(stage, start, report)
+    if start >= stage.total_steps and ckpt is None:  # nothing to train: still register the product
+        report(stage.total_steps, {}, True)
+    logger.close()

@@ -1,0 +1,107 @@
+"""Running a stage without Ray, and the pieces the Ray worker shares with it: metadata, logging, resume.
+
+``run_in_process`` is the single-process path used by tests, benchmarks and debugging; the Ray Train worker
+(``ray_worker.py``) does the same with ``ray.train.report`` in place of writing checkpoints itself.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_meta, load_states, save_checkpoint
+from .config import Config
+from .loop import WorkerContext, run_loop
+from .stages import build_stage
+
+
+def checkpoint_meta(stage, step: int, resumed_from_step: int = 0) -> dict:
+    return {
+        "stage": stage.name,
+        "step": step,
+        "nimg": step * stage.images_per_step,
+        "resumed_from_step": resumed_from_step,
+        "total_steps": stage.total_steps,
+        "done": step >= stage.total_steps,
+        "summary": stage.summary(),
+        "saved_at": time.time(),
+    }
+
+
+def restore(stage, ckpt_dir, device) -> int:
+    """Load a checkpoint into a stage; returns the step to continue from."""
+    stage.load_state_dict(load_states(ckpt_dir, map_location=device))
+    meta = load_meta(ckpt_dir)
+    stage.load_summary(meta.get("summary", {}))
+    return int(meta["step"])
+
+
+class StageLogger:
+    """Rank 0's TensorBoard scalars (x-axis: images seen) and a one-line status per report tick."""
+
+    def __init__(self, stage, log_dir: str | None, enabled: bool):
+        self.stage, self.writer = stage, None
+        if enabled and log_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(log_dir) / stage.name))
+        self.enabled = enabled
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        nimg = step * self.stage.images_per_step
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, nimg)
+            self.writer.flush()
+        losses = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k.startswith("Loss/"))
+        sps = metrics.get("Timing/sec_per_step", float("nan"))
+        print(
+            f"[{self.stage.name}] step {step}/{self.stage.total_steps} kimg {nimg / 1000:.1f} {losses} "
+            f"sec/step {sps:.3f}",
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    ckpts = sorted(out_dir.glob("checkpoint_*"), key=lambda p: load_meta(p)["step"])
+    return ckpts[-1] if ckpts else None
+
+
+def run_in_process(
+    cfg: Config,
+    stage_name: str,
+    out_dir: str | Path,
+    init_dir=None,
+    device: str | torch.device = "cpu",
+    log_dir: str | None = None,
+):
+    """Run one stage in this process (rank 0 of 1), resuming from ``out_dir``'s latest checkpoint."""
+    out = Path(out_dir)
+    torch.manual_seed(cfg.run.seed)
+    ctx = WorkerContext(device=torch.device(device))
+    stage = build_stage(stage_name, cfg, ctx, init_dir)
+    start = 0
+    if (last := latest_checkpoint(out)) is not None:
+        start = restore(stage, last, ctx.device)
+    logger = StageLogger(stage, log_dir, enabled=True)
+
+    def report(step, metrics, with_ckpt):
+        logger.log(step, metrics)
+        if with_ckpt:
+            save_checkpoint(
+                out / f"checkpoint_{step:08d}", stage.state_dict(), cfg, checkpoint_meta(stage, step, start)
+            )
+
+    run_loop(stage, start, report)
+    if latest_checkpoint(out) is None:  # a stage with nothing to train still leaves its product
+        report(stage.total_steps, {}, True)
+    logger.close()
+    return stage, latest_checkpoint(out)

@@ -1,0 +1,57 @@
+"""Stage "diffusion": train the truncated x0-predicting diffusion model D (ALGORITHMS §3)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import Config
+from ..data import batch_stream, build_dataset
+from ..diffusion import CosineSchedule, diffusion_loss
+from ..loop import WorkerContext
+from ..networks import build_denoiser
+from ..optim import layerwise_clip_
+
+
+class DiffusionStage:
+    name = "diffusion"
+
+    def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
+        d = cfg.diffusion
+        self.cfg, self.ctx = cfg, ctx
+        self.total_steps, self.report_every, self.checkpoint_every = d.steps, d.report_every, d.checkpoint_every
+        self.images_per_step = d.batch_size
+        self.schedule = CosineSchedule(d.T, d.cosine_s)
+        self.model = build_denoiser(cfg).to(ctx.device)
+        self.ddp = ctx.wrap(self.model)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=d.lr)
+        self.batches = batch_stream(
+            build_dataset(cfg),
+            d.batch_size // ctx.world_size,
+            ctx.rank,
+            ctx.world_size,
+            seed=cfg.run.seed,
+            num_workers=cfg.data.num_loader_workers,
+            device=ctx.device,
+        )
+
+    def train_step(self, step: int) -> dict[str, float]:
+        x0, _ = next(self.batches)
+        loss = diffusion_loss(self.ddp, self.schedule, x0, self.cfg.diffusion.T_trunc)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = layerwise_clip_(self.model.parameters(), self.cfg.diffusion.grad_clip)
+        self.opt.step()
+        return {"Loss/diffusion": loss.item(), "Opt/grad_norm": grad_norm, "Opt/lr": self.opt.param_groups[0]["lr"]}
+
+    def state_dict(self) -> dict[str, dict]:
+        return {"denoiser": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, states: dict[str, dict]) -> None:
+        self.model.load_state_dict(states["denoiser"])
+        self.opt.load_state_dict(states["optimizer"])
+
+    def summary(self) -> dict:
+        return {}
+
+    def load_summary(self, summary: dict) -> None:
+        pass

@@ -1,0 +1,135 @@
+"""Stage "distill": progressive distillation of the truncated DDIM sampler down to one step (ALGORITHMS §4).
+
+Sub-stage k trains a student on the N0 / 2^(k+1)-step grid so that one student step equals two teacher steps;
+the student starts as a copy of its teacher and then becomes the next teacher. At the end of every sub-stage
+the mean squared gap between one student step and the teacher's two steps is measured and kept in the
+checkpoint's summary, along with the gap between the student's and the teacher's whole samplers.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from ..checkpoint import load_states
+from ..config import Config
+from ..data import batch_stream, build_dataset
+from ..diffusion import (
+    CosineSchedule,
+    ddim_sample,
+    distill_gap,
+    distill_loss,
+    noise_to_truncation,
+    per_sample_mse,
+)
+from ..loop import WorkerContext, mean_over_ranks
+from ..networks import build_denoiser
+from ..optim import layerwise_clip_
+
+
+class DistillStage:
+    name = "distill"
+
+    def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
+        if init_dir is None:
+            raise ValueError("the distill stage starts from a trained diffusion checkpoint (init_dir)")
+        d = cfg.distill
+        self.cfg, self.ctx = cfg, ctx
+        self.n_stages = int(math.log2(d.n0_steps))
+        self.total_steps = self.n_stages * d.steps_per_stage
+        self.report_every, self.checkpoint_every = d.report_every, d.checkpoint_every
+        self.images_per_step = d.batch_size
+        self.schedule = CosineSchedule(cfg.diffusion.T, cfg.diffusion.cosine_s)
+        teacher_state = load_states(init_dir, ["denoiser"])["denoiser"]
+        self.teacher = build_denoiser(cfg).to(ctx.device)
+        self.teacher.load_state_dict(teacher_state)
+        self.teacher.requires_grad_(False)
+        self.student = copy.deepcopy(self.teacher).requires_grad_(True)
+        self.ddp = ctx.wrap(self.student)
+        self.opt = torch.optim.Adam(self.student.parameters(), lr=d.lr)
+        self.gaps: list[dict] = []
+        self.batches = batch_stream(
+            build_dataset(cfg),
+            d.batch_size // ctx.world_size,
+            ctx.rank,
+            ctx.world_size,
+            seed=cfg.run.seed + 1,
+            num_workers=cfg.data.num_loader_workers,
+            device=ctx.device,
+        )
+        self._eval_x0 = None
+
+    def n_student(self, step: int) -> int:
+        """Student steps of the sub-stage that ``step`` belongs to: N0/2, N0/4, ..., 1."""
+        k = step // self.cfg.distill.steps_per_stage
+        return self.cfg.distill.n0_steps // 2 ** (k + 1)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        d = self.cfg.distill
+        n_student = self.n_student(step)
+        x0, _ = next(self.batches)
+        loss = distill_loss(self.ddp, self.teacher, self.schedule, x0, self.cfg.diffusion.T_trunc, n_student)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = layerwise_clip_(self.student.parameters(), d.grad_clip)
+        self.opt.step()
+        metrics = {
+            "Loss/distill": loss.item(),
+            "Opt/grad_norm": grad_norm,
+            "Opt/lr": d.lr,
+            "Distill/student_steps": n_student,
+        }
+        if (step + 1) % d.steps_per_stage == 0:
+            metrics.update(self._finish_substage(n_student))
+        return metrics
+
+    def eval_batch(self) -> torch.Tensor:
+        """A fixed batch of this rank's data, for gaps comparable across sub-stages."""
+        if self._eval_x0 is None:
+            stream = batch_stream(
+                build_dataset(self.cfg),
+                self.cfg.distill.eval_batch,
+                self.ctx.rank,
+                self.ctx.world_size,
+                seed=12345,
+                device=self.ctx.device,
+            )
+            self._eval_x0 = next(stream)[0]
+        return self._eval_x0
+
+    @torch.no_grad()
+    def _finish_substage(self, n_student: int) -> dict[str, float]:
+        t_trunc = self.cfg.diffusion.T_trunc
+        x0 = self.eval_batch()
+        torch.manual_seed(1000 + n_student)
+        step_gap = mean_over_ranks(distill_gap(self.student, self.teacher, self.schedule, x0, t_trunc, n_student))
+        # Whole samplers from the same x_T': n_student student steps vs 2·n_student teacher steps.
+        z = noise_to_truncation(self.schedule, x0, torch.randn_like(x0), t_trunc)
+        s_out = ddim_sample(self.student, z, self.schedule, t_trunc, n_student)
+        t_out = ddim_sample(self.teacher, z, self.schedule, t_trunc, 2 * n_student)
+        sampler_gap = mean_over_ranks(per_sample_mse(s_out, t_out).mean().item())
+        self.gaps.append({"student_steps": n_student, "step_gap_mse": step_gap, "sampler_gap_mse": sampler_gap})
+        # The student becomes the next teacher; the next student starts from it with a fresh optimiser.
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.opt = torch.optim.Adam(self.student.parameters(), lr=self.cfg.distill.lr)
+        return {"Distill/step_gap_mse": step_gap, "Distill/sampler_gap_mse": sampler_gap}
+
+    def state_dict(self) -> dict[str, dict]:
+        return {
+            "denoiser": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.opt.state_dict(),
+        }
+
+    def load_state_dict(self, states: dict[str, dict]) -> None:
+        self.student.load_state_dict(states["denoiser"])
+        self.teacher.load_state_dict(states["teacher"])
+        self.opt.load_state_dict(states["optimizer"])
+
+    def summary(self) -> dict:
+        return {"distill_gaps": self.gaps}
+
+    def load_summary(self, summary: dict) -> None:
+        self.gaps = list(summary.get("distill_gaps", []))

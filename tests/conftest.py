@@ -1,0 +1,28 @@
+"""Shared test set-up: offline, no auth, one Ray instance per module (see ``ray_local``)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A fresh embedded Ray for the test module; never `ray stop` (it would kill every Ray on the machine)."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=4,
+        namespace="hdebm",
+        log_to_driver=True,
+        runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}},
+    )
+    yield ray
+    ray.shutdown()
