@@ -65,6 +65,8 @@ def cmd_pipeline(args) -> int:
     print(f"\nResults in {run_dir(cfg)}")
     for stage, entry in state.items():
         print(f"  {stage:10s} checkpoint: {entry['checkpoint']}")
+        if entry.get("samples"):
+            print(f"  {'':10s} samples:    {entry['samples']}")
         for k, v in (entry.get("summary") or {}).items():
             print(f"  {'':10s} {k}: {v}")
     print(f"  TensorBoard: tensorboard --logdir {run_dir(cfg)}/tb")
@@ -112,6 +114,18 @@ def cmd_dataset_convert(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    import torch
+
+    from .sampling import Sampler, save_grid
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sampler = Sampler(args.checkpoint, device=device, use_ema=args.ema)
+    out = save_grid(sampler.sample(args.n, seed=args.seed), args.out, sampler.cfg)
+    print(f"wrote {args.n} {sampler.stage} samples to {out}")
+    return 0
+
+
 def cmd_presets(args) -> int:
     for name in preset_names():
         print(name)
@@ -145,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--channels", type=int)
     c.add_argument("--shard-size", type=int, default=10000)
     c.set_defaults(fn=cmd_dataset_convert)
+
+    p = sub.add_parser("sample", help="draw samples from a checkpoint with its stage's sampler")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (checkpoint_*)")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema", action="store_true", help="use the EMA weights")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.set_defaults(fn=cmd_sample)
 
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(fn=cmd_presets)

@@ -90,6 +90,7 @@ class GeneratorSection:
 class MLPSection:
     hidden: int = knob(128, lo=4, doc="hidden units of the toy2d MLP denoiser")
     depth: int = knob(3, lo=1)
+    precondition: bool = knob(True, doc="EDM-style skip/scale around the MLP denoiser (still predicts x0)")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .checkpoint import load_meta
 from .config import Config
-from .stages import INIT_FROM, PIPELINE
+from .stages import BANK_SPECS, INIT_FROM, PIPELINE
 
 NAMESPACE = "hdebm"
 
@@ -50,7 +50,14 @@ def init_ray(cfg: Config) -> None:
     )
 
 
-def trainer_for(cfg: Config, stage: str, init_from: str | None = None, callbacks=(), name: str | None = None):
+def trainer_for(
+    cfg: Config,
+    stage: str,
+    init_from: str | None = None,
+    callbacks=(),
+    name: str | None = None,
+    bank_name: str | None = None,
+):
     """A TorchTrainer that runs ``stage`` with ``cfg.ray.num_workers`` DDP workers (gloo on CPU, nccl on GPU)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -63,7 +70,13 @@ def trainer_for(cfg: Config, stage: str, init_from: str | None = None, callbacks
     log_dir = None if is_uri(storage) else f"{storage}/tb"
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "stage": stage, "init_from": init_from, "log_dir": log_dir},
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "stage": stage,
+            "init_from": init_from,
+            "log_dir": log_dir,
+            "bank_name": bank_name,
+        },
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name or stage,
@@ -102,14 +115,57 @@ def _finished(entry: dict | None) -> bool:
         return False
 
 
+def bank_actor_name(cfg: Config, stage: str) -> str:
+    return f"bank-{cfg.run.name}-{stage}"
+
+
+def start_bank(cfg: Config, stage: str):
+    """Create the stage's bank actor (or find the one a previous attempt left); None if the stage has none."""
+    if stage not in BANK_SPECS:
+        return None
+    from .bank_actor import create_bank_actor
+
+    return create_bank_actor(
+        bank_actor_name(cfg, stage),
+        **BANK_SPECS[stage](cfg),
+        snapshot_dir=f"{run_dir(cfg)}/{stage}/bank",
+        seed=cfg.run.seed,
+        keep=cfg.ray.checkpoints_to_keep + 1,
+    )
+
+
 def fit_stage(cfg: Config, stage: str, init_from: str | None = None, callbacks=()) -> dict:
     """Run one stage to its end (resuming if it ran before); returns {checkpoint, step, summary}."""
-    result = trainer_for(cfg, stage, init_from, callbacks).fit()
+    import ray
+
+    bank = start_bank(cfg, stage)
+    try:
+        name = bank_actor_name(cfg, stage) if bank is not None else None
+        result = trainer_for(cfg, stage, init_from, callbacks, bank_name=name).fit()
+    finally:
+        if bank is not None:
+            ray.kill(bank)
     if result.checkpoint is None:
         raise RuntimeError(f"stage {stage!r} finished without registering a checkpoint")
     path = result.checkpoint.path
     meta = load_meta(path) if not is_uri(path) else {}
     return {"checkpoint": path, "step": meta.get("step"), "summary": meta.get("summary", {})}
+
+
+def write_sample_grid(cfg: Config, checkpoint: str, out: str, n: int = 64) -> str:
+    """Sample a stage's checkpoint with its own sampler in a Ray task on a worker-sized slot; write a PNG."""
+    import ray
+
+    @ray.remote(num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0)
+    def grid(ckpt: str, path: str) -> str:
+        import torch
+
+        from .sampling import Sampler, save_grid
+
+        sampler = Sampler(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
+        return str(save_grid(sampler.sample(n), path, sampler.cfg))
+
+    return ray.get(grid.remote(checkpoint, out))
 
 
 def run_pipeline(cfg: Config, stages: list[str] | None = None) -> dict:
@@ -128,6 +184,10 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None) -> dict:
             init_from = state[parent]["checkpoint"]
         print(f"[pipeline] {stage}: starting" + (f" from {init_from}" if init_from else ""), flush=True)
         state[stage] = fit_stage(cfg, stage, init_from)
+        if not is_uri(run_dir(cfg)):
+            state[stage]["samples"] = write_sample_grid(
+                cfg, state[stage]["checkpoint"], f"{run_dir(cfg)}/samples/{stage}.png"
+            )
         _write_pipeline_state(cfg, state)
         print(f"[pipeline] {stage}: done -> {state[stage]['checkpoint']}", flush=True)
     return state

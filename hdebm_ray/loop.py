@@ -26,6 +26,7 @@ class WorkerContext:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     wrap: Callable[[nn.Module], nn.Module] = lambda m: m
+    bank: Any = None  # a bank client (bank.LocalBankClient or bank_actor.ActorBankClient) for stages that use one
 
     @property
     def is_chief(self) -> bool:
@@ -60,7 +61,28 @@ class Stage(Protocol):
 
     def load_state_dict(self, states: dict[str, dict]) -> None: ...
 
-    def summary(self) -> dict[str, Any]: ...
+
+class StageBase:
+    """Defaults for the optional parts of a stage: a JSON summary kept in checkpoint metadata, and hooks."""
+
+    summary_state: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        return dict(getattr(self, "summary_state", {}))
+
+    def load_summary(self, summary: dict[str, Any]) -> None:
+        self.summary_state = dict(summary)
+
+    def on_start(self, start_step: int) -> None:
+        """Called on every rank once weights are restored (or fresh), before the first step."""
+
+    def before_checkpoint(self, step: int) -> None:
+        """Called on every rank right before rank 0 saves a checkpoint at ``step``."""
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 ReportFn = Callable[[int, dict[str, float], bool], None]
@@ -68,6 +90,7 @@ ReportFn = Callable[[int, dict[str, float], bool], None]
 
 def run_loop(stage: Stage, start_step: int, report: ReportFn) -> None:
     """Train from ``start_step`` to ``stage.total_steps``; metrics are averaged over each report tick."""
+    stage.on_start(start_step)
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}  # per key: some metrics appear only on some steps
     count, tick_start = 0, time.perf_counter()
@@ -83,5 +106,7 @@ def run_loop(stage: Stage, start_step: int, report: ReportFn) -> None:
             metrics["Timing/sec_per_step"] = elapsed / count
             metrics["Timing/images_per_sec"] = count * stage.images_per_step / max(elapsed, 1e-9)
             with_ckpt = done % stage.checkpoint_every == 0 or done == stage.total_steps
+            if with_ckpt:
+                stage.before_checkpoint(done)
             report(done, metrics, with_ckpt)
             sums, counts, count, tick_start = {}, {}, 0, time.perf_counter()

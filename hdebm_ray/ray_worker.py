@@ -13,10 +13,11 @@ import ray.train
 import ray.train.torch
 import torch
 
+from .bank_actor import ActorBankClient
 from .checkpoint import save_checkpoint
 from .config import from_dict
 from .loop import WorkerContext, run_loop
-from .runner import StageLogger, checkpoint_meta, restore
+from .runner import StageLogger, checkpoint_meta, restore, seed_steps
 from .stages import build_stage
 
 
@@ -30,6 +31,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         device=ray.train.torch.get_device(),
         wrap=lambda m: ray.train.torch.prepare_model(m),
     )
+    if loop_config.get("bank_name"):
+        ctx.bank = ActorBankClient(loop_config["bank_name"], owner=f"rank{rank}")
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
 
     init_from = loop_config.get("init_from")
@@ -45,8 +48,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             start = restore(stage, d, ctx.device)
         if rank == 0:
             print(f"[{stage.name}] resumed from {ckpt.path} at step {start}", flush=True)
-    # Different noise per rank, and a restart does not replay the noise of the steps it redoes.
-    torch.manual_seed(cfg.run.seed * 100003 + rank * 7919 + start)
+    seed_steps(cfg, rank, start)
 
     logger = StageLogger(stage, loop_config.get("log_dir"), enabled=rank == 0)
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
+from .bank import BankService, LocalBankClient
 from .checkpoint import load_meta, load_states, save_checkpoint
 from .config import Config
 from .loop import WorkerContext, run_loop
-from .stages import build_stage
+from .stages import BANK_SPECS, build_stage
 
 
 def checkpoint_meta(stage, step: int, resumed_from_step: int = 0) -> dict:
@@ -36,6 +37,11 @@ def restore(stage, ckpt_dir, device) -> int:
     meta = load_meta(ckpt_dir)
     stage.load_summary(meta.get("summary", {}))
     return int(meta["step"])
+
+
+def seed_steps(cfg: Config, rank: int, start_step: int) -> None:
+    """Different noise per rank, and a restart does not replay the noise of the steps it redoes."""
+    torch.manual_seed(cfg.run.seed * 100003 + rank * 7919 + start_step)
 
 
 class StageLogger:
@@ -87,10 +93,19 @@ def run_in_process(
     out = Path(out_dir)
     torch.manual_seed(cfg.run.seed)
     ctx = WorkerContext(device=torch.device(device))
+    if stage_name in BANK_SPECS:
+        service = BankService(
+            **BANK_SPECS[stage_name](cfg),
+            snapshot_dir=str(out / "bank"),
+            seed=cfg.run.seed,
+            keep=cfg.ray.checkpoints_to_keep + 1,
+        )
+        ctx.bank = LocalBankClient(service)
     stage = build_stage(stage_name, cfg, ctx, init_dir)
     start = 0
     if (last := latest_checkpoint(out)) is not None:
         start = restore(stage, last, ctx.device)
+    seed_steps(cfg, ctx.rank, start)
     logger = StageLogger(stage, log_dir, enabled=True)
 
     def report(step, metrics, with_ckpt):

@@ -15,8 +15,16 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
 @pytest.fixture(scope="module")
 def ray_local():
     """A fresh embedded Ray for the test module; never `ray stop` (it would kill every Ray on the machine)."""
-    import ray
+    import sys
 
+    import ray
+    import ray.cloudpickle
+
+    # Ray workers cannot import test modules: ship the remote functions defined in them by value.
+    here = os.path.dirname(os.path.abspath(__file__))
+    for module in list(sys.modules.values()):
+        if (getattr(module, "__file__", None) or "").startswith(here):
+            ray.cloudpickle.register_pickle_by_value(module)
     ray.init(
         address="local",
         num_cpus=4,

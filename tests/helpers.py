@@ -15,3 +15,28 @@ def small_digits_overrides(storage: str, name: str) -> list[str]:
         "distill.batch_size=16",
         "distill.eval_batch=16",
     ]
+
+
+# Every stage a few steps long: for exercising the whole pipeline, not for learning.
+TINY = [
+    "diffusion.steps=2",
+    "diffusion.report_every=1",
+    "diffusion.checkpoint_every=2",
+    "distill.n0_steps=2",
+    "distill.steps_per_stage=2",
+    "distill.report_every=1",
+    "distill.checkpoint_every=2",
+    "stage1.steps=4",
+    "stage1.report_every=2",
+    "stage1.checkpoint_every=2",
+    "stage1.batch_size=16",
+    "stage1.bank_size=48",
+    "stage1.langevin.steps=3",
+    "stage2.steps=2",
+    "stage2.report_every=1",
+    "stage2.checkpoint_every=1",
+    "stage2.batch_size=16",
+    "stage2.langevin_steps=5",
+    "network.energy.width=16",
+    "network.generator.width=16",
+]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from helpers import small_digits_overrides
+from helpers import TINY, small_digits_overrides
 
 from hdebm_ray.checkpoint import load_config_of, load_meta, load_states
 from hdebm_ray.config import load_config
@@ -40,26 +40,23 @@ def test_two_worker_trainer_checkpoints_and_resumes(ray_local, tmp_path):
     assert (w2 - w1).abs().max() < 0.05
 
 
-def test_pipeline_runs_diffusion_then_distillation_and_skips_finished_stages(ray_local, tmp_path):
-    overrides = small_digits_overrides(str(tmp_path), "pipe") + [
-        "diffusion.steps=4",
-        "diffusion.report_every=2",
-        "diffusion.checkpoint_every=2",
-        "distill.n0_steps=4",
-        "distill.steps_per_stage=2",
-        "distill.report_every=2",
-        "distill.checkpoint_every=2",
-    ]
-    cfg = load_config("digits", overrides=overrides)
+def test_pipeline_runs_all_stages_with_the_bank_actor_and_skips_finished_stages(ray_local, tmp_path):
+    cfg = load_config("digits", overrides=small_digits_overrides(str(tmp_path), "pipe") + TINY)
     state = run_pipeline(cfg)
+    assert list(state) == ["diffusion", "distill", "stage1", "stage2"]
     meta = load_meta(state["distill"]["checkpoint"])
-    assert meta["done"] and meta["step"] == 4
-    gaps = meta["summary"]["distill_gaps"]
-    assert [g["student_steps"] for g in gaps] == [2, 1]
-    assert all(g["step_gap_mse"] >= 0 for g in gaps)
-    # TensorBoard scalars of both stages exist
-    tb = Path(tmp_path) / "pipe" / "tb"
-    assert list((tb / "diffusion").glob("events.out.tfevents.*")) and list((tb / "distill").glob("events.*"))
+    assert meta["done"] and [g["student_steps"] for g in meta["summary"]["distill_gaps"]] == [1]
+    assert load_meta(state["stage2"]["checkpoint"])["step"] == 2
+    run = Path(tmp_path) / "pipe"
+    # the bank actor snapshotted the bank next to each Stage 1 checkpoint
+    assert sorted(p.name for p in (run / "stage1" / "bank").glob("*.arrow"))[-1] == "bank_step_0000000004.arrow"
+    for stage in state:  # a PNG grid and TensorBoard scalars per stage
+        assert Path(state[stage]["samples"]).stat().st_size > 0
+        assert list((run / "tb" / stage).glob("events.out.tfevents.*"))
+    # no bank actor outlives its stage
+    import ray
+
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("bank-pipe")]
     # Re-running the pipeline skips the finished stages and returns the same checkpoints.
     again = run_pipeline(cfg)
-    assert again["distill"]["checkpoint"] == state["distill"]["checkpoint"]
+    assert again["stage2"]["checkpoint"] == state["stage2"]["checkpoint"]

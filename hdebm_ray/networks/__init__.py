@@ -29,7 +29,12 @@ def sample_shape(cfg: Config) -> tuple[int, ...]:
 def build_denoiser(cfg: Config) -> nn.Module:
     n = cfg.network
     if is_vector_data(cfg):
-        return MLPDenoiser(dim=TOY_DIM, hidden=n.mlp.hidden, depth=n.mlp.depth)
+        alpha_bar = None
+        if n.mlp.precondition:
+            from ..diffusion import CosineSchedule
+
+            alpha_bar = CosineSchedule(cfg.diffusion.T, cfg.diffusion.cosine_s).alpha_bar
+        return MLPDenoiser(dim=TOY_DIM, hidden=n.mlp.hidden, depth=n.mlp.depth, alpha_bar=alpha_bar)
     u = n.unet
     return UNet(
         in_channels=cfg.data.channels,

@@ -6,11 +6,15 @@ from ..config import Config
 from ..loop import WorkerContext
 from .diffusion_stage import DiffusionStage
 from .distill_stage import DistillStage
+from .hdebm_stage1 import Stage1, bank_spec
+from .hdebm_stage2 import Stage2
 
-STAGES = {"diffusion": DiffusionStage, "distill": DistillStage}
-PIPELINE = ["diffusion", "distill"]
+STAGES = {"diffusion": DiffusionStage, "distill": DistillStage, "stage1": Stage1, "stage2": Stage2}
+PIPELINE = ["diffusion", "distill", "stage1", "stage2"]
 # Which earlier stage's final checkpoint a stage starts from.
-INIT_FROM = {"distill": "diffusion"}
+INIT_FROM = {"distill": "diffusion", "stage1": "distill", "stage2": "stage1"}
+# Stages that use the shared bank / replay buffer: {stage: spec(cfg) -> {kind, size, shapes[, reinit_prob]}}.
+BANK_SPECS = {"stage1": bank_spec}
 
 
 def build_stage(name: str, cfg: Config, ctx: WorkerContext, init_dir=None):

@@ -7,12 +7,12 @@ import torch
 from ..config import Config
 from ..data import batch_stream, build_dataset
 from ..diffusion import CosineSchedule, diffusion_loss
-from ..loop import WorkerContext
+from ..loop import StageBase, WorkerContext
 from ..networks import build_denoiser
 from ..optim import layerwise_clip_
 
 
-class DiffusionStage:
+class DiffusionStage(StageBase):
     name = "diffusion"
 
     def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
@@ -49,9 +49,3 @@ class DiffusionStage:
     def load_state_dict(self, states: dict[str, dict]) -> None:
         self.model.load_state_dict(states["denoiser"])
         self.opt.load_state_dict(states["optimizer"])
-
-    def summary(self) -> dict:
-        return {}
-
-    def load_summary(self, summary: dict) -> None:
-        pass

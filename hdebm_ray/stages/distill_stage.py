@@ -24,12 +24,12 @@ from ..diffusion import (
     noise_to_truncation,
     per_sample_mse,
 )
-from ..loop import WorkerContext, mean_over_ranks
+from ..loop import StageBase, WorkerContext, mean_over_ranks
 from ..networks import build_denoiser
 from ..optim import layerwise_clip_
 
 
-class DistillStage:
+class DistillStage(StageBase):
     name = "distill"
 
     def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):

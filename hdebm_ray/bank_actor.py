@@ -1,0 +1,79 @@
+"""The bank as a Ray actor: one shared store for all Train workers, created by the driver.
+
+Created by name in the ``hdebm`` namespace with ``get_if_exists`` (so workers and a re-run driver find it) and
+``max_restarts=-1``: a restarted actor only reruns ``__init__``, so it reloads its latest snapshot there by
+itself. Data travel as numpy arrays (zero-copy, read-only on arrival; the client copies before writing).
+"""
+
+from __future__ import annotations
+
+import ray
+
+from .bank import BankService, as_numpy
+
+NAMESPACE = "hdebm"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class BankActor(BankService):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.incarnation = 0
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            self.incarnation = 1
+            self.restore()  # latest snapshot; leases of the old incarnation are void
+
+    def info(self) -> dict:
+        return {"reconstructed": bool(self.incarnation), "loaded_snapshot_step": self.loaded_snapshot_step}
+
+
+def create_bank_actor(
+    name: str,
+    *,
+    kind: str,
+    size: int,
+    shapes: dict,
+    snapshot_dir: str | None,
+    seed: int = 0,
+    lease_timeout_s: float = 600.0,
+    reinit_prob: float = 0.0,
+    keep: int = 3,
+):
+    """Create (or find) the named bank actor; owned by the calling driver, so it lives as long as the run."""
+    return BankActor.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote(
+        kind, size, shapes, snapshot_dir, seed, lease_timeout_s, reinit_prob, keep
+    )
+
+
+class ActorBankClient:
+    """A Train worker's handle on the bank actor; ``checkout`` is asynchronous so it overlaps the step."""
+
+    def __init__(self, name: str, owner: str):
+        self.actor, self.owner = ray.get_actor(name, namespace=NAMESPACE), owner
+
+    def checkout(self, n: int):
+        return self.actor.checkout.remote(n, self.owner)
+
+    def wait(self, handle):
+        return ray.get(handle)
+
+    def commit(self, lease_id: int, step: int, **fields) -> bool:
+        return ray.get(self.actor.commit.remote(lease_id, step, as_numpy(fields)))["ok"]
+
+    def fill(self, start: int, step: int, **fields) -> None:
+        ray.get(self.actor.fill.remote(start, step, as_numpy(fields)))
+
+    def sample(self, n: int):
+        return ray.get(self.actor.sample.remote(n))
+
+    def push(self, step: int, **fields) -> None:
+        ray.get(self.actor.push.remote(step, as_numpy(fields)))
+
+    def stats(self) -> dict:
+        return ray.get(self.actor.stats.remote())
+
+    def snapshot(self, step: int) -> str:
+        return ray.get(self.actor.snapshot.remote(step))
+
+    def restore(self, step: int | None = None) -> int | None:
+        return ray.get(self.actor.restore.remote(step))

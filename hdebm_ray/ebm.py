@@ -1,0 +1,104 @@
+"""The EBM side shared by HDEBM Stage 1/2 and the baselines: the hat generator and the energy update."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .diffusion import CosineSchedule, one_step_denoise
+from .loop import WorkerContext
+from .losses import ebm_loss
+from .optim import adam_with_schedule, ema_model, layerwise_clip_
+
+
+class HatGenerator(nn.Module):
+    """G(z1, z2) = G2(G1(z1), z2), G2(x, z2) = D(α_T'·x + σ_T'·z2, T') with D the frozen one-step denoiser."""
+
+    def __init__(self, g1: nn.Module, denoiser: nn.Module, schedule: CosineSchedule, t_trunc: int):
+        super().__init__()
+        self.g1, self.denoiser = g1, denoiser.requires_grad_(False)
+        self.schedule, self.t_trunc = schedule, t_trunc
+
+    def g2(self, x: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        return one_step_denoise(self.denoiser, self.schedule, x, z2, self.t_trunc)
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        return self.g2(self.g1(z1), z2)
+
+
+class EnergyTrainer:
+    """H, its DDP wrapper, Adam + LR schedule, layer-wise clipping and EMA; ``update`` is one θ step."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        ctx: WorkerContext,
+        *,
+        lr: float,
+        schedule: str,
+        warmup_steps: int,
+        total_steps: int,
+        grad_clip: float,
+        temperature: float,
+        data_jitter: float,
+        mad_k: float | None,
+        ema_halflife_kimg: float,
+        batch_size: int,
+        betas=(0.9, 0.999),
+        energy_l2: float = 0.0,
+    ):
+        self.net = net.to(ctx.device)
+        self.ddp = ctx.wrap(self.net)
+        self.opt, self.lr_sched = adam_with_schedule(
+            self.net.parameters(), lr, schedule, warmup_steps, total_steps, betas
+        )
+        self.ema = ema_model(self.net, ema_halflife_kimg, batch_size)
+        self.grad_clip, self.temperature, self.data_jitter = grad_clip, temperature, data_jitter
+        self.mad_k, self.energy_l2 = mad_k, energy_l2
+
+    def update(self, x_pos: torch.Tensor, x_neg: torch.Tensor) -> dict[str, float]:
+        if self.data_jitter:
+            x_pos = x_pos + self.data_jitter * torch.randn_like(x_pos)
+        # One forward over both halves: DDP allows a single forward per backward.
+        energies = self.ddp(torch.cat([x_pos, x_neg.detach()]))
+        e_pos, e_neg = energies[: len(x_pos)], energies[len(x_pos) :]
+        loss, dropped = ebm_loss(e_pos, e_neg, self.temperature, self.mad_k)
+        if self.energy_l2:  # M-EBM / Improved CD regulariser α (E(x⁺)² + E(x⁻)²)
+            loss = loss + self.energy_l2 * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = layerwise_clip_(self.net.parameters(), self.grad_clip)
+        self.opt.step()
+        self.lr_sched.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
+        e_pos, e_neg = e_pos.detach().mean().item(), e_neg.detach().mean().item()
+        return {
+            "Loss/energy": loss.item(),
+            "Energy/data": e_pos,
+            "Energy/sample": e_neg,
+            "Energy/gap": e_neg - e_pos,
+            "Energy/mad_dropped": dropped,
+            "Opt/lr_energy": self.opt.param_groups[0]["lr"],
+            "Opt/grad_norm_energy": grad_norm,
+        }
+
+    def sampling_net(self, use_ema: bool = False) -> nn.Module:
+        return self.ema.module if (use_ema and self.ema is not None) else self.net
+
+    def state_dict(self, prefix: str = "energy") -> dict[str, dict]:
+        states = {
+            prefix: self.net.state_dict(),
+            f"{prefix}_opt": self.opt.state_dict(),
+            f"{prefix}_sched": self.lr_sched.state_dict(),
+        }
+        if self.ema is not None:
+            states[f"{prefix}_ema"] = self.ema.state_dict()
+        return states
+
+    def load_state_dict(self, states: dict[str, dict], prefix: str = "energy") -> None:
+        self.net.load_state_dict(states[prefix])
+        self.opt.load_state_dict(states[f"{prefix}_opt"])
+        self.lr_sched.load_state_dict(states[f"{prefix}_sched"])
+        if self.ema is not None and f"{prefix}_ema" in states:
+            self.ema.load_state_dict(states[f"{prefix}_ema"])

@@ -1,0 +1,155 @@
+"""Langevin / SGLD samplers shared by HDEBM Stage 1, Stage 2 and the baselines (ALGORITHMS §5, §6, §8).
+
+One update rule serves all of them:
+
+    x ← x − clip(c · ∇U(x)) + s · ξ,    ξ ~ N(0, I)
+
+with the Hill convention c = ε²/2, s = ε (``hill_coefficients``) or the SGLD convention c = α, s = σ. ``clip``
+bounds each sample's drift to an L2 norm (Hat EBM: 2.5); 0 turns it off. Samplers run on the bare network
+(never through DDP) with its parameters frozen, so sampling neither syncs nor accumulates weight gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module):
+    """Temporarily stop parameter gradients: Langevin only needs gradients with respect to its inputs."""
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():  # also inside callers' no_grad (e.g. clean-fid's generator hook)
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def hill_coefficients(step_size: float, temperature: float = 1.0) -> tuple[float, float]:
+    """(drift coefficient on ∇H, noise std) for U = H / T: c = ε² / (2T), s = ε."""
+    return step_size**2 / (2 * temperature), step_size
+
+
+@dataclass
+class StepStats:
+    """Running diagnostics of a chain: mean per-sample drift norm and the fraction of clipped drifts."""
+
+    drift_norm: float = 0.0
+    clip_fraction: float = 0.0
+    count: int = 0
+
+    def add(self, norms: torch.Tensor, clipped: torch.Tensor) -> None:
+        self.drift_norm += norms.mean().item()
+        self.clip_fraction += clipped.float().mean().item()
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        n = max(self.count, 1)
+        return {"drift_norm": self.drift_norm / n, "clip_fraction": self.clip_fraction / n}
+
+
+def langevin_update(x, grad, drift_coef: float, noise_std: float, drift_clip: float = 0.0, stats=None):
+    """One step x − clip(c·grad) + s·ξ; the clip bounds each sample's drift to L2 norm ``drift_clip``."""
+    drift = drift_coef * grad
+    norms = drift.flatten(1).norm(dim=1)
+    clipped = torch.zeros_like(norms, dtype=torch.bool)
+    if drift_clip > 0:
+        clipped = norms > drift_clip
+        scale = torch.where(clipped, drift_clip / norms.clamp_min(1e-12), torch.ones_like(norms))
+        drift = drift * scale.reshape(-1, *([1] * (x.dim() - 1)))
+    if stats is not None:
+        stats.add(norms, clipped)
+    out = x - drift
+    if noise_std > 0:
+        out = out + noise_std * torch.randn_like(x)
+    return out
+
+
+def energy_grad(energy_fn, x: torch.Tensor) -> torch.Tensor:
+    """∇_x Σ_b energy(x_b), without building a graph to keep."""
+    x = x.detach().requires_grad_(True)
+    return torch.autograd.grad(energy_fn(x).sum(), x)[0]
+
+
+def sample_langevin(
+    energy_fn, x0, steps: int, drift_coef: float, noise_std: float, drift_clip: float = 0.0, stats=None
+):
+    """``steps`` updates of ``langevin_update`` from x0 on the energy ``energy_fn`` (already divided by T)."""
+    x = x0.detach()
+    for _ in range(steps):
+        x = langevin_update(x, energy_grad(energy_fn, x), drift_coef, noise_std, drift_clip, stats).detach()
+    return x
+
+
+def sample_residual(
+    energy: nn.Module,
+    x_base: torch.Tensor,
+    steps: int,
+    step_size: float,
+    temperature: float,
+    drift_clip: float,
+    stats=None,
+):
+    """HDEBM Stage 1 (Eq. 12): Langevin on Y with X = x_base + Y, Y_0 = 0, latents (hence x_base) fixed."""
+    c, s = hill_coefficients(step_size, temperature)
+    x_base = x_base.detach()
+    with frozen(energy):
+        return sample_langevin(lambda y: energy(x_base + y), torch.zeros_like(x_base), steps, c, s, drift_clip, stats)
+
+
+def sample_joint(
+    energy: nn.Module,
+    generator,
+    z1,
+    z2,
+    *,
+    steps: int,
+    y_step_size: float,
+    z1_step_size: float,
+    z2_step_size: float,
+    temperature: float,
+    drift_clip: float,
+    y_steps_per_latent_step: int = 5,
+    latent_prior: bool = False,
+    stats=None,
+    modules: tuple[nn.Module, ...] = (),
+):
+    """HDEBM Stage 2 (Eq. 13–15): Langevin on (Y, z1, z2) for U(G(z1, z2) + Y); returns (Y, z1, z2, G(z1, z2)).
+
+    Every ``y_steps_per_latent_step``-th step moves all three from the same gradient (the latent gradients pass
+    through G); the other steps move Y only, against G at the current latents. Only Y's drift is clipped, as in
+    Hat EBM. ``latent_prior`` adds the N(0, I) prior, U = H/T + ‖z‖²/2, whose gradient is not divided by T.
+    """
+    cy, sy = hill_coefficients(y_step_size, temperature)
+    c1, s1 = hill_coefficients(z1_step_size, temperature)
+    c2, s2 = hill_coefficients(z2_step_size, temperature)
+    prior = temperature if latent_prior else 0.0  # c·(T·z) = (ε²/2)·z
+    with frozen(energy, *modules):
+        z1, z2 = z1.detach(), z2.detach()
+        with torch.no_grad():
+            x_gen = generator(z1, z2)
+        y = torch.zeros_like(x_gen)
+        for k in range(steps):
+            if k % y_steps_per_latent_step == 0:
+                z1.requires_grad_(True)
+                z2.requires_grad_(True)
+                y.requires_grad_(True)
+                g_y, g_z1, g_z2 = torch.autograd.grad(
+                    energy(generator(z1, z2) + y).sum(), (y, z1, z2), allow_unused=True, materialize_grads=True
+                )
+                z1 = langevin_update(z1, g_z1 + prior * z1, c1, s1).detach()
+                z2 = langevin_update(z2, g_z2 + prior * z2, c2, s2).detach()
+                y = langevin_update(y, g_y, cy, sy, drift_clip, stats).detach()
+                with torch.no_grad():
+                    x_gen = generator(z1, z2)
+            else:
+                y = langevin_update(y, energy_grad(lambda v, b=x_gen: energy(b + v), y), cy, sy, drift_clip, stats)
+                y = y.detach()
+    return y, z1, z2, x_gen

@@ -1,0 +1,130 @@
+"""Drawing samples from any stage's checkpoint with that stage's own sampler, and writing them as PNG grids.
+
+- ``diffusion`` / ``distill``: a truncated diffusion cannot start from pure noise; its sampler maps x_T' to x_0.
+  We show what it does to data: x ~ data, x_T' = α_T'·x + σ_T'·z, then N0 DDIM steps (diffusion) or the one
+  distilled step (distill) — the "re-imagination" G2 performs inside HDEBM.
+- ``stage1``: fresh z1, z2, X = G(z1, z2) + Y_K after K Langevin steps on Y (the training sampler, ALGORITHMS §7).
+- ``stage2``: the joint sampler on (Y, z1, z2) of Stage 2.
+Samples are clipped to [-1, 1]. ``toy2d`` samples are drawn as a scatter plot over the true mode centres.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_config_of, load_meta, load_states
+from .config import Config
+from .data import build_dataset, toy2d_centres
+from .diffusion import CosineSchedule, ddim_sample, noise_to_truncation
+from .ebm import HatGenerator
+from .langevin import sample_joint, sample_residual
+from .networks import build_denoiser, build_energy, build_generator, sample_shape
+
+
+class Sampler:
+    """``sample(n, seed)`` for the stage a checkpoint belongs to; ``base(n, seed)`` is the chain start G(z)."""
+
+    def __init__(self, ckpt_dir: str | Path, device="cpu", use_ema: bool = False):
+        self.cfg: Config = load_config_of(ckpt_dir)
+        self.stage = load_meta(ckpt_dir)["stage"]
+        self.device = torch.device(device)
+        names = {
+            "diffusion": ["denoiser"],
+            "distill": ["denoiser"],
+            "stage1": ["denoiser", "generator", "energy"],
+            "stage2": ["denoiser", "generator", "energy"],
+        }
+        if self.stage not in names:
+            raise ValueError(f"checkpoint '{ckpt_dir}' is of stage {self.stage!r}, which has no sampler")
+        states = load_states(ckpt_dir, names[self.stage], map_location=self.device)
+        ema_names = [f"{n}_ema" for n in ("energy", "generator") if n in names[self.stage]]
+        if use_ema:
+            ema = load_states(ckpt_dir, ema_names, map_location=self.device)
+            for n in ema_names:  # AveragedModel state: "module.<key>" plus n_averaged
+                states[n[:-4]] = {k[7:]: v for k, v in ema[n].items() if k.startswith("module.")}
+        d = self.cfg.diffusion
+        self.schedule = CosineSchedule(d.T, d.cosine_s)
+        self.denoiser = build_denoiser(self.cfg).to(self.device).eval()
+        self.denoiser.load_state_dict(states["denoiser"])
+        if "generator" in states:
+            g1 = build_generator(self.cfg).to(self.device).eval()
+            g1.load_state_dict(states["generator"])
+            self.hat = HatGenerator(g1, self.denoiser, self.schedule, d.T_trunc)
+            self.energy = build_energy(self.cfg).to(self.device).eval()
+            self.energy.load_state_dict(states["energy"])
+
+    def _latents(self, n: int, seed: int):
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        shape = sample_shape(self.cfg)
+        z1 = torch.randn(n, self.cfg.network.generator.z_dim, device=self.device, generator=g)
+        return z1, torch.randn(n, *shape, device=self.device, generator=g)
+
+    def _data(self, n: int, seed: int) -> torch.Tensor:
+        ds = build_dataset(self.cfg)
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+        return torch.stack([ds[int(i)][0] for i in idx]).to(self.device)
+
+    @torch.no_grad()
+    def base(self, n: int, seed: int = 0) -> torch.Tensor:
+        if self.stage in ("diffusion", "distill"):
+            return self._data(n, seed)
+        return self.hat(*self._latents(n, seed)).clamp(-1, 1)
+
+    def sample(self, n: int, seed: int = 0) -> torch.Tensor:
+        t_trunc = self.cfg.diffusion.T_trunc
+        if self.stage in ("diffusion", "distill"):
+            x = self._data(n, seed)
+            g = torch.Generator(device=self.device).manual_seed(seed + 1)
+            z = noise_to_truncation(self.schedule, x, torch.randn(x.shape, generator=g, device=self.device), t_trunc)
+            steps = self.cfg.distill.n0_steps if self.stage == "diffusion" else 1
+            with torch.no_grad():
+                return ddim_sample(self.denoiser, z, self.schedule, t_trunc, steps).clamp(-1, 1)
+        z1, z2 = self._latents(n, seed)
+        torch.manual_seed(seed)
+        if self.stage == "stage1":
+            lv = self.cfg.stage1.langevin
+            with torch.no_grad():
+                x_gen = self.hat(z1, z2)
+            y = sample_residual(self.energy, x_gen, lv.steps, lv.step_size, lv.temperature, lv.drift_clip)
+            return (x_gen + y).clamp(-1, 1)
+        from .stages.hdebm_stage2 import joint_sampler_kwargs
+
+        y, _, _, x_gen = sample_joint(
+            self.energy, self.hat, z1, z2, modules=(self.hat,), **joint_sampler_kwargs(self.cfg)
+        )
+        return (x_gen + y).clamp(-1, 1)
+
+
+def save_grid(x: torch.Tensor, path: str | Path, cfg: Config | None = None) -> Path:
+    """Images as a square PNG grid; 2-D vectors as a scatter plot (with true centres for toy2d)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = x.detach().cpu()
+    if x.dim() == 2:
+        return save_scatter(x, path, toy2d_centres(cfg.data.toy2d_mixture) if cfg is not None else None)
+    from torchvision.utils import save_image
+
+    save_image((x + 1) / 2, path, nrow=int(math.ceil(math.sqrt(len(x)))), padding=1)
+    return path
+
+
+def save_scatter(points: torch.Tensor, path: Path, centres: torch.Tensor | None = None, size: int = 400) -> Path:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+
+    def px(p):
+        return (float(p[0]) + 1.2) / 2.4 * size, (1.2 - float(p[1])) / 2.4 * size
+
+    for p in points:
+        u, v = px(p)
+        draw.point((u, v), fill=(30, 60, 200))
+    for c in centres if centres is not None else []:
+        u, v = px(c)
+        draw.ellipse((u - 3, v - 3, u + 3, v + 3), outline=(220, 30, 30))
+    img.save(path)
+    return path

@@ -1,0 +1,63 @@
+"""Pieces HDEBM Stage 1 and Stage 2 share: building H's trainer from a stage section, the hat generator from
+a checkpoint, and the per-rank data stream."""
+
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import load_states
+from ..config import Config
+from ..data import batch_stream, build_dataset
+from ..diffusion import CosineSchedule
+from ..ebm import EnergyTrainer, HatGenerator
+from ..loop import WorkerContext
+from ..networks import build_denoiser, build_energy, build_generator
+
+
+def energy_trainer(cfg: Config, ctx: WorkerContext, section, lr: float, temperature: float) -> EnergyTrainer:
+    return EnergyTrainer(
+        build_energy(cfg),
+        ctx,
+        lr=lr,
+        schedule=section.lr_schedule,
+        warmup_steps=section.warmup_steps,
+        total_steps=section.steps,
+        grad_clip=section.grad_clip,
+        temperature=temperature,
+        data_jitter=section.data_jitter,
+        mad_k=section.mad_k if section.mad_filter else None,
+        ema_halflife_kimg=section.ema_halflife_kimg,
+        batch_size=section.batch_size,
+    )
+
+
+def hat_generator(cfg: Config, ctx: WorkerContext, init_dir, with_g1: bool) -> HatGenerator:
+    """G = G2∘G1 with D from ``init_dir`` (frozen) and G1 fresh, or G1 too from ``init_dir`` (Stage 2)."""
+    names = ["denoiser", "generator"] if with_g1 else ["denoiser"]
+    states = load_states(init_dir, names, map_location=ctx.device)
+    denoiser = build_denoiser(cfg).to(ctx.device)
+    denoiser.load_state_dict(states["denoiser"])
+    g1 = build_generator(cfg).to(ctx.device)
+    if with_g1:
+        g1.load_state_dict(states["generator"])
+    d = cfg.diffusion
+    return HatGenerator(g1, denoiser.eval(), CosineSchedule(d.T, d.cosine_s), d.T_trunc)
+
+
+def data_stream(cfg: Config, ctx: WorkerContext, batch_size: int, seed_offset: int):
+    return batch_stream(
+        build_dataset(cfg),
+        batch_size // ctx.world_size,
+        ctx.rank,
+        ctx.world_size,
+        seed=cfg.run.seed + seed_offset,
+        num_workers=cfg.data.num_loader_workers,
+        device=ctx.device,
+    )
+
+
+def latents(cfg: Config, n: int, image_shape, device, generator: torch.Generator | None = None):
+    """Fresh z1 ~ N(0, I) of G1's latent size and z2 ~ N(0, I) of the image's shape."""
+    z1 = torch.randn(n, cfg.network.generator.z_dim, device=device, generator=generator)
+    z2 = torch.randn(n, *image_shape, device=device, generator=generator)
+    return z1, z2

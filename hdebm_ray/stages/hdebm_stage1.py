@@ -1,0 +1,150 @@
+"""Stage "stage1": HDEBM Algorithm 1 — energy H and generator G1 with the shared bank (ALGORITHMS §5).
+
+Each step, on every rank's own batch: Langevin on the residual Y from Y_0 = 0 with the latents fixed, the EBM
+update of θ on (x⁺, X⁻ = G(z) + Y_K), then the generator update of φ on a leased batch of bank entries, whose
+slots are then overwritten with this step's (z1, z2, X⁻). The lease is requested at the start of the step so
+the bank round trip overlaps the Langevin chain.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..langevin import StepStats, sample_residual
+from ..loop import StageBase, WorkerContext, barrier
+from ..losses import generator_loss
+from ..networks import sample_shape
+from ..optim import adam_with_schedule, ema_model, layerwise_clip_
+from .hdebm_common import data_stream, energy_trainer, hat_generator, latents
+
+
+def bank_spec(cfg: Config) -> dict:
+    """What the driver creates the bank with: N entries of (z1, z2, X⁻)."""
+    shape = sample_shape(cfg)
+    shapes = {"z1": (cfg.network.generator.z_dim,), "z2": shape, "x": shape}
+    return {"kind": "bank", "size": cfg.stage1.bank_size, "shapes": shapes}
+
+
+class Stage1(StageBase):
+    name = "stage1"
+    uses_bank = True
+
+    def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
+        if init_dir is None:
+            raise ValueError("stage1 starts from the distilled one-step denoiser (a distill checkpoint)")
+        if ctx.bank is None:
+            raise ValueError("stage1 needs a bank client in its WorkerContext")
+        s = cfg.stage1
+        self.cfg, self.ctx, self.s = cfg, ctx, s
+        self.total_steps, self.report_every, self.checkpoint_every = s.steps, s.report_every, s.checkpoint_every
+        self.images_per_step = s.batch_size
+        self.local_batch = s.batch_size // ctx.world_size
+        self.shape = sample_shape(cfg)
+        self.hat = hat_generator(cfg, ctx, init_dir, with_g1=False)
+        self.g1_ddp = ctx.wrap(self.hat.g1)
+        self.energy = energy_trainer(cfg, ctx, s, s.lr_energy, s.langevin.temperature)
+        self.opt_g, self.sched_g = adam_with_schedule(
+            self.hat.g1.parameters(), s.lr_generator, s.lr_schedule, s.warmup_steps, s.steps
+        )
+        self.ema_g = ema_model(self.hat.g1, s.ema_halflife_kimg, s.batch_size)
+        self.bank = ctx.bank
+        self.batches = data_stream(cfg, ctx, s.batch_size, seed_offset=2)
+        self.summary_state = {"bank_restores": []}
+
+    # -- bank life cycle ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fill_bank(self, batch: int = 256) -> None:
+        """X⁻_i = G(z1_i, z2_i) for fresh latents, in batches (Algorithm 1's initialisation)."""
+        gen = torch.Generator(device=self.ctx.device).manual_seed(self.cfg.run.seed + 17)
+        for start in range(0, self.s.bank_size, batch):
+            n = min(batch, self.s.bank_size - start)
+            z1, z2 = latents(self.cfg, n, self.shape, self.ctx.device, gen)
+            self.bank.fill(start, 0, z1=z1, z2=z2, x=self.hat(z1, z2))
+
+    def on_start(self, start_step: int) -> None:
+        if self.ctx.is_chief:
+            if start_step == 0:
+                self.fill_bank()
+            else:
+                # The bank must match the checkpoint Ray restored, which need not be the newest one.
+                bank_step = self.bank.restore(start_step)
+                self.summary_state["bank_restores"].append({"checkpoint_step": start_step, "bank_step": bank_step})
+                if bank_step is None:
+                    print(f"[stage1] no bank snapshot for step {start_step}; refilling from G", flush=True)
+                    self.fill_bank()
+        barrier()
+
+    def before_checkpoint(self, step: int) -> None:
+        barrier()  # every rank's commit of this step has landed
+        if self.ctx.is_chief:
+            self.bank.snapshot(step)
+
+    # -- one step -------------------------------------------------------------------------------------------
+
+    def train_step(self, step: int) -> dict[str, float]:
+        s, dev = self.s, self.ctx.device
+        pending = self.bank.checkout(self.local_batch)
+        x_pos, _ = next(self.batches)
+        z1, z2 = latents(self.cfg, len(x_pos), self.shape, dev)
+        with torch.no_grad():
+            x_gen = self.hat(z1, z2)  # once per iteration: the latents stay fixed during the chain
+        stats = StepStats()
+        lv = s.langevin
+        y = sample_residual(self.energy.net, x_gen, lv.steps, lv.step_size, lv.temperature, lv.drift_clip, stats)
+        x_neg = (x_gen + y).detach()
+        metrics = self.energy.update(x_pos, x_neg)
+
+        lease = self.bank.wait(pending)
+        z1_b, z2_b, x_b = (torch.from_numpy(np.array(lease[k])).to(dev) for k in ("z1", "z2", "x"))
+        written = torch.from_numpy(np.array(lease["written"])).to(dev)
+        g_raw = self.g1_ddp(z1_b)
+        # The gradient reaches φ through the frozen G2 (term 1) and directly (term 2).
+        loss_g = generator_loss(self.hat.g2(g_raw, z2_b), g_raw, x_b, s.beta1, s.beta2, s.gen_loss_scale, written)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        grad_norm_g = layerwise_clip_(self.hat.g1.parameters(), s.grad_clip)
+        self.opt_g.step()
+        self.sched_g.step()
+        if self.ema_g is not None:
+            self.ema_g.update_parameters(self.hat.g1)
+        committed = self.bank.commit(lease["lease"], step + 1, z1=z1, z2=z2, x=x_neg)
+
+        metrics.update(
+            {
+                "Loss/generator": loss_g.item(),
+                "Opt/lr_generator": self.opt_g.param_groups[0]["lr"],
+                "Opt/grad_norm_generator": grad_norm_g,
+                "Langevin/residual_norm": y.flatten(1).norm(dim=1).mean().item(),
+                "Bank/commit_ok": float(committed),
+                "Bank/written_fraction": written.float().mean().item(),
+                **{f"Langevin/{k}": v for k, v in stats.means().items()},
+            }
+        )
+        if (step + 1) % self.report_every == 0 and self.ctx.is_chief:
+            metrics.update({f"Bank/{k}": float(v) for k, v in self.bank.stats().items() if v is not None})
+        return metrics
+
+    # -- state ------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, dict]:
+        states = {
+            **self.energy.state_dict("energy"),
+            "generator": self.hat.g1.state_dict(),
+            "generator_opt": self.opt_g.state_dict(),
+            "generator_sched": self.sched_g.state_dict(),
+            "denoiser": self.hat.denoiser.state_dict(),
+        }
+        if self.ema_g is not None:
+            states["generator_ema"] = self.ema_g.state_dict()
+        return states
+
+    def load_state_dict(self, states: dict[str, dict]) -> None:
+        self.energy.load_state_dict(states, "energy")
+        self.hat.g1.load_state_dict(states["generator"])
+        self.opt_g.load_state_dict(states["generator_opt"])
+        self.sched_g.load_state_dict(states["generator_sched"])
+        if self.ema_g is not None and "generator_ema" in states:
+            self.ema_g.load_state_dict(states["generator_ema"])

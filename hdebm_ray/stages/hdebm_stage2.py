@@ -1,0 +1,75 @@
+"""Stage "stage2": HDEBM Algorithm 2 — only H is trained; joint Langevin on (Y, z1, z2) (ALGORITHMS §6).
+
+Starts from Stage 1's H and frozen G = G2∘G1. Chains start from Y_0 = 0 and fresh latents; no bank.
+"""
+
+from __future__ import annotations
+
+from ..checkpoint import load_states
+from ..config import Config
+from ..langevin import StepStats, sample_joint
+from ..loop import StageBase, WorkerContext
+from ..networks import sample_shape
+from .hdebm_common import data_stream, energy_trainer, hat_generator, latents
+
+
+def joint_sampler_kwargs(cfg: Config) -> dict:
+    s = cfg.stage2
+    return dict(
+        steps=s.langevin_steps,
+        y_step_size=s.y_step_size,
+        z1_step_size=s.z1_step_size,
+        z2_step_size=s.z2_step_size,
+        temperature=s.temperature,
+        drift_clip=s.drift_clip,
+        y_steps_per_latent_step=s.y_steps_per_latent_step,
+        latent_prior=s.latent_prior,
+    )
+
+
+class Stage2(StageBase):
+    name = "stage2"
+
+    def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
+        if init_dir is None:
+            raise ValueError("stage2 starts from a stage1 checkpoint")
+        s = cfg.stage2
+        self.cfg, self.ctx, self.s = cfg, ctx, s
+        self.total_steps, self.report_every, self.checkpoint_every = s.steps, s.report_every, s.checkpoint_every
+        self.images_per_step = s.batch_size
+        self.shape = sample_shape(cfg)
+        self.hat = hat_generator(cfg, ctx, init_dir, with_g1=True)
+        self.hat.g1.requires_grad_(False).eval()
+        self.energy = energy_trainer(cfg, ctx, s, s.lr, s.temperature)
+        self.energy.net.load_state_dict(load_states(init_dir, ["energy"], map_location=ctx.device)["energy"])
+        if self.energy.ema is not None:  # the EMA starts at Stage 1's weights, not at a random init
+            self.energy.ema.module.load_state_dict(self.energy.net.state_dict())
+        self.batches = data_stream(cfg, ctx, s.batch_size, seed_offset=3)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        x_pos, _ = next(self.batches)
+        z1, z2 = latents(self.cfg, len(x_pos), self.shape, self.ctx.device)
+        z1_0 = z1.clone()
+        stats = StepStats()
+        y, z1, z2, x_gen = sample_joint(
+            self.energy.net, self.hat, z1, z2, stats=stats, modules=(self.hat,), **joint_sampler_kwargs(self.cfg)
+        )
+        metrics = self.energy.update(x_pos, (x_gen + y).detach())
+        metrics.update(
+            {
+                "Langevin/residual_norm": y.flatten(1).norm(dim=1).mean().item(),
+                "Langevin/z1_move": (z1 - z1_0).flatten(1).norm(dim=1).mean().item(),
+                **{f"Langevin/{k}": v for k, v in stats.means().items()},
+            }
+        )
+        return metrics
+
+    def state_dict(self) -> dict[str, dict]:
+        return {
+            **self.energy.state_dict("energy"),
+            "generator": self.hat.g1.state_dict(),
+            "denoiser": self.hat.denoiser.state_dict(),
+        }
+
+    def load_state_dict(self, states: dict[str, dict]) -> None:
+        self.energy.load_state_dict(states, "energy")

@@ -1,0 +1,154 @@
+"""The bank and replay buffer: leases, commits, reclaiming, snapshots, re-initialisation; and the real actor
+under 4 concurrent Ray workers."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from hdebm_ray.bank import Bank, ReplayBuffer, SlotStore, list_snapshots
+from hdebm_ray.bank_actor import create_bank_actor
+
+SHAPES = {"z1": (4,), "x": (1, 3, 3)}
+
+
+def _fields(n, value):
+    return {"z1": np.full((n, 4), value, np.float32), "x": np.full((n, 1, 3, 3), value, np.float32)}
+
+
+def test_leases_are_disjoint_and_commits_land_in_their_slots():
+    bank = Bank(64, SHAPES, seed=0)
+    a, b = bank.checkout(24, "a"), bank.checkout(24, "b")
+    assert not set(a["idx"]) & set(b["idx"])
+    with pytest.raises(RuntimeError, match="free slots"):
+        bank.checkout(17, "c")  # only 16 left
+    assert bank.commit(a["lease"], 5, **_fields(24, 1.0))["ok"]
+    assert bank.commit(b["lease"], 5, **_fields(24, 2.0))["ok"]
+    x = bank.store.arrays["x"][:, 0, 0, 0]
+    assert (x[a["idx"]] == 1).all() and (x[b["idx"]] == 2).all()
+    others = np.setdiff1d(np.arange(64), np.concatenate([a["idx"], b["idx"]]))
+    assert (x[others] == 0).all() and (bank.store.written_step[others] == -1).all()
+    assert not bank.commit(a["lease"], 6, **_fields(24, 9.0))["ok"]  # a lease commits once
+
+
+def test_dead_owner_lease_is_reclaimed_and_its_late_commit_refused():
+    bank = Bank(16, SHAPES, lease_timeout_s=0.2)
+    dead = bank.checkout(8, "dead")
+    bank.checkout(8, "live")
+    with pytest.raises(RuntimeError):
+        bank.checkout(8, "other")
+    time.sleep(0.3)
+    again = bank.checkout(8, "other")  # the expired leases are reclaimed
+    assert bank.stats()["reclaimed_leases"] == 2
+    assert not bank.commit(dead["lease"], 1, **_fields(8, 5.0))["ok"]  # the slots may now belong to others
+    # A restarted owner (same rank name) frees its own stale lease at once, without waiting for the timeout.
+    bank2 = Bank(8, SHAPES)
+    bank2.checkout(8, "rank1")
+    assert len(bank2.checkout(8, "rank1")["idx"]) == 8
+    assert again["idx"].size == 8
+
+
+def test_snapshot_restores_bit_identically(tmp_path):
+    rng = np.random.default_rng(0)
+    store = SlotStore(50, SHAPES)
+    store.write(
+        np.arange(50),
+        7,
+        z1=rng.standard_normal((50, 4), dtype=np.float32),
+        x=rng.standard_normal((50, 1, 3, 3), dtype=np.float32),
+    )
+    store.write(np.arange(10), 9, **_fields(10, np.float32(np.pi)))
+    path = store.snapshot(str(tmp_path), 9)
+    loaded, step = SlotStore.load(path)
+    assert step == 9 and list_snapshots(str(tmp_path)) == {9: path}
+    for k in SHAPES:
+        assert loaded.arrays[k].tobytes() == store.arrays[k].tobytes()
+    assert (loaded.written_step == store.written_step).all() and (loaded.writes == store.writes).all()
+
+
+def test_replay_reinit_count_lies_in_binomial_bound():
+    n, rho = 20000, 0.05
+    buf = ReplayBuffer(1000, SHAPES, reinit_prob=rho, seed=3)
+    buf.push(0, **_fields(1000, 1.0))
+    count = int(buf.sample(n)["reinit"].sum())
+    assert abs(count - n * rho) <= 4 * math.sqrt(n * rho * (1 - rho))
+    empty = ReplayBuffer(10, SHAPES, reinit_prob=rho)
+    assert empty.sample(5)["reinit"].all()  # nothing to replay yet: every chain starts from p0
+
+
+def test_replay_push_fills_ring_then_replaces():
+    buf = ReplayBuffer(10, SHAPES, reinit_prob=0.0, seed=0)
+    buf.push(1, **_fields(6, 1.0))
+    buf.push(2, **_fields(6, 2.0))
+    x = buf.store.arrays["x"][:, 0, 0, 0]
+    assert (x[:6] == 1).all() and (x[6:] == 2).all() and buf.count == 12
+
+
+# -- the real actor --------------------------------------------------------------------------------------------
+
+
+@ray.remote(num_cpus=1)
+def _worker(name: str, worker: int, rounds: int, n: int):
+    from hdebm_ray.bank_actor import ActorBankClient
+
+    client = ActorBankClient(name, owner=f"w{worker}")
+    log = []
+    for r in range(rounds):
+        lease = client.wait(client.checkout(n))
+        marker = worker * 10000 + r
+        out = ray.get(client.actor.commit.remote(lease["lease"], r, _fields(n, float(marker))))
+        assert out["ok"]
+        log.append((lease["seq"], out["seq"], lease["idx"].tolist(), marker))
+    return log
+
+
+def test_four_concurrent_workers_never_share_a_slot(ray_local, tmp_path):
+    name = "bank-test-concurrency"
+    actor = create_bank_actor(name, kind="bank", size=64, shapes=SHAPES, snapshot_dir=str(tmp_path))
+    ray.get(actor.fill.remote(0, 0, _fields(64, -1.0)))
+    logs = ray.get([_worker.remote(name, w, 40, 12) for w in range(4)])
+    intervals: dict[int, list] = {}
+    for log in logs:
+        for seq_out, seq_in, idx, marker in log:
+            for i in idx:
+                intervals.setdefault(i, []).append((seq_out, seq_in, marker))
+    for slot, spans in intervals.items():
+        spans.sort()
+        for (_, end, _), (start, _, _) in zip(spans, spans[1:], strict=False):
+            assert end < start, f"slot {slot} held by two leases at once"
+    # Every slot holds what its last committer wrote.
+    path = ray.get(actor.snapshot.remote(999))
+    store, _ = SlotStore.load(path)
+    for slot, spans in intervals.items():
+        last_marker = max(spans, key=lambda s: s[1])[2]
+        assert store.arrays["x"][slot, 0, 0, 0] == last_marker
+        assert (store.arrays["z1"][slot] == last_marker).all()
+    assert sum(len(log) for log in logs) == 160
+    ray.kill(actor)
+
+
+@ray.remote(num_cpus=1, max_retries=0)
+def _checkout_and_die(name: str):
+    from hdebm_ray.bank_actor import ActorBankClient
+
+    client = ActorBankClient(name, owner="doomed")
+    client.wait(client.checkout(8))
+    os._exit(1)
+
+
+def test_dead_ray_worker_lease_is_reclaimed(ray_local, tmp_path):
+    name = "bank-test-reclaim"
+    actor = create_bank_actor(name, kind="bank", size=16, shapes=SHAPES, snapshot_dir=None, lease_timeout_s=1.0)
+    with pytest.raises(ray.exceptions.WorkerCrashedError):
+        ray.get(_checkout_and_die.remote(name))
+    assert ray.get(actor.stats.remote())["leases_out"] == 1
+    ray.get(actor.checkout.remote(8, "alive"))
+    time.sleep(1.2)
+    got = ray.get(actor.checkout.remote(8, "newcomer"))  # only possible once the dead worker's lease is back
+    assert len(got["idx"]) == 8
+    ray.kill(actor)
