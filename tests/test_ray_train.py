@@ -60,3 +60,32 @@ def test_pipeline_runs_all_stages_with_the_bank_actor_and_skips_finished_stages(
     # Re-running the pipeline skips the finished stages and returns the same checkpoints.
     again = run_pipeline(cfg)
     assert again["stage2"]["checkpoint"] == state["stage2"]["checkpoint"]
+
+
+def test_stage1_step_in_process_equals_the_step_in_a_one_worker_trainer(ray_local, tmp_path):
+    import torch
+
+    from hdebm_ray.runner import run_in_process
+
+    cfg = load_config(
+        "digits",
+        overrides=small_digits_overrides(str(tmp_path), "same")
+        + TINY
+        + ["ray.num_workers=1", "stage1.steps=1", "stage1.report_every=1", "stage1.checkpoint_every=1"],
+    )
+    _, ck = run_in_process(cfg, "diffusion", tmp_path / "d")
+    _, ck = run_in_process(cfg, "distill", tmp_path / "k", init_dir=ck)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a 1-CPU Ray worker, so both sides sum in the same order
+    try:
+        _, local = run_in_process(cfg, "stage1", tmp_path / "local", init_dir=ck)
+    finally:
+        torch.set_num_threads(threads)
+    remote = fit_stage(cfg, "stage1", str(ck))["checkpoint"]
+    a, b = load_states(local), load_states(remote)
+    for net in ("energy", "generator"):
+        for key, value in a[net].items():
+            assert torch.allclose(value, b[net][key], atol=1e-6, rtol=1e-5), (net, key)
+    fresh = run_in_process(cfg.replace(**{"run.seed": 1}), "stage1", tmp_path / "other", init_dir=ck)[1]
+    c = load_states(fresh)
+    assert any(not torch.allclose(v, c["energy"][k]) for k, v in a["energy"].items())  # the comparison can fail

@@ -8,6 +8,8 @@ the bank round trip overlaps the Langevin chain.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -97,7 +99,9 @@ class Stage1(StageBase):
         x_neg = (x_gen + y).detach()
         metrics = self.energy.update(x_pos, x_neg)
 
+        t0 = time.perf_counter()
         lease = self.bank.wait(pending)
+        bank_wait_s = time.perf_counter() - t0
         z1_b, z2_b, x_b = (torch.from_numpy(np.array(lease[k])).to(dev) for k in ("z1", "z2", "x"))
         written = torch.from_numpy(np.array(lease["written"])).to(dev)
         g_raw = self.g1_ddp(z1_b)
@@ -110,7 +114,9 @@ class Stage1(StageBase):
         self.sched_g.step()
         if self.ema_g is not None:
             self.ema_g.update_parameters(self.hat.g1)
+        t0 = time.perf_counter()
         committed = self.bank.commit(lease["lease"], step + 1, z1=z1, z2=z2, x=x_neg)
+        bank_commit_s = time.perf_counter() - t0
 
         metrics.update(
             {
@@ -119,6 +125,8 @@ class Stage1(StageBase):
                 "Opt/grad_norm_generator": grad_norm_g,
                 "Langevin/residual_norm": y.flatten(1).norm(dim=1).mean().item(),
                 "Bank/commit_ok": float(committed),
+                "Timing/bank_wait_s": bank_wait_s,
+                "Timing/bank_commit_s": bank_commit_s,
                 "Bank/written_fraction": written.float().mean().item(),
                 **{f"Langevin/{k}": v for k, v in stats.means().items()},
             }

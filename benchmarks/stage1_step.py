@@ -1,0 +1,154 @@
+"""Benchmark: the HDEBM Stage 1 step in bare single-process PyTorch vs the same step in a 1-worker TorchTrainer,
+and the bank actor's checkout + commit time as a fraction of the step time. One run, side by side.
+
+    .venv/bin/python benchmarks/stage1_step.py [--preset digits] [--steps 30] [--out benchmarks/results]
+
+Both sides run the same config with one thread (a Ray worker with 1 CPU gets OMP_NUM_THREADS=1). The Ray side's
+step time is read back from the TensorBoard scalars its rank 0 writes (median over report ticks, first tick
+skipped as warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hdebm_ray.bank import BankService, LocalBankClient
+from hdebm_ray.config import load_config
+from hdebm_ray.loop import WorkerContext
+from hdebm_ray.runner import run_in_process
+from hdebm_ray.stages import BANK_SPECS, build_stage
+
+
+def bare_step_seconds(cfg, init_dir, steps: int) -> tuple[float, float]:
+    """Median seconds per Stage 1 step in this process, and the median exposed bank time per step."""
+    ctx = WorkerContext()
+    ctx.bank = LocalBankClient(BankService(**BANK_SPECS["stage1"](cfg), snapshot_dir=None))
+    stage = build_stage("stage1", cfg, ctx, init_dir)
+    stage.on_start(0)
+    times, bank = [], []
+    for step in range(steps + 3):
+        t0 = time.perf_counter()
+        m = stage.train_step(step)
+        if step >= 3:
+            times.append(time.perf_counter() - t0)
+            bank.append(m["Timing/bank_wait_s"] + m["Timing/bank_commit_s"])
+    return statistics.median(times), statistics.median(bank)
+
+
+def ray_step_seconds(cfg, init_dir) -> tuple[float, float]:
+    """Median seconds per step of the same stage in a 1-worker TorchTrainer, and its exposed bank time."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hdebm_ray.launch import fit_stage, run_dir
+
+    fit_stage(cfg, "stage1", str(init_dir))
+    acc = EventAccumulator(str(Path(run_dir(cfg)) / "tb" / "stage1"))
+    acc.Reload()
+    sps = [e.value for e in acc.Scalars("Timing/sec_per_step")][1:]
+    bank = [
+        a.value + b.value
+        for a, b in zip(acc.Scalars("Timing/bank_wait_s"), acc.Scalars("Timing/bank_commit_s"), strict=True)
+    ][1:]
+    return statistics.median(sps), statistics.median(bank)
+
+
+def actor_round_trip_seconds(cfg, n: int, rounds: int = 50) -> float:
+    """Median driver-side round trip of checkout(n) + commit(n entries) against a real bank actor."""
+    import ray
+
+    from hdebm_ray.bank_actor import create_bank_actor
+
+    spec = BANK_SPECS["stage1"](cfg)
+    actor = create_bank_actor("bank-benchmark", **spec, snapshot_dir=None)
+    fields = {k: np.random.randn(n, *s).astype(np.float32) for k, s in spec["shapes"].items()}
+    ray.get(actor.fill.remote(0, 0, {k: np.zeros((spec["size"], *s), np.float32) for k, s in spec["shapes"].items()}))
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        lease = ray.get(actor.checkout.remote(n, "bench"))
+        ray.get(actor.commit.remote(lease["lease"], 1, fields))
+        times.append(time.perf_counter() - t0)
+    ray.kill(actor)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="digits")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    torch.set_num_threads(1)
+    tmp = tempfile.mkdtemp(prefix="hdebm-bench-")
+    tick = 5
+    cfg = load_config(
+        args.preset,
+        overrides=[
+            f"run.storage_path={tmp}",
+            "run.name=bench",
+            "ray.num_workers=1",
+            "ray.max_failures=0",
+            "diffusion.steps=1",
+            "diffusion.report_every=1",
+            "diffusion.checkpoint_every=1",
+            "distill.n0_steps=1",
+            f"stage1.steps={args.steps + tick}",
+            f"stage1.report_every={tick}",
+            f"stage1.checkpoint_every={args.steps + tick}",
+        ],
+    )
+    # The step's cost does not depend on how well D was trained: a one-step untrained denoiser will do.
+    _, ck = run_in_process(cfg, "diffusion", f"{tmp}/d")
+    _, ck = run_in_process(cfg, "distill", f"{tmp}/k", init_dir=ck)
+
+    bare_s, bare_bank_s = bare_step_seconds(cfg, ck, args.steps)
+
+    import ray
+
+    from hdebm_ray.launch import init_ray
+
+    init_ray(cfg)
+    ray_s, ray_bank_s = ray_step_seconds(cfg, ck)
+    local_batch = cfg.stage1.batch_size // cfg.ray.num_workers
+    rt_s = actor_round_trip_seconds(cfg, local_batch)
+    ray.shutdown()
+
+    result = {
+        "preset": args.preset,
+        "batch_size": cfg.stage1.batch_size,
+        "langevin_steps": cfg.stage1.langevin.steps,
+        "bank_size": cfg.stage1.bank_size,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch threads 1",
+        "bare_pytorch_sec_per_step": bare_s,
+        "torchtrainer_1worker_sec_per_step": ray_s,
+        "ratio_torchtrainer_over_bare": ray_s / bare_s,
+        "bank_actor_round_trip_sec": rt_s,
+        "bank_round_trip_fraction_of_step": rt_s / ray_s,
+        "bank_exposed_sec_per_step_in_worker": ray_bank_s,
+        "bank_exposed_fraction_of_step": ray_bank_s / ray_s,
+        "bank_local_sec_per_step_bare": bare_bank_s,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stage1_step.json").write_text(json.dumps(result, indent=2))
+    lines = [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result.items()]
+    (out / "stage1_step.md").write_text(
+        "# Stage 1 step: bare PyTorch vs 1-worker TorchTrainer\n\n| measure | value |\n"
+        "|---|---|\n" + "\n".join(lines) + "\n"
+    )
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
