@@ -23,8 +23,8 @@ class BankActor(BankService):
             self.incarnation = 1
             self.restore()  # latest snapshot; leases of the old incarnation are void
 
-    def info(self) -> dict:
-        return {"reconstructed": bool(self.incarnation), "loaded_snapshot_step": self.loaded_snapshot_step}
+    def stats(self) -> dict:
+        return {**super().stats(), "reconstructed": bool(self.incarnation)}
 
 
 def create_bank_actor(

@@ -11,173 +11,27 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .config_schema import (
+    DataSection,
+    DiffusionSection,
+    DistillSection,
+    NetworkSection,
+    RaySection,
+    RunSection,
+    Stage1Section,
+    Stage2Section,
+)
+
 
 class ConfigError(ValueError):
     """A config value is unknown, of the wrong type or out of range; the message names the key."""
-
-
-def knob(default, *, lo=None, hi=None, lo_open=False, choices=None, doc=""):
-    """A config field with its allowed range: ``lo``/``hi`` inclusive unless ``lo_open``."""
-    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices, "doc": doc}
-    return field(default=default, metadata=meta)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sections
-
-
-@dataclass(frozen=True)
-class RunSection:
-    name: str = knob("hdebm", doc="run name; re-running with the same name resumes")
-    storage_path: str = knob("runs", doc="local dir, NFS mount or s3:// / gs:// URI for checkpoints and logs")
-    seed: int = knob(0, lo=0)
-
-
-@dataclass(frozen=True)
-class RaySection:
-    address: str = knob("", doc="'' = $RAY_ADDRESS if set, else an embedded local Ray; or 'auto' / ray://...")
-    num_workers: int = knob(2, lo=1, doc="Ray Train workers (DDP ranks)")
-    use_gpu: bool = knob(False)
-    cpus_per_worker: float = knob(1.0, lo=0.0, lo_open=True)
-    max_failures: int = knob(1, lo=-1, doc="worker-group restarts per stage; -1 = unlimited")
-    checkpoints_to_keep: int = knob(2, lo=1)
-
-
-@dataclass(frozen=True)
-class DataSection:
-    dataset: str = knob("digits", choices=("digits", "toy2d", "cifar10", "image_folder", "parquet"))
-    path: str = knob("", doc="root folder (cifar10, image_folder) or folder of .parquet shards")
-    resolution: int = knob(16, lo=8, hi=1024, doc="image side in pixels (power of two)")
-    channels: int = knob(1, choices=(1, 3))
-    download: bool = knob(True, doc="cifar10: let torchvision download into data.path")
-    toy2d_mixture: str = knob("grid", choices=("grid", "ring"))
-    toy2d_std: float = knob(0.04, lo=0.0, lo_open=True, doc="std of each toy2d mixture component")
-    toy2d_num_samples: int = knob(20000, lo=100)
-    num_loader_workers: int = knob(0, lo=0, doc="DataLoader processes per Ray worker")
-
-
-@dataclass(frozen=True)
-class UNetSection:
-    channels: int = knob(32, lo=8)
-    channel_mult: tuple[int, ...] = knob((1, 2, 2), lo=1)
-    num_res_blocks: int = knob(1, lo=1)
-    attn_resolutions: tuple[int, ...] = knob((8,), lo=1)
-    num_heads: int = knob(4, lo=1)
-    dropout: float = knob(0.0, lo=0.0, hi=0.9)
-
-
-@dataclass(frozen=True)
-class EnergySection:
-    width: int = knob(64, lo=4, doc="channels of the SN-GAN ResNet energy net (hidden units for MLPs)")
-    multiscale: bool = knob(False, doc="sum of energies at full, half and quarter resolution")
-
-
-@dataclass(frozen=True)
-class GeneratorSection:
-    z_dim: int = knob(64, lo=1)
-    width: int = knob(64, lo=4, doc="channels of the SN-GAN generator (hidden units for MLPs)")
-    out_scale: float = knob(2.0, lo=0.0, lo_open=True, doc="tanh output is multiplied by this (Hat EBM: 2)")
-
-
-@dataclass(frozen=True)
-class MLPSection:
-    hidden: int = knob(128, lo=4, doc="hidden units of the toy2d MLP denoiser")
-    depth: int = knob(3, lo=1)
-    precondition: bool = knob(True, doc="EDM-style skip/scale around the MLP denoiser (still predicts x0)")
-
-
-@dataclass(frozen=True)
-class NetworkSection:
-    unet: UNetSection = UNetSection()
-    energy: EnergySection = EnergySection()
-    generator: GeneratorSection = GeneratorSection()
-    mlp: MLPSection = MLPSection()
-
-
-@dataclass(frozen=True)
-class DiffusionSection:
-    T: int = knob(1000, lo=2, doc="diffusion length of the cosine schedule")
-    T_trunc: int = knob(256, lo=1, doc="truncation time T' (< T); training draws t from {1..T'}")
-    cosine_s: float = knob(0.008, lo=0.0)
-    steps: int = knob(2000, lo=1)
-    batch_size: int = knob(64, lo=1, doc="global batch, split evenly over Ray workers")
-    lr: float = knob(2e-4, lo=0.0, lo_open=True)
-    grad_clip: float = knob(0.0, lo=0.0, doc="layer-wise max grad norm; 0 = off")
-    report_every: int = knob(100, lo=1, doc="steps between ray.train.report ticks")
-    checkpoint_every: int = knob(500, lo=1, doc="steps between checkpoints (multiple of report_every)")
-
-
-@dataclass(frozen=True)
-class DistillSection:
-    n0_steps: int = knob(16, lo=1, doc="N0: DDIM steps of the first teacher (power of two dividing T')")
-    steps_per_stage: int = knob(300, lo=1)
-    batch_size: int = knob(64, lo=1)
-    lr: float = knob(5e-5, lo=0.0, lo_open=True)
-    grad_clip: float = knob(0.0, lo=0.0)
-    report_every: int = knob(100, lo=1)
-    checkpoint_every: int = knob(300, lo=1)
-    eval_batch: int = knob(256, lo=1, doc="images used to measure student-vs-teacher MSE after each stage")
-
-
-@dataclass(frozen=True)
-class LangevinSection:
-    steps: int = knob(20, lo=1, doc="K")
-    step_size: float = knob(5e-4, lo=0.0, lo_open=True, doc="epsilon: drift eps^2/2 * grad U, noise eps")
-    temperature: float = knob(1e-8, lo=0.0, lo_open=True, doc="T_mc: U = H / T_mc")
-    drift_clip: float = knob(2.5, lo=0.0, doc="per-sample L2 bound on the drift; 0 = off")
-
-
-@dataclass(frozen=True)
-class Stage1Section:
-    steps: int = knob(600, lo=1)
-    batch_size: int = knob(64, lo=1)
-    langevin: LangevinSection = LangevinSection()
-    bank_size: int = knob(2048, lo=1, doc="N entries (z1, z2, X-) in the shared bank")
-    beta1: float = knob(1.0, lo=0.0)
-    beta2: float = knob(0.1, lo=0.0)
-    gen_loss_scale: float = knob(1000.0, lo=0.0, lo_open=True, doc="Hat EBM multiplies the pixel MSE by 1000")
-    lr_energy: float = knob(1e-4, lo=0.0, lo_open=True)
-    lr_generator: float = knob(1e-4, lo=0.0, lo_open=True)
-    lr_schedule: str = knob("constant", choices=("constant", "cosine"))
-    warmup_steps: int = knob(0, lo=0)
-    grad_clip: float = knob(50.0, lo=0.0)
-    data_jitter: float = knob(1e-3, lo=0.0)
-    mad_filter: bool = knob(False, doc="drop data with energy < median - mad_k * MAD (ImageNet)")
-    mad_k: float = knob(6.0, lo=0.0, lo_open=True)
-    ema_halflife_kimg: float = knob(10.0, lo=0.0, doc="EMA half-life in thousands of images; 0 = off")
-    report_every: int = knob(50, lo=1)
-    checkpoint_every: int = knob(200, lo=1)
-
-
-@dataclass(frozen=True)
-class Stage2Section:
-    steps: int = knob(300, lo=1)
-    batch_size: int = knob(64, lo=1)
-    langevin_steps: int = knob(20, lo=1, doc="K (Y-steps)")
-    y_step_size: float = knob(5e-4, lo=0.0, lo_open=True, doc="epsilon1")
-    z1_step_size: float = knob(5e-5, lo=0.0, lo_open=True, doc="epsilon2")
-    z2_step_size: float = knob(1e-3, lo=0.0, lo_open=True, doc="epsilon3")
-    y_steps_per_latent_step: int = knob(5, lo=1)
-    latent_prior: bool = knob(False, doc="add the N(0, I) prior gradient to the latent steps")
-    temperature: float = knob(1e-8, lo=0.0, lo_open=True)
-    drift_clip: float = knob(2.5, lo=0.0)
-    lr: float = knob(2e-5, lo=0.0, lo_open=True)
-    lr_schedule: str = knob("constant", choices=("constant", "cosine"))
-    warmup_steps: int = knob(0, lo=0)
-    grad_clip: float = knob(50.0, lo=0.0)
-    data_jitter: float = knob(1e-3, lo=0.0)
-    mad_filter: bool = knob(False)
-    mad_k: float = knob(6.0, lo=0.0, lo_open=True)
-    ema_halflife_kimg: float = knob(10.0, lo=0.0)
-    report_every: int = knob(50, lo=1)
-    checkpoint_every: int = knob(100, lo=1)
 
 
 @dataclass(frozen=True)

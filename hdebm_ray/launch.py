@@ -57,6 +57,7 @@ def trainer_for(
     callbacks=(),
     name: str | None = None,
     bank_name: str | None = None,
+    inject_failure: dict | None = None,
 ):
     """A TorchTrainer that runs ``stage`` with ``cfg.ray.num_workers`` DDP workers (gloo on CPU, nccl on GPU)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -76,6 +77,8 @@ def trainer_for(
             "init_from": init_from,
             "log_dir": log_dir,
             "bank_name": bank_name,
+            # Testing aid: {"rank", "step", "marker"} makes that rank exit once right after that step's report.
+            "inject_failure": inject_failure,
         },
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -134,14 +137,14 @@ def start_bank(cfg: Config, stage: str):
     )
 
 
-def fit_stage(cfg: Config, stage: str, init_from: str | None = None, callbacks=()) -> dict:
+def fit_stage(cfg: Config, stage: str, init_from: str | None = None, callbacks=(), inject_failure=None) -> dict:
     """Run one stage to its end (resuming if it ran before); returns {checkpoint, step, summary}."""
     import ray
 
     bank = start_bank(cfg, stage)
     try:
         name = bank_actor_name(cfg, stage) if bank is not None else None
-        result = trainer_for(cfg, stage, init_from, callbacks, bank_name=name).fit()
+        result = trainer_for(cfg, stage, init_from, callbacks, bank_name=name, inject_failure=inject_failure).fit()
     finally:
         if bank is not None:
             ray.kill(bank)

@@ -6,6 +6,7 @@ checkpoint). A restarted or re-run worker resumes from ``ray.train.get_checkpoin
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 
@@ -65,6 +66,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 )
         else:
             ray.train.report(metrics)
+        fault = loop_config.get("inject_failure")
+        if fault and fault["rank"] == rank and fault["step"] == step and not os.path.exists(fault["marker"]):
+            open(fault["marker"], "w").close()  # once: the restarted worker must get past this step
+            os._exit(1)
 
     run_loop(stage, start, report)
     if start >= stage.total_steps and ckpt is None:  # nothing to train: still register the product

@@ -132,7 +132,12 @@ class Stage1(StageBase):
             }
         )
         if (step + 1) % self.report_every == 0 and self.ctx.is_chief:
-            metrics.update({f"Bank/{k}": float(v) for k, v in self.bank.stats().items() if v is not None})
+            stats = self.bank.stats()
+            if stats.pop("reconstructed", False) and not self.summary_state.get("bank_reloads"):
+                # The actor died and Ray restarted it; it reloaded its latest snapshot by itself.
+                reload = {"noticed_at_step": step + 1, "snapshot_step": stats["loaded_snapshot_step"]}
+                self.summary_state["bank_reloads"] = [reload]
+            metrics.update({f"Bank/{k}": float(v) for k, v in stats.items() if v is not None})
         return metrics
 
     # -- state ------------------------------------------------------------------------------------------------

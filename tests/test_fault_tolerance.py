@@ -1,0 +1,64 @@
+"""Stage 1 under failures on a real local Ray: a Train worker killed mid-run, and the bank actor killed mid-run."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import ray
+from helpers import TINY, small_digits_overrides
+
+from hdebm_ray.checkpoint import load_meta
+from hdebm_ray.config import load_config
+from hdebm_ray.launch import bank_actor_name, fit_stage
+from hdebm_ray.runner import run_in_process
+
+LONGER = ["stage1.steps=12", "stage1.report_every=2", "stage1.checkpoint_every=2", "ray.max_failures=1"]
+
+
+def _distilled(cfg, tmp_path):
+    _, ck = run_in_process(cfg, "diffusion", tmp_path / "d")
+    return str(run_in_process(cfg, "distill", tmp_path / "k", init_dir=ck)[1])
+
+
+def test_killed_train_worker_resumes_with_the_bank_of_the_restored_checkpoint(ray_local, tmp_path):
+    cfg = load_config("digits", overrides=small_digits_overrides(str(tmp_path), "wkill") + TINY + LONGER)
+    marker = tmp_path / "failed-once"
+    out = fit_stage(
+        cfg, "stage1", _distilled(cfg, tmp_path), inject_failure={"rank": 1, "step": 6, "marker": str(marker)}
+    )
+    assert marker.exists()  # the worker did die
+    meta = load_meta(out["checkpoint"])
+    assert meta["step"] == 12 and meta["done"]
+    restores = meta["summary"]["bank_restores"]
+    assert restores, "the restarted worker group did not restore from a checkpoint"
+    for r in restores:  # Ray may restore an older checkpoint than the newest; the bank must follow it
+        assert r["bank_step"] == r["checkpoint_step"]
+
+
+def test_killed_bank_actor_restarts_from_its_snapshot_and_training_finishes(ray_local, tmp_path):
+    cfg = load_config(
+        "digits", overrides=small_digits_overrides(str(tmp_path), "akill") + TINY + LONGER + ["stage1.steps=16"]
+    )
+    init = _distilled(cfg, tmp_path)
+    bank_dir = Path(tmp_path) / "akill" / "stage1" / "bank"
+    killed = {}
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(bank_dir.glob("bank_step_*.arrow")):
+            time.sleep(0.05)
+        actor = ray.get_actor(bank_actor_name(cfg, "stage1"), namespace="hdebm")
+        ray.kill(actor, no_restart=False)  # Ray restarts it (max_restarts=-1)
+        killed["at"] = sorted(p.name for p in bank_dir.glob("bank_step_*.arrow"))
+
+    t = threading.Thread(target=killer)
+    t.start()
+    out = fit_stage(cfg, "stage1", init)
+    t.join()
+    assert killed["at"]
+    meta = load_meta(out["checkpoint"])
+    assert meta["step"] == 16 and meta["done"]
+    reloads = meta["summary"].get("bank_reloads")
+    assert reloads and reloads[0]["snapshot_step"] is not None and reloads[0]["snapshot_step"] >= 2
