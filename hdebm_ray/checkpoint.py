@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .config import Config, from_dict, load_config
+from .config import Config, load_config
 
 META_FILE, CONFIG_FILE = "meta.json", "config.yaml"
 
@@ -48,6 +48,3 @@ def load_states(directory: str | Path, names: list[str] | None = None, map_locat
             f"checkpoint '{d}' has no {missing[0]}.pt (has {sorted(p.name for p in d.glob('*.pt'))})"
         )
     return {n: torch.load(d / f"{n}.pt", map_location=map_location, weights_only=True) for n in names}
-
-
-__all__ = ["save_checkpoint", "load_meta", "load_states", "load_config_of", "from_dict"]
