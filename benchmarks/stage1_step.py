@@ -22,17 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hdebm_ray.bank import BankService, LocalBankClient
 from hdebm_ray.config import load_config
 from hdebm_ray.loop import WorkerContext
-from hdebm_ray.runner import run_in_process
+from hdebm_ray.runner import local_bank, run_in_process
 from hdebm_ray.stages import BANK_SPECS, build_stage
 
 
 def bare_step_seconds(cfg, init_dir, steps: int) -> tuple[float, float]:
     """Median seconds per Stage 1 step in this process, and the median exposed bank time per step."""
     ctx = WorkerContext()
-    ctx.bank = LocalBankClient(BankService(**BANK_SPECS["stage1"](cfg), snapshot_dir=None))
+    ctx.bank = local_bank(cfg, "stage1", snapshot_dir=None)
     stage = build_stage("stage1", cfg, ctx, init_dir)
     stage.on_start(0)
     times, bank = [], []

@@ -39,6 +39,17 @@ def restore(stage, ckpt_dir, device) -> int:
     return int(meta["step"])
 
 
+def local_bank(cfg: Config, stage_name: str, snapshot_dir: str | None) -> LocalBankClient:
+    """The in-process counterpart of the driver's bank actor, built from the same spec."""
+    service = BankService(
+        **BANK_SPECS[stage_name](cfg),
+        snapshot_dir=snapshot_dir,
+        seed=cfg.run.seed,
+        keep=cfg.ray.checkpoints_to_keep + 1,
+    )
+    return LocalBankClient(service)
+
+
 def seed_steps(cfg: Config, rank: int, start_step: int) -> None:
     """Different noise per rank, and a restart does not replay the noise of the steps it redoes."""
     torch.manual_seed(cfg.run.seed * 100003 + rank * 7919 + start_step)
@@ -94,13 +105,7 @@ def run_in_process(
     torch.manual_seed(cfg.run.seed)
     ctx = WorkerContext(device=torch.device(device))
     if stage_name in BANK_SPECS:
-        service = BankService(
-            **BANK_SPECS[stage_name](cfg),
-            snapshot_dir=str(out / "bank"),
-            seed=cfg.run.seed,
-            keep=cfg.ray.checkpoints_to_keep + 1,
-        )
-        ctx.bank = LocalBankClient(service)
+        ctx.bank = local_bank(cfg, stage_name, str(out / "bank"))
     stage = build_stage(stage_name, cfg, ctx, init_dir)
     start = 0
     if (last := latest_checkpoint(out)) is not None:

@@ -20,8 +20,11 @@ from .config import Config
 from .data import build_dataset, toy2d_centres
 from .diffusion import CosineSchedule, ddim_sample, noise_to_truncation
 from .ebm import HatGenerator
-from .langevin import sample_joint, sample_residual
+from .langevin import sample_joint
 from .networks import build_denoiser, build_energy, build_generator, sample_shape
+from .stages.hdebm_common import latents
+from .stages.hdebm_stage1 import sample_stage1
+from .stages.hdebm_stage2 import joint_sampler_kwargs
 
 
 class Sampler:
@@ -58,9 +61,7 @@ class Sampler:
 
     def _latents(self, n: int, seed: int):
         g = torch.Generator(device=self.device).manual_seed(seed)
-        shape = sample_shape(self.cfg)
-        z1 = torch.randn(n, self.cfg.network.generator.z_dim, device=self.device, generator=g)
-        return z1, torch.randn(n, *shape, device=self.device, generator=g)
+        return latents(self.cfg, n, sample_shape(self.cfg), self.device, g)
 
     def _data(self, n: int, seed: int) -> torch.Tensor:
         ds = build_dataset(self.cfg)
@@ -85,13 +86,8 @@ class Sampler:
         z1, z2 = self._latents(n, seed)
         torch.manual_seed(seed)
         if self.stage == "stage1":
-            lv = self.cfg.stage1.langevin
-            with torch.no_grad():
-                x_gen = self.hat(z1, z2)
-            y = sample_residual(self.energy, x_gen, lv.steps, lv.step_size, lv.temperature, lv.drift_clip)
+            x_gen, y = sample_stage1(self.energy, self.hat, z1, z2, self.cfg.stage1.langevin)
             return (x_gen + y).clamp(-1, 1)
-        from .stages.hdebm_stage2 import joint_sampler_kwargs
-
         y, _, _, x_gen = sample_joint(
             self.energy, self.hat, z1, z2, modules=(self.hat,), **joint_sampler_kwargs(self.cfg)
         )

@@ -29,6 +29,14 @@ def bank_spec(cfg: Config) -> dict:
     return {"kind": "bank", "size": cfg.stage1.bank_size, "shapes": shapes}
 
 
+def sample_stage1(energy, hat, z1, z2, langevin, stats=None):
+    """Algorithm 1's chain: G(z1, z2) once (the latents stay fixed), then K Langevin steps on Y; (G(z), Y_K)."""
+    with torch.no_grad():
+        x_gen = hat(z1, z2)
+    lv = langevin
+    return x_gen, sample_residual(energy, x_gen, lv.steps, lv.step_size, lv.temperature, lv.drift_clip, stats)
+
+
 class Stage1(StageBase):
     name = "stage1"
     uses_bank = True
@@ -91,11 +99,8 @@ class Stage1(StageBase):
         pending = self.bank.checkout(self.local_batch)
         x_pos, _ = next(self.batches)
         z1, z2 = latents(self.cfg, len(x_pos), self.shape, dev)
-        with torch.no_grad():
-            x_gen = self.hat(z1, z2)  # once per iteration: the latents stay fixed during the chain
         stats = StepStats()
-        lv = s.langevin
-        y = sample_residual(self.energy.net, x_gen, lv.steps, lv.step_size, lv.temperature, lv.drift_clip, stats)
+        x_gen, y = sample_stage1(self.energy.net, self.hat, z1, z2, s.langevin, stats)
         x_neg = (x_gen + y).detach()
         metrics = self.energy.update(x_pos, x_neg)
 
