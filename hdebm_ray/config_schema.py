@@ -95,6 +95,11 @@ class DiffusionSection:
     steps: int = knob(2000, lo=1)
     batch_size: int = knob(64, lo=1, doc="global batch, split evenly over Ray workers")
     lr: float = knob(2e-4, lo=0.0, lo_open=True)
+    lr_schedule: str = knob("constant", choices=("constant", "cosine"), doc="cosine decays the LR to 0 at `steps`")
+    loss_weighting: str = knob(
+        "sqrt_snr", choices=("sqrt_snr", "edm"), doc="sqrt_snr = exp(lambda/2) (paper); edm for preconditioned MLPs"
+    )
+    warmup_steps: int = knob(0, lo=0)
     grad_clip: float = knob(0.0, lo=0.0, doc="layer-wise max grad norm; 0 = off")
     report_every: int = knob(100, lo=1, doc="steps between ray.train.report ticks")
     checkpoint_every: int = knob(500, lo=1, doc="steps between checkpoints (multiple of report_every)")

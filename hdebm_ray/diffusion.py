@@ -93,12 +93,30 @@ def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).pow(2).flatten(1).mean(1)
 
 
-def diffusion_loss(denoiser, schedule: CosineSchedule, x0: torch.Tensor, t_trunc: int) -> torch.Tensor:
-    """mean_t w(λ_t)·‖D(x_t, t) − x0‖² with w = exp(λ_t / 2) = α_t / σ_t (ALGORITHMS §3)."""
+def loss_weight(schedule: CosineSchedule, t: torch.Tensor, weighting: str = "sqrt_snr", sigma_data: float = 0.5):
+    """Per-sample weight of the x0 MSE at integer times t.
+
+    - ``sqrt_snr``: w = exp(λ_t / 2) = α_t / σ_t, HDEBM's weighting (ALGORITHMS §3).
+    - ``edm``: w = 1 / c_out(t)² = (α_t²σ_d² + σ_t²) / (σ_t²σ_d²) (Karras et al. 2022), for EDM-preconditioned
+      denoisers (the toy MLP): it makes the network's own target unit-variance at every t. Divided by its mean
+      over t ∈ {1..T} so the LR keeps the scale it has under ``sqrt_snr``.
+    """
+    if weighting == "sqrt_snr":
+        return torch.exp(schedule.log_snr(t) / 2)
+    if weighting == "edm":
+        ab = schedule.alpha_bar[1:]
+        table = (ab * sigma_data**2 + 1 - ab) / ((1 - ab) * sigma_data**2)
+        return (table / table.mean()).float().to(t.device)[t.long() - 1]
+    raise ValueError(f"unknown diffusion loss weighting {weighting!r} (expected 'sqrt_snr' or 'edm')")
+
+
+def diffusion_loss(
+    denoiser, schedule: CosineSchedule, x0: torch.Tensor, t_trunc: int, weighting: str = "sqrt_snr"
+) -> torch.Tensor:
+    """mean_t w(t)·‖D(x_t, t) − x0‖², t uniform in {1..T'}; w from ``loss_weight`` (paper: exp(λ_t / 2))."""
     t = sample_train_times(x0.shape[0], t_trunc, x0.device)
     x_t = q_sample(schedule, x0, t, torch.randn_like(x0))
-    weight = torch.exp(schedule.log_snr(t) / 2)
-    return (weight * per_sample_mse(denoiser(x_t, t.float()), x0)).mean()
+    return (loss_weight(schedule, t, weighting) * per_sample_mse(denoiser(x_t, t.float()), x0)).mean()
 
 
 def distill_target(z_t, z_s_teacher, alpha_t, sigma_t, alpha_s, sigma_s):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from hdebm_ray import diffusion as D
@@ -49,6 +50,20 @@ def test_loss_weight_is_exp_half_logsnr():
     loss = D.diffusion_loss(lambda x, tt: x0 + 1.0, sched, x0, 100)  # error 1 per coordinate
     alpha, sigma = sched.alpha_sigma(t)
     assert torch.allclose(loss, (alpha / sigma).mean(), rtol=1e-5)
+
+
+def test_edm_weight_is_inverse_c_out_squared_up_to_one_constant():
+    sched = D.CosineSchedule(1000)
+    t = torch.arange(1, 1001)
+    alpha, sigma = sched.alpha_sigma(t)
+    sd = 0.5
+    c_out_sq = (sigma * sd) ** 2 / (alpha**2 * sd**2 + sigma**2)
+    w = D.loss_weight(sched, t, "edm", sigma_data=sd)
+    ratio = w * c_out_sq  # constant across t, and the weights average to 1 over {1..T}
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4)
+    assert abs(w.double().mean().item() - 1.0) < 1e-5
+    with pytest.raises(ValueError, match="weighting"):
+        D.loss_weight(sched, t, "snr")
 
 
 def test_ddim_with_oracle_denoiser_recovers_data_exactly():
