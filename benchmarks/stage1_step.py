@@ -48,7 +48,8 @@ def ray_step_seconds(cfg, init_dir) -> tuple[float, float]:
     """Median seconds per step of the same stage in a 1-worker TorchTrainer, and its exposed bank time."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from hdebm_ray.launch import fit_stage, run_dir
+    from hdebm_ray.launch import fit_stage
+    from hdebm_ray.storage import run_dir
 
     fit_stage(cfg, "stage1", str(init_dir))
     acc = EventAccumulator(str(Path(run_dir(cfg)) / "tb" / "stage1"))

@@ -28,6 +28,14 @@ def save_checkpoint(directory: str | Path, states: dict[str, dict], config: Conf
 
 
 def load_meta(directory: str | Path) -> dict[str, Any]:
+    """A checkpoint's meta.json; ``directory`` may be a storage URI (s3://, gs://, file://)."""
+    if "://" in str(directory):
+        from . import storage
+
+        path = f"{directory}/{META_FILE}"
+        if not storage.exists(path):
+            raise FileNotFoundError(f"'{directory}' is not a checkpoint directory (no {META_FILE})")
+        return json.loads(storage.read_text(path))
     path = Path(directory) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"'{directory}' is not a checkpoint directory (no {META_FILE})")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from .config import ConfigError, load_config, preset_names
 from .data import DatasetError
@@ -38,18 +37,17 @@ def resolve(args) -> object:
 def prepare_run(cfg) -> None:
     """Checks that need the filesystem, then the resolved config saved next to the run."""
     from .data import check_data_available
-    from .launch import is_uri, run_dir
+    from .storage import check_not_in_job_working_dir, run_dir, write_text
 
+    check_not_in_job_working_dir(cfg)
     check_data_available(cfg)
-    d = run_dir(cfg)
-    if not is_uri(d):
-        Path(d).mkdir(parents=True, exist_ok=True)
-        (Path(d) / "config.yaml").write_text(cfg.to_yaml())
+    write_text(f"{run_dir(cfg)}/config.yaml", cfg.to_yaml())
 
 
 def cmd_pipeline(args) -> int:
-    from .launch import init_ray, run_dir, run_pipeline
+    from .launch import init_ray, run_pipeline
     from .stages import PIPELINE
+    from .storage import run_dir
 
     cfg = resolve(args)
     stages = args.stages.split(",") if args.stages else PIPELINE
@@ -73,28 +71,81 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    from .launch import fit_stage, init_ray, read_pipeline_state, run_dir
+def resolve_init_from(cfg, stage: str, given: str | None) -> str | None:
+    """The checkpoint a stage starts from: --init-from, else the previous stage of the same run."""
+    from .launch import read_pipeline_state
     from .stages import INIT_FROM
+
+    parent = INIT_FROM.get(stage)
+    if given or not parent:
+        return given
+    entry = read_pipeline_state(cfg).get(parent)
+    if not entry:
+        raise ConfigError(
+            f"stage {stage!r} starts from a {parent!r} checkpoint: pass --init-from DIR "
+            f"or run the {parent!r} stage of run {cfg.run.name!r} first"
+        )
+    return entry["checkpoint"]
+
+
+def cmd_train(args) -> int:
+    from .launch import fit_stage, init_ray
+    from .storage import run_dir
 
     cfg = resolve(args)
     if args.dry_run:
         print(cfg.to_yaml(), end="")
         return 0
-    init_from = args.init_from
-    parent = INIT_FROM.get(args.stage)
-    if parent and not init_from:
-        entry = read_pipeline_state(cfg).get(parent)
-        if not entry:
-            raise ConfigError(
-                f"stage {args.stage!r} starts from a {parent!r} checkpoint: pass --init-from DIR "
-                f"or run the {parent!r} stage of run {cfg.run.name!r} first"
-            )
-        init_from = entry["checkpoint"]
+    init_from = resolve_init_from(cfg, args.stage, args.init_from)
     prepare_run(cfg)
     init_ray(cfg)
     out = fit_stage(cfg, args.stage, init_from)
     print(f"\n{args.stage} finished in {run_dir(cfg)}; checkpoint {out['checkpoint']}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .tune_run import SweepOptions
+    from .tune_space import load_space
+
+    overrides = list(args.set)
+    for flag, key in (("workers_per_trial", "ray.num_workers"), ("cpus_per_worker", "ray.cpus_per_worker")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    if args.use_gpu:
+        overrides.append("ray.use_gpu=true")
+    args.set = overrides
+    cfg = resolve(args)
+    space = load_space(args.space, cfg)  # checked before anything starts
+    opts = SweepOptions(
+        name=args.name or f"tune-{cfg.run.name}-{space.stage}",
+        samples=args.samples,
+        scheduler=args.scheduler,
+        search=args.search,
+        max_concurrent=args.max_concurrent,
+        grace_period=args.grace_period,
+        resume=args.resume,
+    )
+    if args.dry_run:
+        print(f"sweep {opts.name}: stage {space.stage}, {space.metric} ({space.mode}), {opts.samples} sample(s)")
+        for p in space.params:
+            print(f"  {p.key}: {p.kind} {list(p.args)}")
+        return 0
+    init_from = resolve_init_from(cfg, space.stage, args.init_from)
+    from .launch import init_ray
+    from .tune_run import run_sweep
+
+    prepare_run(cfg)
+    init_ray(cfg)
+    summary = run_sweep(cfg, space, init_from, opts)
+    if summary.get("interrupted"):
+        print(f"\nsweep {opts.name} interrupted; its state is saved in")
+        print(f"  {summary['sweep_dir']}: re-run the same command with --resume to finish it")
+        return 130
+    print(f"\nsweep {opts.name}: {summary['num_trials']} trial(s), {summary['num_errors']} error(s)")
+    print(f"  best {space.metric} = {summary['best_metric']} with {summary['best_params']}")
+    print(f"  best config: {summary['best_config']}  (train --config / pipeline --config accept it)")
+    print(f"  all trials:  {summary['trials_csv']}")
     return 0
 
 
@@ -148,6 +199,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", required=True, choices=list(STAGES))
     p.add_argument("--init-from", help="checkpoint dir of the previous stage (default: from this run)")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("tune", help="Ray Tune sweep over one stage's config keys")
+    add_config_args(p)
+    p.add_argument("--space", required=True, help="search space YAML (see tune_spaces/)")
+    p.add_argument("--name", help="sweep name (default tune-<run.name>-<stage>); re-use it with --resume")
+    p.add_argument("--samples", type=int, default=8, help="trials (per grid point)")
+    p.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo")
+    p.add_argument("--search", choices=["random", "optuna", "hyperopt"], default="random")
+    p.add_argument("--max-concurrent", type=int, default=1, help="trials running at once")
+    p.add_argument("--grace-period", type=int, default=1, help="ASHA: reports before a trial may be stopped")
+    p.add_argument("--workers-per-trial", type=int, help="= ray.num_workers for every trial")
+    p.add_argument("--cpus-per-worker", type=float, help="= ray.cpus_per_worker")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per Train worker")
+    p.add_argument("--init-from", help="checkpoint the swept stage starts from (default: from run.name)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same --name")
+    p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser("dataset", help="dataset tools")
     dsub = p.add_subparsers(dest="dataset_command", required=True)

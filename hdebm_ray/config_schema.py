@@ -23,6 +23,7 @@ def knob(default, *, lo=None, hi=None, lo_open=False, choices=None, doc=""):
 class RunSection:
     name: str = knob("hdebm", doc="run name; re-running with the same name resumes")
     storage_path: str = knob("runs", doc="local dir, NFS mount or s3:// / gs:// URI for checkpoints and logs")
+    shared_storage: bool = knob(False, doc="assert that a local storage_path is mounted on every node")
     seed: int = knob(0, lo=0)
 
 

@@ -78,6 +78,8 @@ class EnergyTrainer:
             "Energy/data": e_pos,
             "Energy/sample": e_neg,
             "Energy/gap": e_neg - e_pos,
+            # 0 when H cannot tell samples from data: a per-step proxy for sample quality that Tune can minimise
+            "Energy/abs_gap": abs(e_neg - e_pos),
             "Energy/mad_dropped": dropped,
             "Opt/lr_energy": self.opt.param_groups[0]["lr"],
             "Opt/grad_norm_energy": grad_norm,

@@ -10,25 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
+from . import storage
 from .checkpoint import load_meta
 from .config import Config
 from .stages import BANK_SPECS, INIT_FROM, PIPELINE
+from .storage import as_uri, run_dir
 
 NAMESPACE = "hdebm"
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def run_dir(cfg: Config) -> str:
-    """Absolute storage location of this run (local path, NFS path or object-store URI)."""
-    base = cfg.run.storage_path
-    if not is_uri(base):
-        base = str(Path(base).expanduser().resolve())
-    return f"{base.rstrip('/')}/{cfg.run.name}"
 
 
 def init_ray(cfg: Config) -> None:
@@ -40,14 +29,12 @@ def init_ray(cfg: Config) -> None:
     # Report ticks wait for the controller's poll; the 2 s default dominates short CPU steps.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(
-        address=address,
-        namespace=NAMESPACE,
-        log_to_driver=True,
-        runtime_env={
-            "env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}
-        },
-    )
+    # A submitted job already has its runtime env (jobs/runtime_env.yaml sets the same variable); Ray refuses
+    # to merge a second one into it.
+    in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+    env = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}}
+    ray.init(address=address, namespace=NAMESPACE, log_to_driver=True, runtime_env=None if in_job else env)
+    storage.check_shared_storage(cfg, num_nodes=sum(1 for n in ray.nodes() if n.get("Alive")))
 
 
 def trainer_for(
@@ -67,15 +54,14 @@ def trainer_for(
 
     r = cfg.ray
     resources = {"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}
-    storage = run_dir(cfg)
-    log_dir = None if is_uri(storage) else f"{storage}/tb"
+    location = run_dir(cfg)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.to_dict(),
             "stage": stage,
             "init_from": init_from,
-            "log_dir": log_dir,
+            "log_dir": f"{location}/tb",
             "bank_name": bank_name,
             # Testing aid: {"rank", "step", "marker"} makes that rank exit once right after that step's report.
             "inject_failure": inject_failure,
@@ -83,7 +69,7 @@ def trainer_for(
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name or stage,
-            storage_path=storage,
+            storage_path=location,
             checkpoint_config=CheckpointConfig(num_to_keep=r.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=r.max_failures),
             callbacks=list(callbacks),
@@ -92,21 +78,13 @@ def trainer_for(
     )
 
 
-def _state_path(cfg: Config) -> Path | None:
-    d = run_dir(cfg)
-    return None if is_uri(d) else Path(d) / "pipeline.json"
-
-
 def read_pipeline_state(cfg: Config) -> dict:
-    p = _state_path(cfg)
-    return json.loads(p.read_text()) if p is not None and p.is_file() else {}
+    path = f"{run_dir(cfg)}/pipeline.json"
+    return json.loads(storage.read_text(path)) if storage.exists(path) else {}
 
 
 def _write_pipeline_state(cfg: Config, state: dict) -> None:
-    p = _state_path(cfg)
-    if p is not None:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(state, indent=2))
+    storage.write_text(f"{run_dir(cfg)}/pipeline.json", json.dumps(state, indent=2))
 
 
 def _finished(entry: dict | None) -> bool:
@@ -150,8 +128,8 @@ def fit_stage(cfg: Config, stage: str, init_from: str | None = None, callbacks=(
             ray.kill(bank)
     if result.checkpoint is None:
         raise RuntimeError(f"stage {stage!r} finished without registering a checkpoint")
-    path = result.checkpoint.path
-    meta = load_meta(path) if not is_uri(path) else {}
+    path = as_uri(result.checkpoint.path, run_dir(cfg))
+    meta = load_meta(path)
     return {"checkpoint": path, "step": meta.get("step"), "summary": meta.get("summary", {})}
 
 
@@ -164,9 +142,13 @@ def write_sample_grid(cfg: Config, checkpoint: str, out: str, n: int = 64) -> st
         import torch
 
         from .sampling import Sampler, save_grid
+        from .storage import local_dir, staged_output
 
-        sampler = Sampler(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
-        return str(save_grid(sampler.sample(n), path, sampler.cfg))
+        out_dir, name = path.rsplit("/", 1)
+        with local_dir(ckpt) as d, staged_output(out_dir) as local_out:
+            sampler = Sampler(d, device="cuda" if torch.cuda.is_available() else "cpu")
+            save_grid(sampler.sample(n), local_out / name, sampler.cfg)
+        return path
 
     return ray.get(grid.remote(checkpoint, out))
 
@@ -187,10 +169,9 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None) -> dict:
             init_from = state[parent]["checkpoint"]
         print(f"[pipeline] {stage}: starting" + (f" from {init_from}" if init_from else ""), flush=True)
         state[stage] = fit_stage(cfg, stage, init_from)
-        if not is_uri(run_dir(cfg)):
-            state[stage]["samples"] = write_sample_grid(
-                cfg, state[stage]["checkpoint"], f"{run_dir(cfg)}/samples/{stage}.png"
-            )
+        state[stage]["samples"] = write_sample_grid(
+            cfg, state[stage]["checkpoint"], f"{run_dir(cfg)}/samples/{stage}.png"
+        )
         _write_pipeline_state(cfg, state)
         print(f"[pipeline] {stage}: done -> {state[stage]['checkpoint']}", flush=True)
     return state

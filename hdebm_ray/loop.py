@@ -79,6 +79,10 @@ class StageBase:
     def before_checkpoint(self, step: int) -> None:
         """Called on every rank right before rank 0 saves a checkpoint at ``step``."""
 
+    def tick_metrics(self, step: int) -> dict[str, float]:
+        """Extra metrics measured once per report tick (e.g. toy2d mode coverage), added to that report."""
+        return {}
+
 
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -105,6 +109,7 @@ def run_loop(stage: Stage, start_step: int, report: ReportFn) -> None:
             metrics = {k: v / counts[k] for k, v in sums.items()}
             metrics["Timing/sec_per_step"] = elapsed / count
             metrics["Timing/images_per_sec"] = count * stage.images_per_step / max(elapsed, 1e-9)
+            metrics.update(stage.tick_metrics(done) if hasattr(stage, "tick_metrics") else {})
             with_ckpt = done % stage.checkpoint_every == 0 or done == stage.total_steps
             if with_ckpt:
                 stage.before_checkpoint(done)

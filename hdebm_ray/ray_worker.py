@@ -15,7 +15,7 @@ import ray.train.torch
 import torch
 
 from .bank_actor import ActorBankClient
-from .checkpoint import save_checkpoint
+from .checkpoint import load_meta, save_checkpoint
 from .config import from_dict
 from .loop import WorkerContext, run_loop
 from .runner import StageLogger, checkpoint_meta, restore, seed_steps
@@ -43,10 +43,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     else:
         stage = build_stage(loop_config["stage"], cfg, ctx, None)
 
-    start = 0
+    start, last_metrics = 0, {}
     if (ckpt := ray.train.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
             start = restore(stage, d, ctx.device)
+            last_metrics = load_meta(d).get("metrics", {})
         if rank == 0:
             print(f"[{stage.name}] resumed from {ckpt.path} at step {start}", flush=True)
     seed_steps(cfg, rank, start)
@@ -58,7 +59,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {**metrics, "step": step, "nimg": step * stage.images_per_step}
         if with_ckpt and rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(tmp, stage.state_dict(), cfg, checkpoint_meta(stage, step, start))
+                save_checkpoint(tmp, stage.state_dict(), cfg, checkpoint_meta(stage, step, start, metrics))
                 ray.train.report(
                     metrics,
                     checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -72,6 +73,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             os._exit(1)
 
     run_loop(stage, start, report)
-    if start >= stage.total_steps and ckpt is None:  # nothing to train: still register the product
-        report(stage.total_steps, {}, True)
+    if start >= stage.total_steps:
+        # Nothing left to train (e.g. a Tune trial restarted after its run had finished): report once anyway,
+        # so the caller sees the final metrics, and register the product if no checkpoint exists yet.
+        report(stage.total_steps, last_metrics, ckpt is None)
     logger.close()

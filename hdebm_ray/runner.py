@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,10 +17,12 @@ from .checkpoint import load_meta, load_states, save_checkpoint
 from .config import Config
 from .loop import WorkerContext, run_loop
 from .stages import BANK_SPECS, build_stage
+from .storage import is_uri, upload
 
 
-def checkpoint_meta(stage, step: int, resumed_from_step: int = 0) -> dict:
+def checkpoint_meta(stage, step: int, resumed_from_step: int = 0, metrics: dict | None = None) -> dict:
     return {
+        "metrics": {k: float(v) for k, v in (metrics or {}).items()},  # the report this checkpoint rode on
         "stage": stage.name,
         "step": step,
         "nimg": step * stage.images_per_step,
@@ -56,14 +59,20 @@ def seed_steps(cfg: Config, rank: int, start_step: int) -> None:
 
 
 class StageLogger:
-    """Rank 0's TensorBoard scalars (x-axis: images seen) and a one-line status per report tick."""
+    """Rank 0's TensorBoard scalars (x-axis: images seen) and a one-line status per report tick.
+
+    Under a URI storage the events are written to a local directory and copied up after every tick.
+    """
 
     def __init__(self, stage, log_dir: str | None, enabled: bool):
-        self.stage, self.writer = stage, None
+        self.stage, self.writer, self.upload_to = stage, None, None
         if enabled and log_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(log_dir) / stage.name))
+            target = f"{log_dir}/{stage.name}"
+            if is_uri(target):
+                self.upload_to, target = target, tempfile.mkdtemp(prefix="hdebm-tb-")
+            self.writer = SummaryWriter(log_dir=target)
         self.enabled = enabled
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -74,6 +83,8 @@ class StageLogger:
             for k, v in metrics.items():
                 self.writer.add_scalar(k, v, nimg)
             self.writer.flush()
+            if self.upload_to:
+                upload(self.writer.log_dir, self.upload_to)
         losses = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k.startswith("Loss/"))
         sps = metrics.get("Timing/sec_per_step", float("nan"))
         print(
@@ -117,7 +128,7 @@ def run_in_process(
         logger.log(step, metrics)
         if with_ckpt:
             save_checkpoint(
-                out / f"checkpoint_{step:08d}", stage.state_dict(), cfg, checkpoint_meta(stage, step, start)
+                out / f"checkpoint_{step:08d}", stage.state_dict(), cfg, checkpoint_meta(stage, step, start, metrics)
             )
 
     run_loop(stage, start, report)

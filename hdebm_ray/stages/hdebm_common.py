@@ -7,11 +7,14 @@ import torch
 
 from ..checkpoint import load_states
 from ..config import Config
-from ..data import batch_stream, build_dataset
+from ..data import batch_stream, build_dataset, toy2d_centres
 from ..diffusion import CosineSchedule
 from ..ebm import EnergyTrainer, HatGenerator
 from ..loop import WorkerContext
 from ..networks import build_denoiser, build_energy, build_generator
+from ..toy_metrics import mode_coverage
+
+TOY_EVAL_SAMPLES = 1000
 
 
 def energy_trainer(cfg: Config, ctx: WorkerContext, section, lr: float, temperature: float) -> EnergyTrainer:
@@ -61,3 +64,18 @@ def latents(cfg: Config, n: int, image_shape, device, generator: torch.Generator
     z1 = torch.randn(n, cfg.network.generator.z_dim, device=device, generator=generator)
     z2 = torch.randn(n, *image_shape, device=device, generator=generator)
     return z1, z2
+
+
+def toy2d_tick_metrics(cfg: Config, ctx: WorkerContext, sample) -> dict[str, float]:
+    """On toy2d, rank 0 scores ``sample(n)`` by mode coverage every report tick (the metric Tune sweeps on).
+
+    Fixed latents and noise, drawn under a forked RNG: the training noise of later steps stays the same whether
+    or not this runs.
+    """
+    if cfg.data.dataset != "toy2d" or not ctx.is_chief:
+        return {}
+    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+        torch.manual_seed(cfg.run.seed + 12345)
+        x = sample(TOY_EVAL_SAMPLES)
+    m = mode_coverage(x.detach().cpu(), toy2d_centres(cfg.data.toy2d_mixture), cfg.data.toy2d_std)
+    return {"Eval/toy2d_modes": float(m["modes_covered"]), "Eval/toy2d_quality": m["high_quality_fraction"]}

@@ -19,7 +19,7 @@ from ..loop import StageBase, WorkerContext, barrier
 from ..losses import generator_loss
 from ..networks import sample_shape
 from ..optim import adam_with_schedule, ema_model, layerwise_clip_
-from .hdebm_common import data_stream, energy_trainer, hat_generator, latents
+from .hdebm_common import data_stream, energy_trainer, hat_generator, latents, toy2d_tick_metrics
 
 
 def bank_spec(cfg: Config) -> dict:
@@ -144,6 +144,15 @@ class Stage1(StageBase):
                 self.summary_state["bank_reloads"] = [reload]
             metrics.update({f"Bank/{k}": float(v) for k, v in stats.items() if v is not None})
         return metrics
+
+    def tick_metrics(self, step: int) -> dict[str, float]:
+        def sample(n):
+            x_gen, y = sample_stage1(
+                self.energy.net, self.hat, *latents(self.cfg, n, self.shape, self.ctx.device), self.s.langevin
+            )
+            return x_gen + y
+
+        return toy2d_tick_metrics(self.cfg, self.ctx, sample)
 
     # -- state ------------------------------------------------------------------------------------------------
 

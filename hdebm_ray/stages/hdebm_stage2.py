@@ -10,7 +10,7 @@ from ..config import Config
 from ..langevin import StepStats, sample_joint
 from ..loop import StageBase, WorkerContext
 from ..networks import sample_shape
-from .hdebm_common import data_stream, energy_trainer, hat_generator, latents
+from .hdebm_common import data_stream, energy_trainer, hat_generator, latents, toy2d_tick_metrics
 
 
 def joint_sampler_kwargs(cfg: Config) -> dict:
@@ -63,6 +63,16 @@ class Stage2(StageBase):
             }
         )
         return metrics
+
+    def tick_metrics(self, step: int) -> dict[str, float]:
+        def sample(n):
+            z1, z2 = latents(self.cfg, n, self.shape, self.ctx.device)
+            y, _, _, x_gen = sample_joint(
+                self.energy.net, self.hat, z1, z2, modules=(self.hat,), **joint_sampler_kwargs(self.cfg)
+            )
+            return x_gen + y
+
+        return toy2d_tick_metrics(self.cfg, self.ctx, sample)
 
     def state_dict(self) -> dict[str, dict]:
         return {

@@ -1,0 +1,201 @@
+"""Ray Tune sweeps over one stage (Train V2 pattern): each trial is a driver function that fits a TorchTrainer.
+
+Layout under ``<run.storage_path>/<sweep>/``: Tune's experiment (trial dirs with ``result.json``, ``progress.csv``
+and TensorBoard events with HParams), ``trials/trial-<id>/<stage>/`` (each trial's Train run: checkpoints, bank
+snapshots, its own TensorBoard), and when the sweep ends ``trials.csv`` (every trial: parameters, last metrics,
+status) and ``best_config.yaml`` (the best trial's resolved config; ``train --config`` / ``pipeline --config``
+accept it). Each trial gets its own bank actor, named by the trial's run name, killed when its Train run ends.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+from dataclasses import dataclass
+
+from .config import Config, ConfigError, from_dict
+from .storage import run_dir
+from .tune_space import SearchSpace
+
+SEARCHERS = ("random", "optuna", "hyperopt")
+SCHEDULERS = ("fifo", "asha")
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    name: str
+    samples: int = 8
+    scheduler: str = "fifo"
+    search: str = "random"
+    max_concurrent: int = 1
+    grace_period: int = 1  # ASHA: reports before a trial can first be stopped
+    reduction_factor: int = 2
+    trial_driver_cpus: float = 0.1  # the driver function only waits on its TorchTrainer
+    resume: bool = False
+
+
+def sweep_dir(cfg: Config, name: str) -> str:
+    return f"{run_dir(cfg.replace(**{'run.name': name}))}"
+
+
+def reports_per_trial(cfg: Config, stage: str) -> int:
+    section = getattr(cfg, stage)
+    if stage == "distill":
+        steps = section.steps_per_stage * max(1, int(math.log2(section.n0_steps)))
+    else:
+        steps = section.steps
+    return max(1, math.ceil(steps / section.report_every))
+
+
+def trial_config(base: Config, params: dict, sweep_location: str, trial_id: str) -> Config:
+    """A trial's config: the base, the sampled dotted keys, and its own run directory under the sweep."""
+    return base.replace(**params, **{"run.name": f"trial-{trial_id}", "run.storage_path": f"{sweep_location}/trials"})
+
+
+def make_trainable(base: Config, stage: str, init_from: str | None, sweep_location: str):
+    base_tree = base.to_dict()
+
+    def train_trial(params: dict) -> None:
+        from ray import tune
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from .launch import fit_stage
+
+        cfg = trial_config(from_dict(base_tree), params, sweep_location, tune.get_context().get_trial_id())
+        # Same Train run name on a retried or resumed trial: the Train run resumes from its own checkpoint.
+        fit_stage(cfg, stage, init_from, callbacks=[TuneReportCallback()])
+
+    return train_trial
+
+
+def _search_alg(space: SearchSpace, opts: SweepOptions):
+    if opts.search == "random":
+        return None
+    if any(p.kind == "grid" for p in space.params):
+        raise ConfigError(f"--search {opts.search}: 'grid' distributions only work with --search random")
+    try:
+        if opts.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            alg = OptunaSearch(metric=space.metric, mode=space.mode)
+        else:
+            from ray.tune.search.hyperopt import HyperOptSearch
+
+            alg = HyperOptSearch(metric=space.metric, mode=space.mode)
+    except (ImportError, AssertionError) as err:
+        raise ConfigError(
+            f"--search {opts.search} needs the '{opts.search}' package: pip install 'hdebm_ray[tune-search]' ({err})"
+        ) from err
+    from ray.tune.search import ConcurrencyLimiter
+
+    return ConcurrencyLimiter(alg, max_concurrent=opts.max_concurrent)
+
+
+def _scheduler(space: SearchSpace, opts: SweepOptions, max_reports: int):
+    if opts.scheduler == "fifo":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    # max_t well above the reports per trial (a restarted Train run reports some steps twice): ASHA stops
+    # trials that reach max_t, which would cut a Train run off before its final checkpoint.
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=2 * max_reports,
+        grace_period=min(opts.grace_period, max_reports),
+        reduction_factor=opts.reduction_factor,
+    )
+
+
+def build_tuner(base: Config, space: SearchSpace, init_from: str | None, opts: SweepOptions):
+    from ray import tune
+
+    location = sweep_dir(base, opts.name)
+    trainable = tune.with_resources(
+        make_trainable(base, space.stage, init_from, location), {"CPU": opts.trial_driver_cpus}
+    )
+    if opts.resume:
+        if not tune.Tuner.can_restore(location):
+            raise ConfigError(f"--resume: no sweep to resume at {location}")
+        return tune.Tuner.restore(location, trainable, resume_unfinished=True, resume_errored=True)
+    max_reports = reports_per_trial(base, space.stage)
+    return tune.Tuner(
+        trainable,
+        param_space=space.param_space(),
+        tune_config=tune.TuneConfig(
+            metric=space.metric,
+            mode=space.mode,
+            num_samples=opts.samples,
+            scheduler=_scheduler(space, opts, max_reports),
+            search_alg=_search_alg(space, opts),
+            max_concurrent_trials=opts.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=opts.name,
+            storage_path=location.rsplit("/", 1)[0],
+            failure_config=tune.FailureConfig(max_failures=1),
+        ),
+    )
+
+
+def write_outputs(results, base: Config, space: SearchSpace, opts: SweepOptions) -> dict:
+    """trials.csv of every trial and best_config.yaml of the best; returns a summary."""
+    from . import storage
+
+    location = sweep_dir(base, opts.name)
+    frame = results.get_dataframe()
+    storage.write_text(f"{location}/trials.csv", frame.to_csv(index=False))
+    best = results.get_best_result(metric=space.metric, mode=space.mode, scope="last")
+    params = {k: v for k, v in best.config.items()}
+    best_cfg = base.replace(**params, **{"run.name": f"{base.run.name}-best"})
+    text = f"# best trial of sweep {opts.name!r} ({space.metric} {space.mode}): {params}\n" + best_cfg.to_yaml()
+    storage.write_text(f"{location}/best_config.yaml", text)
+    return {
+        "best_params": params,
+        "best_metric": best.metrics.get(space.metric),
+        "best_config": f"{location}/best_config.yaml",
+        "trials_csv": f"{location}/trials.csv",
+        "num_trials": len(frame),
+        "num_errors": results.num_errors,
+    }
+
+
+def leftover_bank_actors(prefix: str = "bank-trial-") -> list[str]:
+    import ray
+
+    from .launch import NAMESPACE
+
+    return [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(prefix) and a.get("namespace", NAMESPACE) == NAMESPACE
+    ]
+
+
+def _fit_noting_interrupt(tuner) -> tuple[object, bool]:
+    """``tuner.fit()``, and whether Ctrl-C interrupted it.
+
+    On SIGINT Tune saves its state, stops the trials and returns normally; its handler then puts back the one it
+    replaced, which is how we tell (an interrupted sweep must not be reported as finished).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit(), False
+
+    def ours(sig, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, ours)
+    try:
+        results = tuner.fit()
+        return results, signal.getsignal(signal.SIGINT) is ours
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_sweep(base: Config, space: SearchSpace, init_from: str | None, opts: SweepOptions) -> dict:
+    results, interrupted = _fit_noting_interrupt(build_tuner(base, space, init_from, opts))
+    if interrupted:  # Tune saved its state for --resume
+        return {"interrupted": True, "sweep_dir": sweep_dir(base, opts.name)}
+    summary = write_outputs(results, base, space, opts)
+    summary["leftover_bank_actors"] = leftover_bank_actors()
+    return summary

@@ -1,0 +1,88 @@
+"""Real Ray Tune sweeps on toy2d Stage 1 (Train V2: one TorchTrainer per trial, its own bank actor)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hdebm_ray.cli import main as cli_main
+from hdebm_ray.config import load_config
+from hdebm_ray.runner import run_in_process
+from hdebm_ray.tune_run import SweepOptions, build_tuner, leftover_bank_actors, run_sweep
+from hdebm_ray.tune_space import parse_space
+
+TRIAL = [  # short Stage 1 trials: 4 report ticks each
+    "ray.num_workers=1",
+    "stage1.steps=40",
+    "stage1.report_every=10",
+    "stage1.checkpoint_every=20",
+    "stage1.batch_size=128",
+    "stage1.bank_size=512",
+]
+
+
+@pytest.fixture(scope="module")
+def toy_distilled(tmp_path_factory):
+    """A small toy2d diffusion model distilled to one step, trained in process (no Ray)."""
+    root = tmp_path_factory.mktemp("toy")
+    cfg = load_config(
+        "toy2d",
+        overrides=[
+            "diffusion.steps=300",
+            "diffusion.checkpoint_every=300",
+            "diffusion.report_every=100",
+            "distill.n0_steps=2",
+            "distill.steps_per_stage=30",
+            "distill.report_every=30",
+            "distill.checkpoint_every=30",
+        ],
+    )
+    _, ckpt = run_in_process(cfg, "diffusion", root / "diffusion")
+    _, ckpt = run_in_process(cfg, "distill", root / "distill", init_dir=ckpt)
+    return str(ckpt)
+
+
+def step_size_space(values) -> str:
+    return (
+        "stage: stage1\nmetric: Eval/toy2d_quality\nmode: max\n"
+        f"params:\n  stage1.langevin.step_size: {{grid: {list(values)}}}\n"
+    )
+
+
+def test_two_trial_sweep_writes_best_config_that_train_accepts(ray_local, tmp_path, toy_distilled):
+    base = load_config("toy2d", overrides=[f"run.storage_path={tmp_path}", "run.name=toy", *TRIAL])
+    space = parse_space(step_size_space([3.0e-3, 6.0e-3]), "inline", base)
+    opts = SweepOptions(name="sweep2", samples=1, max_concurrent=2)
+    summary = run_sweep(base, space, toy_distilled, opts)
+
+    assert summary["num_trials"] == 2 and summary["num_errors"] == 0
+    assert summary["leftover_bank_actors"] == [] and leftover_bank_actors() == []
+    assert 0.0 <= summary["best_metric"] <= 1.0
+    best = load_config(config_file=summary["best_config"])
+    assert best.stage1.langevin.step_size == summary["best_params"]["stage1.langevin.step_size"]
+    assert best.stage1.steps == 40 and best.run.name == "toy-best"
+    assert cli_main(["train", "--stage", "stage1", "--config", summary["best_config"], "--dry-run"]) == 0
+
+    table = (tmp_path / "sweep2" / "trials.csv").read_text().splitlines()
+    assert len(table) == 3 and "config/stage1.langevin.step_size" in table[0]
+    # each trial trained its own Train run, with its own bank snapshots
+    trials = sorted((tmp_path / "sweep2" / "trials").iterdir())
+    assert len(trials) == 2
+    for trial in trials:
+        assert list((trial / "stage1").glob("checkpoint_*/meta.json"))
+        assert list((trial / "stage1" / "bank").glob("*.arrow"))
+    # Tune's own TensorBoard output (scalars + HParams) for the sweep
+    assert list((tmp_path / "sweep2").glob("*/events.out.tfevents.*"))
+
+
+def test_asha_stops_a_diverging_step_size_early_and_lets_a_sane_one_finish(ray_local, tmp_path, toy_distilled):
+    base = load_config("toy2d", overrides=[f"run.storage_path={tmp_path}", "run.name=toy", *TRIAL])
+    # one at a time, the sane trial first: ASHA then compares the diverging one against a recorded rung
+    space = parse_space(step_size_space([5.0e-3, 5.0]), "inline", base)
+    opts = SweepOptions(name="asha", samples=1, scheduler="asha", max_concurrent=1, grace_period=1)
+    results = build_tuner(base, space, toy_distilled, opts).fit()
+    by_step = {r.config["stage1.langevin.step_size"]: r.metrics for r in results}
+    sane, wild = by_step[5.0e-3], by_step[5.0]
+    assert sane["training_iteration"] == 4 and sane["step"] == 40  # ran to the end
+    assert wild["training_iteration"] < 4 and wild["step"] < 40  # stopped early
+    assert wild["Eval/toy2d_quality"] < sane["Eval/toy2d_quality"]
+    assert leftover_bank_actors() == []
