@@ -7,6 +7,7 @@ its data before Ray starts, so a bad key, value or path fails in a second with a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from .config import ConfigError, load_config, preset_names
@@ -117,6 +118,8 @@ def cmd_tune(args) -> int:
     args.set = overrides
     cfg = resolve(args)
     space = load_space(args.space, cfg)  # checked before anything starts
+    if args.metric or args.mode:
+        space = dataclasses.replace(space, metric=args.metric or space.metric, mode=args.mode or space.mode)
     opts = SweepOptions(
         name=args.name or f"tune-{cfg.run.name}-{space.stage}",
         samples=args.samples,
@@ -205,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", required=True, help="search space YAML (see tune_spaces/)")
     p.add_argument("--name", help="sweep name (default tune-<run.name>-<stage>); re-use it with --resume")
     p.add_argument("--samples", type=int, default=8, help="trials (per grid point)")
+    p.add_argument("--metric", help="reported metric to optimise (default: the space file's)")
+    p.add_argument("--mode", choices=["min", "max"], help="default: the space file's")
     p.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo")
     p.add_argument("--search", choices=["random", "optuna", "hyperopt"], default="random")
     p.add_argument("--max-concurrent", type=int, default=1, help="trials running at once")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def small_digits_overrides(storage: str, name: str) -> list[str]:
     """A digits config small enough for a 2-worker CPU TorchTrainer in seconds per step."""
@@ -40,3 +42,36 @@ TINY = [
     "network.energy.width=16",
     "network.generator.width=16",
 ]
+
+
+# Stage 1 trials of toy2d short enough for Tune tests: 4 report ticks each.
+TOY_TRIAL = [
+    "ray.num_workers=1",
+    "stage1.steps=40",
+    "stage1.report_every=10",
+    "stage1.checkpoint_every=20",
+    "stage1.batch_size=128",
+    "stage1.bank_size=512",
+]
+
+
+def distilled_toy(root: Path) -> str:
+    """A small toy2d diffusion model distilled to one step, trained in process (no Ray); its checkpoint dir."""
+    from hdebm_ray.config import load_config
+    from hdebm_ray.runner import run_in_process
+
+    cfg = load_config(
+        "toy2d",
+        overrides=[
+            "diffusion.steps=300",
+            "diffusion.checkpoint_every=300",
+            "diffusion.report_every=100",
+            "distill.n0_steps=2",
+            "distill.steps_per_stage=30",
+            "distill.report_every=30",
+            "distill.checkpoint_every=30",
+        ],
+    )
+    _, ckpt = run_in_process(cfg, "diffusion", root / "diffusion")
+    _, ckpt = run_in_process(cfg, "distill", root / "distill", init_dir=ckpt)
+    return str(ckpt)

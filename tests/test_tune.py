@@ -3,42 +3,17 @@
 from __future__ import annotations
 
 import pytest
+from helpers import TOY_TRIAL, distilled_toy
 
 from hdebm_ray.cli import main as cli_main
 from hdebm_ray.config import load_config
-from hdebm_ray.runner import run_in_process
 from hdebm_ray.tune_run import SweepOptions, build_tuner, leftover_bank_actors, run_sweep
 from hdebm_ray.tune_space import parse_space
-
-TRIAL = [  # short Stage 1 trials: 4 report ticks each
-    "ray.num_workers=1",
-    "stage1.steps=40",
-    "stage1.report_every=10",
-    "stage1.checkpoint_every=20",
-    "stage1.batch_size=128",
-    "stage1.bank_size=512",
-]
 
 
 @pytest.fixture(scope="module")
 def toy_distilled(tmp_path_factory):
-    """A small toy2d diffusion model distilled to one step, trained in process (no Ray)."""
-    root = tmp_path_factory.mktemp("toy")
-    cfg = load_config(
-        "toy2d",
-        overrides=[
-            "diffusion.steps=300",
-            "diffusion.checkpoint_every=300",
-            "diffusion.report_every=100",
-            "distill.n0_steps=2",
-            "distill.steps_per_stage=30",
-            "distill.report_every=30",
-            "distill.checkpoint_every=30",
-        ],
-    )
-    _, ckpt = run_in_process(cfg, "diffusion", root / "diffusion")
-    _, ckpt = run_in_process(cfg, "distill", root / "distill", init_dir=ckpt)
-    return str(ckpt)
+    return distilled_toy(tmp_path_factory.mktemp("toy"))
 
 
 def step_size_space(values) -> str:
@@ -49,7 +24,7 @@ def step_size_space(values) -> str:
 
 
 def test_two_trial_sweep_writes_best_config_that_train_accepts(ray_local, tmp_path, toy_distilled):
-    base = load_config("toy2d", overrides=[f"run.storage_path={tmp_path}", "run.name=toy", *TRIAL])
+    base = load_config("toy2d", overrides=[f"run.storage_path={tmp_path}", "run.name=toy", *TOY_TRIAL])
     space = parse_space(step_size_space([3.0e-3, 6.0e-3]), "inline", base)
     opts = SweepOptions(name="sweep2", samples=1, max_concurrent=2)
     summary = run_sweep(base, space, toy_distilled, opts)
@@ -75,7 +50,7 @@ def test_two_trial_sweep_writes_best_config_that_train_accepts(ray_local, tmp_pa
 
 
 def test_asha_stops_a_diverging_step_size_early_and_lets_a_sane_one_finish(ray_local, tmp_path, toy_distilled):
-    base = load_config("toy2d", overrides=[f"run.storage_path={tmp_path}", "run.name=toy", *TRIAL])
+    base = load_config("toy2d", overrides=[f"run.storage_path={tmp_path}", "run.name=toy", *TOY_TRIAL])
     # one at a time, the sane trial first: ASHA then compares the diverging one against a recorded rung
     space = parse_space(step_size_space([5.0e-3, 5.0]), "inline", base)
     opts = SweepOptions(name="asha", samples=1, scheduler="asha", max_concurrent=1, grace_period=1)

@@ -13,26 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from test_tune import TRIAL
-
-from hdebm_ray.config import load_config
-from hdebm_ray.runner import run_in_process
-
-
-def distilled_toy(root: Path) -> str:
-    cfg = load_config(
-        "toy2d",
-        overrides=[
-            "diffusion.steps=200",
-            "distill.n0_steps=2",
-            "distill.steps_per_stage=20",
-            "distill.report_every=20",
-            "distill.checkpoint_every=20",
-        ],
-    )
-    _, ckpt = run_in_process(cfg, "diffusion", root / "diffusion")
-    _, ckpt = run_in_process(cfg, "distill", root / "distill", init_dir=ckpt)
-    return str(ckpt)
+from helpers import TOY_TRIAL, distilled_toy
 
 
 def finished_trials(sweep: Path) -> list[Path]:
@@ -51,7 +32,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
         "stage: stage1\nmetric: Eval/toy2d_quality\nmode: max\n"
         "params:\n  stage1.langevin.step_size: {grid: [3.0e-3, 5.0e-3, 8.0e-3]}\n"
     )
-    sets = [a for o in [f"run.storage_path={tmp_path}", "run.name=toy", *TRIAL] for a in ("--set", o)]
+    sets = [a for o in [f"run.storage_path={tmp_path}", "run.name=toy", *TOY_TRIAL] for a in ("--set", o)]
     cmd = [sys.executable, "-m", "hdebm_ray", "tune", "--preset", "toy2d", *sets, "--space", str(space)]
     cmd += ["--name", "resumable", "--samples", "1", "--max-concurrent", "1", "--init-from", init]
     sweep = tmp_path / "resumable"
