@@ -6,6 +6,7 @@ checkpoint). A restarted or re-run worker resumes from ``ray.train.get_checkpoin
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -22,7 +23,18 @@ from .runner import StageLogger, checkpoint_meta, restore, seed_steps
 from .stages import build_stage
 
 
+def _quiet_report_log() -> None:
+    """Ray Train 2.60 logs every report's full metrics dict at INFO from a logger named by its file path (outside
+    the ``ray.train`` hierarchy, so LoggingConfig does not reach it); our one-line status per tick says enough."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
+    _quiet_report_log()
     cfg = from_dict(loop_config["config"])
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
