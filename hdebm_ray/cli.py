@@ -10,8 +10,9 @@ import argparse
 import dataclasses
 import sys
 
-from .config import ConfigError, load_config, preset_names
+from .config import ConfigError, load_config, parse_override, preset_names
 from .data import DatasetError
+from .eval_features import EvalError
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -152,6 +153,50 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def checkpoints_to_evaluate(args) -> list[str]:
+    from pathlib import Path
+
+    if args.checkpoint:
+        return [args.checkpoint]
+    run = Path(args.run)
+    found = sorted(str(p.parent) for p in run.glob("*/checkpoint_*/meta.json"))
+    if not found:
+        raise ConfigError(f"--run {args.run}: no checkpoints (expected <run>/<stage>/checkpoint_*/meta.json)")
+    return found
+
+
+def cmd_eval(args) -> int:
+    """FID / KID of one checkpoint, or of every checkpoint of a run not evaluated yet (results kept per run)."""
+    from pathlib import Path
+
+    import torch
+
+    from .checkpoint import load_config_of
+    from .fid import FeatureSpace, evaluate_checkpoint, evaluated, record
+
+    todo = checkpoints_to_evaluate(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    spaces = {}
+    for ckpt in todo:
+        run_location = str(Path(ckpt).resolve().parent.parent)
+        if not args.force and str(ckpt) in evaluated(run_location):
+            print(f"[eval] {ckpt}: already evaluated (see {run_location}/eval.jsonl; --force to redo)")
+            continue
+        base = load_config_of(ckpt)
+        cfg = base.replace(**dict(parse_override(o) for o in args.set)) if args.set else base
+        key = (cfg.data, cfg.eval)
+        if key not in spaces:
+            spaces[key] = FeatureSpace(cfg, device)
+        result = evaluate_checkpoint(ckpt, spaces[key], args.n or cfg.eval.num_samples, seed=args.seed)
+        record(run_location, result)
+        print(
+            f"[eval] {result['stage']} step {result['step']}: FID {result['fid']:.4g}  KID {result['kid']:.4g}  "
+            f"({result['num_samples']} samples, {result['features']} features)",
+            flush=True,
+        )
+    return 0
+
+
 def cmd_dataset_convert(args) -> int:
     from .data import write_parquet_shards
 
@@ -221,6 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same --name")
     p.set_defaults(fn=cmd_tune)
 
+    p = sub.add_parser("eval", help="FID / KID of a checkpoint (or of every checkpoint of a run)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="one checkpoint directory")
+    which.add_argument("--run", help="a run directory: every checkpoint not evaluated yet")
+    p.add_argument("--n", type=int, help="samples per checkpoint (default eval.num_samples)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. eval.features=classifier")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="re-evaluate checkpoints that have a result")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.set_defaults(fn=cmd_eval)
+
     p = sub.add_parser("dataset", help="dataset tools")
     dsub = p.add_subparsers(dest="dataset_command", required=True)
     c = dsub.add_parser("convert", help="write parquet shards of encoded images")
@@ -250,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DatasetError, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, EvalError, FileNotFoundError) as e:
         print(f"hdebm-ray: error: {e}", file=sys.stderr)
         return 2
 

@@ -22,6 +22,7 @@ from .config_schema import (
     DataSection,
     DiffusionSection,
     DistillSection,
+    EvalSection,
     NetworkSection,
     RaySection,
     RunSection,
@@ -44,6 +45,7 @@ class Config:
     distill: DistillSection = DistillSection()
     stage1: Stage1Section = Stage1Section()
     stage2: Stage2Section = Stage2Section()
+    eval: EvalSection = EvalSection()
 
     def to_dict(self) -> dict:
         return to_plain(self)

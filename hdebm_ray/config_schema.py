@@ -170,3 +170,18 @@ class Stage2Section:
     ema_halflife_kimg: float = knob(10.0, lo=0.0)
     report_every: int = knob(50, lo=1)
     checkpoint_every: int = knob(100, lo=1)
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    features: str = knob(
+        "inception",
+        choices=("inception", "classifier", "torchscript", "raw"),
+        doc="FID features: clean-fid InceptionV3, a classifier trained on the labels (not Inception-FID), "
+        "a TorchScript file, or raw toy2d vectors",
+    )
+    torchscript_path: str = knob("", doc="eval.features = torchscript: the file")
+    num_samples: int = knob(10000, lo=2, doc="generated samples per evaluation (the papers use 50000)")
+    ref_samples: int = knob(0, lo=0, doc="dataset images for the reference statistics; 0 = all")
+    batch_size: int = knob(256, lo=1)
+    kid_subsets: int = knob(100, lo=1)

@@ -1,0 +1,175 @@
+"""Feature extractors for FID / KID, chosen by ``eval.features`` (ALGORITHMS §9).
+
+Every extractor is a pair (``fn``, ``resize``) in clean-fid's own contract: ``resize`` maps one H×W×3 image in
+[0, 255] (numpy) to the extractor's input size, ``fn`` maps a float batch B×3×h×w in [0, 255] to B×D features.
+
+- ``inception``: clean-fid's TorchScript InceptionV3, ``mode="clean"`` (PIL bicubic to 299×299) — the FID of the
+  papers. Its weights are downloaded on first use to ``/tmp/inception-2015-12-05.pt``; offline machines must have
+  the file there already.
+- ``classifier``: a small CNN trained once on the dataset's labels and cached; its penultimate layer (128-d). For
+  CPU datasets such as ``digits`` where Inception is meaningless and unavailable. **Not Inception-FID**: numbers
+  compare only with each other.
+- ``torchscript``: a user TorchScript file with the same contract as ``fn`` (input at 299×299, clean resize).
+- ``raw``: ``toy2d`` vectors are their own features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import Config
+
+INCEPTION_PATH = Path("/tmp/inception-2015-12-05.pt")
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+FEATURES = ("inception", "classifier", "torchscript", "raw")
+
+
+class EvalError(RuntimeError):
+    """Evaluation cannot run as configured (missing weights, wrong feature choice); the message says what to do."""
+
+
+def native_resize(img: np.ndarray) -> np.ndarray:
+    """Keep the image at its own resolution (clean-fid treats float input as already in [0, 255])."""
+    return img.astype(np.float32)
+
+
+def clean_resize():
+    from cleanfid.resize import build_resizer
+
+    return build_resizer("clean")
+
+
+def inception_extractor(device: torch.device):
+    from cleanfid.features import build_feature_extractor
+
+    if not INCEPTION_PATH.is_file():
+        try:  # clean-fid downloads it to /tmp on first use
+            return build_feature_extractor("clean", device, use_dataparallel=False), clean_resize()
+        except Exception as err:
+            raise EvalError(
+                f"eval.features = 'inception' needs clean-fid's InceptionV3 weights at {INCEPTION_PATH}, which are "
+                f"missing and could not be downloaded ({type(err).__name__}: {err}). On an offline machine copy "
+                f"{INCEPTION_URL} to {INCEPTION_PATH} on every node that evaluates (see cluster/ for where), or use "
+                "eval.features = 'classifier'."
+            ) from err
+    return build_feature_extractor("clean", device, use_dataparallel=False), clean_resize()
+
+
+def torchscript_extractor(path: str, device: torch.device):
+    if not path or not Path(path).is_file():
+        raise EvalError(f"eval.torchscript_path = {path!r}: no such TorchScript file")
+    model = torch.jit.load(path, map_location=device).eval()
+
+    def fn(x):
+        return model(x.to(device))
+
+    return fn, clean_resize()
+
+
+class FeatureClassifier(nn.Module):
+    """Two conv blocks and a 128-d penultimate layer; ``features`` is what FID compares."""
+
+    def __init__(self, channels: int, resolution: int, num_classes: int, width: int = 32):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1),
+            nn.SiLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.SiLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(2 * width * (resolution // 4) ** 2, 128),
+            nn.SiLU(),
+        )
+        self.head = nn.Linear(128, num_classes)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def classifier_cache_path(cfg: Config, cache_dir: Path) -> Path:
+    d = cfg.data
+    key = f"{d.dataset}-{d.path}-{d.resolution}-{d.channels}"
+    return (
+        cache_dir
+        / f"classifier-{d.dataset}-{d.resolution}px-{d.channels}ch-{hashlib.sha1(key.encode()).hexdigest()[:8]}.pt"
+    )
+
+
+def train_classifier(cfg: Config, epochs: int = 15, seed: int = 0) -> tuple[FeatureClassifier, float]:
+    """Fit the feature classifier on the dataset's labels; returns it and its held-out accuracy (last 10%)."""
+    from .data import build_dataset
+
+    ds = build_dataset(cfg)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor([int(ds[i][1]) for i in range(len(ds))])
+    if y.min() < 0:
+        raise EvalError(f"eval.features = 'classifier' needs a labelled dataset; {cfg.data.dataset!r} has no labels")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=g)
+    n_val = max(1, len(x) // 10)
+    val, train = perm[:n_val], perm[n_val:]
+    torch.manual_seed(seed)
+    net = FeatureClassifier(cfg.data.channels, cfg.data.resolution, int(y.max()) + 1)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        for idx in train[torch.randperm(len(train), generator=g)].split(64):
+            loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        accuracy = (net(x[val]).argmax(1) == y[val]).float().mean().item()
+    return net.eval(), accuracy
+
+
+def classifier_extractor(cfg: Config, device: torch.device, cache_dir: Path):
+    """The cached feature classifier of this dataset (trained on first use)."""
+    path = classifier_cache_path(cfg, cache_dir)
+    net = FeatureClassifier(cfg.data.channels, cfg.data.resolution, 10)
+    if path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net = FeatureClassifier(cfg.data.channels, cfg.data.resolution, state["head.weight"].shape[0])
+        net.load_state_dict(state)
+    else:
+        net, accuracy = train_classifier(cfg)
+        print(f"[eval] trained the {cfg.data.dataset} feature classifier: held-out accuracy {accuracy:.3f}", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(net.state_dict(), tmp)
+        tmp.replace(path)
+    net = net.to(device).eval()
+    channels = cfg.data.channels
+
+    def fn(x):  # B×3×H×W in [0, 255] -> the training range [-1, 1] with the dataset's channels
+        x = x.to(device) / 127.5 - 1
+        if channels == 1:
+            x = x.mean(dim=1, keepdim=True)
+        with torch.no_grad():
+            return net.features(x)
+
+    return fn, native_resize
+
+
+def build_extractor(cfg: Config, device: torch.device, cache_dir: Path):
+    kind = cfg.eval.features
+    if kind == "raw":
+        if cfg.data.dataset != "toy2d":
+            raise EvalError(f"eval.features = 'raw' is for toy2d vectors, not {cfg.data.dataset!r} images")
+        return None, None
+    if cfg.data.dataset == "toy2d":
+        raise EvalError(f"eval.features = {kind!r} works on images; toy2d needs eval.features = 'raw'")
+    if kind == "inception":
+        return inception_extractor(device)
+    if kind == "classifier":
+        return classifier_extractor(cfg, device, cache_dir)
+    return torchscript_extractor(cfg.eval.torchscript_path, device)

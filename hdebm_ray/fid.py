@@ -1,0 +1,163 @@
+"""FID and KID of a checkpoint's samples against the dataset (ALGORITHMS §9), on clean-fid's pipeline.
+
+Images travel exactly as ``cleanfid.fid.compute_fid`` sends two folders: PNG files (samples are quantised to
+uint8, as any saved image is), clean-fid's loader and resizer for the extractor, the extractor, then clean-fid's
+``frechet_distance`` / ``kernel_distance`` (KID: 100 subsets of at most 1000). The dataset's reference features
+are computed once per dataset + extractor + resolution and cached as .npz next to the dataset (``data.path``,
+else ``~/.cache/hdebm_ray/<dataset>``), never inside the installed clean-fid package.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config
+from .eval_features import EvalError, build_extractor
+
+
+def cache_dir(cfg: Config) -> Path:
+    base = Path(cfg.data.path) if cfg.data.path else Path.home() / ".cache" / "hdebm_ray" / cfg.data.dataset
+    return base / "fid_cache"
+
+
+def write_png_folder(images: torch.Tensor, folder: str | Path, start: int = 0) -> Path:
+    """Images in [-1, 1] (B×C×H×W) as uint8 PNGs, as they would be saved; grey stays grey (read back as RGB)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arr = ((images.detach().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i, img in enumerate(arr):
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / f"{start + i:06d}.png")
+    return folder
+
+
+def folder_features(folder: str | Path, fn, resize, batch_size: int, device: torch.device) -> np.ndarray:
+    from cleanfid.fid import get_folder_features
+
+    return get_folder_features(
+        str(folder),
+        fn,
+        num_workers=0,
+        batch_size=batch_size,
+        device=device,
+        mode="clean",
+        custom_fn_resize=resize,
+        verbose=False,
+    )
+
+
+def frechet_distance(feats1: np.ndarray, feats2: np.ndarray) -> float:
+    from cleanfid.fid import fid_from_feats
+
+    return float(fid_from_feats(feats1, feats2))
+
+
+def kernel_distance(feats1: np.ndarray, feats2: np.ndarray, num_subsets: int = 100) -> float:
+    from cleanfid.fid import kernel_distance as kid
+
+    return float(kid(feats1, feats2, num_subsets=num_subsets, max_subset_size=1000))
+
+
+class FeatureSpace:
+    """One extractor, built once (an eval actor keeps it across checkpoints)."""
+
+    def __init__(self, cfg: Config, device: torch.device | str = "cpu"):
+        self.cfg, self.device = cfg, torch.device(device)
+        self.fn, self.resize = build_extractor(cfg, self.device, cache_dir(cfg))
+
+    def of_samples(self, samples: torch.Tensor) -> np.ndarray:
+        if self.fn is None:  # raw vectors
+            return samples.detach().cpu().double().numpy()
+        with tempfile.TemporaryDirectory(prefix="hdebm-fid-") as tmp:
+            write_png_folder(samples, tmp)
+            return self.of_folder(tmp)
+
+    def of_folder(self, folder: str | Path) -> np.ndarray:
+        return folder_features(folder, self.fn, self.resize, self.cfg.eval.batch_size, self.device)
+
+    def reference(self) -> np.ndarray:
+        """The dataset's features, cached as .npz (computed on first use)."""
+        from .data import build_dataset
+
+        d = self.cfg.data
+        name = (
+            f"ref-{d.dataset}-{self.cfg.eval.features}-{d.resolution}px-{d.channels}ch-n{self.cfg.eval.ref_samples}.npz"
+        )
+        path = cache_dir(self.cfg) / name
+        if path.is_file():
+            return np.load(path)["features"]
+        ds = build_dataset(self.cfg)
+        n = len(ds) if self.cfg.eval.ref_samples <= 0 else min(len(ds), self.cfg.eval.ref_samples)
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n]
+        images = torch.stack([ds[int(i)][0] for i in idx])
+        feats = self.of_samples(images)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, features=feats, mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+        tmp.replace(path)
+        return feats
+
+
+def sample_checkpoint(ckpt_dir: str | Path, n: int, batch: int, device, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """n samples from a checkpoint's own sampler (Langevin included), in batches; and its metadata."""
+    from .checkpoint import load_meta
+    from .sampling import Sampler
+
+    sampler = Sampler(ckpt_dir, device=device)
+    out = [sampler.sample(min(batch, n - i), seed=seed + i).cpu() for i in range(0, n, batch)]
+    return torch.cat(out), load_meta(ckpt_dir)
+
+
+def evaluate_checkpoint(ckpt_dir: str | Path, space: FeatureSpace, num_samples: int, seed: int = 0) -> dict:
+    """FID and KID of ``num_samples`` samples of the checkpoint against the dataset's reference features."""
+    samples, meta = sample_checkpoint(ckpt_dir, num_samples, space.cfg.eval.batch_size, space.device, seed)
+    feats, ref = space.of_samples(samples), space.reference()
+    if len(feats) < 2 or len(ref) < 2:
+        raise EvalError("FID needs at least 2 samples and 2 reference images")
+    return {
+        "checkpoint": str(ckpt_dir),
+        "stage": meta["stage"],
+        "step": meta["step"],
+        "nimg": meta["nimg"],
+        "features": space.cfg.eval.features,
+        "num_samples": len(feats),
+        "fid": frechet_distance(feats, ref),
+        "kid": kernel_distance(feats, ref, space.cfg.eval.kid_subsets),
+    }
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    from . import storage
+
+    text = storage.read_text(str(path)) if storage.exists(str(path)) else ""
+    storage.write_text(str(path), text + json.dumps(record, sort_keys=True) + "\n")
+
+
+def record(run_location: str, result: dict) -> None:
+    """Append to ``<run>/eval.jsonl`` and log ``Eval/fid`` / ``Eval/kid`` at the checkpoint's images seen."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from .storage import staged_output
+
+    append_jsonl(f"{run_location}/eval.jsonl", result)
+    # events go to a local directory (uploaded afterwards when the run lives under a URI)
+    with staged_output(f"{run_location}/tb/{result['stage']}") as local:
+        with SummaryWriter(log_dir=str(local), filename_suffix=".eval") as writer:
+            writer.add_scalar("Eval/fid", result["fid"], result["nimg"])
+            writer.add_scalar("Eval/kid", result["kid"], result["nimg"])
+
+
+def evaluated(run_location: str) -> set[str]:
+    """Checkpoint paths that already have a result in ``<run>/eval.jsonl``."""
+    from . import storage
+
+    path = f"{run_location}/eval.jsonl"
+    if not storage.exists(path):
+        return set()
+    return {json.loads(line)["checkpoint"] for line in storage.read_text(path).splitlines() if line.strip()}

@@ -1,0 +1,153 @@
+"""FID / KID: our pipeline equals clean-fid's compute_fid with the same extractor; sanity of the numbers; the
+digits feature classifier; raw toy2d features; the eval command's results (JSONL, TensorBoard, exactly once)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY, small_digits_overrides
+
+from hdebm_ray import eval_features
+from hdebm_ray.cli import main as cli_main
+from hdebm_ray.config import load_config
+from hdebm_ray.data import build_dataset
+from hdebm_ray.eval_features import EvalError, train_classifier
+from hdebm_ray.fid import FeatureSpace, frechet_distance, kernel_distance, write_png_folder
+
+
+@pytest.fixture(scope="module")
+def digits_cfg(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("data")  # the classifier and reference features are cached here
+    return load_config("digits", overrides=[f"data.path={cache}", "eval.features=classifier"])
+
+
+@pytest.fixture(scope="module")
+def digit_images(digits_cfg):
+    ds = build_dataset(digits_cfg)
+    return torch.stack([ds[i][0] for i in range(len(ds))])
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, digit_images):
+    root = tmp_path_factory.mktemp("folders")
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(digit_images), generator=g)  # random halves: sklearn's order groups writers
+    real_a = write_png_folder(digit_images[perm[:800]], root / "real_a")
+    real_b = write_png_folder(digit_images[perm[800:1600]], root / "real_b")
+    noise = torch.rand(digit_images[:800].shape, generator=g) * 2 - 1
+    noisy = write_png_folder(noise, root / "noise")
+    return real_a, real_b, noisy
+
+
+def test_feature_classifier_beats_chance_by_far(digits_cfg):
+    _, accuracy = train_classifier(digits_cfg)
+    assert accuracy > 0.9  # chance is 0.1
+
+
+def test_our_fid_equals_clean_fid_compute_fid_on_the_same_folders(digits_cfg, folders):
+    from cleanfid import fid as cleanfid
+
+    space = FeatureSpace(digits_cfg)
+    real_a, _, noisy = folders
+    ours = frechet_distance(space.of_folder(real_a), space.of_folder(noisy))
+    theirs = cleanfid.compute_fid(
+        str(real_a),
+        str(noisy),
+        mode="clean",
+        custom_feat_extractor=space.fn,
+        custom_fn_resize=space.resize,
+        device=torch.device("cpu"),
+        num_workers=0,
+        batch_size=100,
+        verbose=False,
+    )
+    assert abs(ours - theirs) < 1e-3
+
+
+def test_torchscript_features_match_clean_fid_with_its_299_resize(tmp_path, digits_cfg, folders):
+    from cleanfid import fid as cleanfid
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten())
+    path = tmp_path / "feat.pt"
+    torch.jit.script(net).save(str(path))
+    cfg = digits_cfg.replace(**{"eval.features": "torchscript", "eval.torchscript_path": str(path)})
+    space = FeatureSpace(cfg)
+    real_a, real_b, _ = folders
+    ours = frechet_distance(space.of_folder(real_a), space.of_folder(real_b))
+    theirs = cleanfid.compute_fid(
+        str(real_a),
+        str(real_b),
+        mode="clean",
+        custom_feat_extractor=lambda x: net(x).detach(),
+        device=torch.device("cpu"),
+        num_workers=0,
+        batch_size=100,
+        verbose=False,
+    )
+    assert abs(ours - theirs) < 1e-3
+    with pytest.raises(EvalError, match="torchscript_path"):
+        FeatureSpace(cfg.replace(**{"eval.torchscript_path": str(tmp_path / "missing.pt")}))
+
+
+def test_fid_is_zero_on_identical_sets_small_on_real_data_and_large_on_noise(digits_cfg, folders):
+    space = FeatureSpace(digits_cfg)
+    real_a, real_b, noisy = (space.of_folder(f) for f in folders)
+    same = frechet_distance(real_a, real_a)
+    held_out = frechet_distance(real_a, real_b)
+    noise = frechet_distance(real_a, noisy)
+    assert abs(same) < 1e-3
+    assert noise > 10 * held_out > 0
+    assert kernel_distance(real_a, noisy, 10) > 10 * abs(kernel_distance(real_a, real_b, 10))
+
+
+def test_raw_toy2d_features_separate_a_shifted_mixture(tmp_path):
+    cfg = load_config("toy2d", overrides=[f"data.path={tmp_path}"])
+    space = FeatureSpace(cfg)
+    ref = space.reference()
+    ds = build_dataset(cfg.replace(**{"run.seed": 1}))
+    fresh = torch.stack([ds[i][0] for i in range(2000)])
+    assert frechet_distance(space.of_samples(fresh), ref) < 0.01
+    assert frechet_distance(space.of_samples(fresh + 0.2), ref) > 0.05
+    with pytest.raises(EvalError, match="toy2d"):
+        FeatureSpace(cfg.replace(**{"eval.features": "classifier"}))
+
+
+def test_missing_inception_weights_offline_give_a_clear_error(monkeypatch, tmp_path, digits_cfg):
+    import urllib.error
+
+    import cleanfid.features
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(eval_features, "INCEPTION_PATH", tmp_path / "inception-2015-12-05.pt")
+    monkeypatch.setattr(cleanfid.features, "build_feature_extractor", offline)
+    with pytest.raises(EvalError) as err:
+        FeatureSpace(digits_cfg.replace(**{"eval.features": "inception"}))
+    assert "inception-2015-12-05.pt" in str(err.value) and "eval.features" in str(err.value)
+
+
+def test_eval_command_records_each_checkpoint_once_in_jsonl_and_tensorboard(tmp_path, digits_cfg):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hdebm_ray.runner import run_in_process
+
+    overrides = small_digits_overrides(str(tmp_path), "evalrun") + TINY + [f"data.path={digits_cfg.data.path}"]
+    cfg = load_config("digits", overrides=overrides + ["eval.features=classifier"])
+    ckpt = None
+    for stage in ("diffusion", "distill", "stage1"):
+        _, ckpt = run_in_process(cfg, stage, tmp_path / "evalrun" / stage, init_dir=ckpt)
+    run = tmp_path / "evalrun"
+    assert cli_main(["eval", "--run", str(run), "--n", "200"]) == 0
+    lines = (run / "eval.jsonl").read_text().splitlines()
+    checkpoints = sorted(str(p.parent) for p in run.glob("*/checkpoint_*/meta.json"))
+    assert len(lines) == len(checkpoints) >= 3
+    assert cli_main(["eval", "--run", str(run), "--n", "200"]) == 0  # nothing new: no second result
+    assert len((run / "eval.jsonl").read_text().splitlines()) == len(lines)
+    acc = EventAccumulator(str(run / "tb" / "stage1"))
+    acc.Reload()
+    fids = acc.Scalars("Eval/fid")
+    assert [e.step for e in fids] == sorted(e.step for e in fids) and all(np.isfinite(e.value) for e in fids)
+    assert {e.step for e in fids} == {int(s) * 16 for s in (2, 4)}  # nimg of the Stage 1 checkpoints
