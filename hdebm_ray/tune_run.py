@@ -36,7 +36,8 @@ class SweepOptions:
 
 
 def sweep_dir(cfg: Config, name: str) -> str:
-    return f"{run_dir(cfg.replace(**{'run.name': name}))}"
+    """``<run.storage_path>/<sweep name>``: the Tune experiment and its trials' runs."""
+    return run_dir(cfg.replace(**{"run.name": name}))
 
 
 def reports_per_trial(cfg: Config, stage: str) -> int:
@@ -146,7 +147,7 @@ def write_outputs(results, base: Config, space: SearchSpace, opts: SweepOptions)
     frame = results.get_dataframe()
     storage.write_text(f"{location}/trials.csv", frame.to_csv(index=False))
     best = results.get_best_result(metric=space.metric, mode=space.mode, scope="last")
-    params = {k: v for k, v in best.config.items()}
+    params = dict(best.config)
     best_cfg = base.replace(**params, **{"run.name": f"{base.run.name}-best"})
     text = f"# best trial of sweep {opts.name!r} ({space.metric} {space.mode}): {params}\n" + best_cfg.to_yaml()
     storage.write_text(f"{location}/best_config.yaml", text)
