@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import signal
 import threading
+import time
 from dataclasses import dataclass
 
 from .config import Config, ConfigError, from_dict
@@ -66,8 +67,29 @@ def make_trainable(base: Config, stage: str, init_from: str | None, sweep_locati
         cfg = trial_config(from_dict(base_tree), params, sweep_location, tune.get_context().get_trial_id())
         # Same Train run name on a retried or resumed trial: the Train run resumes from its own checkpoint.
         fit_stage(cfg, stage, init_from, callbacks=[TuneReportCallback()])
+        _wait_for_forwarded_reports()
 
     return train_trial
+
+
+def _wait_for_forwarded_reports(timeout_s: float = 120.0) -> None:
+    """Return from a trial only once Tune has taken every report TuneReportCallback forwarded.
+
+    Ray 2.60 race (seen as a trial stuck RUNNING forever): the callback forwards the Train run's reports through a
+    one-slot actor queue that the trial's main thread drains one per Tune step; if the driver function returns
+    while a report is still in that queue, its end-of-trial result fills the one-slot result queue first, and the
+    main thread then blocks forever putting the forwarded report behind it.
+    """
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    forwarded = getattr(session, "_inter_actor_queue", None)
+    if forwarded is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not (forwarded.empty() and session.result_queue.empty()):
+        time.sleep(0.1)
+    time.sleep(0.5)  # the main thread may be between taking the last report and queueing it
 
 
 def _search_alg(space: SearchSpace, opts: SweepOptions):
