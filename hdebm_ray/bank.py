@@ -22,13 +22,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
+from .storage import fs_and_path
+
 SNAPSHOT_PREFIX = "bank_step_"
-
-
-def _fs_and_path(location: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in location:
-        return pafs.FileSystem.from_uri(location)
-    return pafs.LocalFileSystem(), location
 
 
 def snapshot_name(step: int) -> str:
@@ -71,7 +67,7 @@ class SlotStore:
 
     def snapshot(self, directory: str, step: int) -> str:
         """Write every slot to ``directory/bank_step_<step>.arrow`` (atomically: temp file, then move)."""
-        fs, base = _fs_and_path(directory)
+        fs, base = fs_and_path(directory)
         fs.create_dir(base, recursive=True)
         cols = {
             k: pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), int(np.prod(a.shape[1:])))
@@ -94,7 +90,7 @@ class SlotStore:
     @classmethod
     def load(cls, path: str) -> tuple[SlotStore, int]:
         """The store saved at ``path`` and the step it was tagged with."""
-        fs, p = _fs_and_path(path)
+        fs, p = fs_and_path(path)
         with fs.open_input_file(p) as f:
             table = ipc.open_file(f).read_all()
         meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
@@ -112,7 +108,7 @@ class SlotStore:
 
 def list_snapshots(directory: str) -> dict[int, str]:
     """{step: path} of the snapshots in ``directory`` (empty if it does not exist)."""
-    fs, base = _fs_and_path(directory)
+    fs, base = fs_and_path(directory)
     if fs.get_file_info(base).type == pafs.FileType.NotFound:
         return {}
     infos = fs.get_file_info(pafs.FileSelector(base))
@@ -125,10 +121,10 @@ def list_snapshots(directory: str) -> dict[int, str]:
 
 
 def prune_snapshots(directory: str, keep_steps: set[int]) -> None:
-    fs, _ = _fs_and_path(directory)
+    fs, _ = fs_and_path(directory)
     for step, path in list_snapshots(directory).items():
         if step not in keep_steps:
-            fs.delete_file(_fs_and_path(path)[1])
+            fs.delete_file(fs_and_path(path)[1])
 
 
 @dataclass

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from . import storage
 from .config import Config, load_config
 
 META_FILE, CONFIG_FILE = "meta.json", "config.yaml"
@@ -28,18 +29,11 @@ def save_checkpoint(directory: str | Path, states: dict[str, dict], config: Conf
 
 
 def load_meta(directory: str | Path) -> dict[str, Any]:
-    """A checkpoint's meta.json; ``directory`` may be a storage URI (s3://, gs://, file://)."""
-    if "://" in str(directory):
-        from . import storage
-
-        path = f"{directory}/{META_FILE}"
-        if not storage.exists(path):
-            raise FileNotFoundError(f"'{directory}' is not a checkpoint directory (no {META_FILE})")
-        return json.loads(storage.read_text(path))
-    path = Path(directory) / META_FILE
-    if not path.is_file():
+    """A checkpoint's meta.json; ``directory`` may be a local path or a storage URI (s3://, gs://, file://)."""
+    path = f"{directory}/{META_FILE}"
+    if not storage.exists(path):
         raise FileNotFoundError(f"'{directory}' is not a checkpoint directory (no {META_FILE})")
-    return json.loads(path.read_text())
+    return json.loads(storage.read_text(path))
 
 
 def load_config_of(directory: str | Path) -> Config:

@@ -233,6 +233,7 @@ def cmd_presets(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .stages import STAGES
+    from .tune_run import SCHEDULERS, SEARCHERS
 
     parser = argparse.ArgumentParser(prog="hdebm-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=8, help="trials (per grid point)")
     p.add_argument("--metric", help="reported metric to optimise (default: the space file's)")
     p.add_argument("--mode", choices=["min", "max"], help="default: the space file's")
-    p.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo")
-    p.add_argument("--search", choices=["random", "optuna", "hyperopt"], default="random")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="fifo")
+    p.add_argument("--search", choices=SEARCHERS, default="random")
     p.add_argument("--max-concurrent", type=int, default=1, help="trials running at once")
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: reports before a trial may be stopped")
     p.add_argument("--workers-per-trial", type=int, help="= ray.num_workers for every trial")

@@ -26,7 +26,6 @@ from .config import Config
 
 INCEPTION_PATH = Path("/tmp/inception-2015-12-05.pt")
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-FEATURES = ("inception", "classifier", "torchscript", "raw")
 
 
 class EvalError(RuntimeError):
@@ -47,17 +46,18 @@ def clean_resize():
 def inception_extractor(device: torch.device):
     from cleanfid.features import build_feature_extractor
 
-    if not INCEPTION_PATH.is_file():
-        try:  # clean-fid downloads it to /tmp on first use
-            return build_feature_extractor("clean", device, use_dataparallel=False), clean_resize()
-        except Exception as err:
-            raise EvalError(
-                f"eval.features = 'inception' needs clean-fid's InceptionV3 weights at {INCEPTION_PATH}, which are "
-                f"missing and could not be downloaded ({type(err).__name__}: {err}). On an offline machine copy "
-                f"{INCEPTION_URL} to {INCEPTION_PATH} on every node that evaluates (see cluster/ for where), or use "
-                "eval.features = 'classifier'."
-            ) from err
-    return build_feature_extractor("clean", device, use_dataparallel=False), clean_resize()
+    missing = not INCEPTION_PATH.is_file()
+    try:  # clean-fid loads the weights from INCEPTION_PATH, downloading them there on first use
+        return build_feature_extractor("clean", device, use_dataparallel=False), clean_resize()
+    except Exception as err:
+        if not missing:
+            raise
+        raise EvalError(
+            f"eval.features = 'inception' needs clean-fid's InceptionV3 weights at {INCEPTION_PATH}, which are "
+            f"missing and could not be downloaded ({type(err).__name__}: {err}). On an offline machine copy "
+            f"{INCEPTION_URL} to {INCEPTION_PATH} on every node that evaluates (see cluster/ for where), or use "
+            "eval.features = 'classifier'."
+        ) from err
 
 
 def torchscript_extractor(path: str, device: torch.device):
@@ -135,7 +135,6 @@ def train_classifier(cfg: Config, epochs: int = 15, seed: int = 0) -> tuple[Feat
 def classifier_extractor(cfg: Config, device: torch.device, cache_dir: Path):
     """The cached feature classifier of this dataset (trained on first use)."""
     path = classifier_cache_path(cfg, cache_dir)
-    net = FeatureClassifier(cfg.data.channels, cfg.data.resolution, 10)
     if path.is_file():
         state = torch.load(path, map_location="cpu", weights_only=True)
         net = FeatureClassifier(cfg.data.channels, cfg.data.resolution, state["head.weight"].shape[0])

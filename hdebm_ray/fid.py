@@ -25,7 +25,7 @@ def cache_dir(cfg: Config) -> Path:
     return base / "fid_cache"
 
 
-def write_png_folder(images: torch.Tensor, folder: str | Path, start: int = 0) -> Path:
+def write_png_folder(images: torch.Tensor, folder: str | Path) -> Path:
     """Images in [-1, 1] (B×C×H×W) as uint8 PNGs, as they would be saved; grey stays grey (read back as RGB)."""
     from PIL import Image
 
@@ -33,7 +33,7 @@ def write_png_folder(images: torch.Tensor, folder: str | Path, start: int = 0) -
     folder.mkdir(parents=True, exist_ok=True)
     arr = ((images.detach().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for i, img in enumerate(arr):
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / f"{start + i:06d}.png")
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / f"{i:06d}.png")
     return folder
 
 

@@ -109,7 +109,7 @@ def run_loop(stage: Stage, start_step: int, report: ReportFn) -> None:
             metrics = {k: v / counts[k] for k, v in sums.items()}
             metrics["Timing/sec_per_step"] = elapsed / count
             metrics["Timing/images_per_sec"] = count * stage.images_per_step / max(elapsed, 1e-9)
-            metrics.update(stage.tick_metrics(done) if hasattr(stage, "tick_metrics") else {})
+            metrics.update(stage.tick_metrics(done))
             with_ckpt = done % stage.checkpoint_every == 0 or done == stage.total_steps
             if with_ckpt:
                 stage.before_checkpoint(done)

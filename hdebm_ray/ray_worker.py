@@ -16,7 +16,7 @@ import ray.train.torch
 import torch
 
 from .bank_actor import ActorBankClient
-from .checkpoint import load_meta, save_checkpoint
+from .checkpoint import save_checkpoint
 from .config import from_dict
 from .loop import WorkerContext, run_loop
 from .runner import StageLogger, checkpoint_meta, restore, seed_steps
@@ -58,8 +58,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start, last_metrics = 0, {}
     if (ckpt := ray.train.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
-            start = restore(stage, d, ctx.device)
-            last_metrics = load_meta(d).get("metrics", {})
+            meta = restore(stage, d, ctx.device)
+        start, last_metrics = int(meta["step"]), meta.get("metrics", {})
         if rank == 0:
             print(f"[{stage.name}] resumed from {ckpt.path} at step {start}", flush=True)
     seed_steps(cfg, rank, start)

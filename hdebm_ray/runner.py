@@ -34,12 +34,12 @@ def checkpoint_meta(stage, step: int, resumed_from_step: int = 0, metrics: dict 
     }
 
 
-def restore(stage, ckpt_dir, device) -> int:
-    """Load a checkpoint into a stage; returns the step to continue from."""
+def restore(stage, ckpt_dir, device) -> dict:
+    """Load a checkpoint into a stage; returns its metadata (``meta["step"]`` is where to continue)."""
     stage.load_state_dict(load_states(ckpt_dir, map_location=device))
     meta = load_meta(ckpt_dir)
     stage.load_summary(meta.get("summary", {}))
-    return int(meta["step"])
+    return meta
 
 
 def local_bank(cfg: Config, stage_name: str, snapshot_dir: str | None) -> LocalBankClient:
@@ -120,7 +120,7 @@ def run_in_process(
     stage = build_stage(stage_name, cfg, ctx, init_dir)
     start = 0
     if (last := latest_checkpoint(out)) is not None:
-        start = restore(stage, last, ctx.device)
+        start = int(restore(stage, last, ctx.device)["step"])
     seed_steps(cfg, ctx.rank, start)
     logger = StageLogger(stage, log_dir, enabled=True)
 

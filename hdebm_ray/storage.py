@@ -78,12 +78,8 @@ def upload(local_path: str | Path, location: str) -> str:
     if not is_uri(location) and Path(location).resolve() == local_path.resolve():
         return location
     fs, path = fs_and_path(location)
-    if local_path.is_dir():
-        fs.create_dir(path, recursive=True)
-        pafs.copy_files(str(local_path), path, destination_filesystem=fs)
-    else:
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        pafs.copy_files(str(local_path), path, destination_filesystem=fs)
+    fs.create_dir(path if local_path.is_dir() else path.rsplit("/", 1)[0], recursive=True)
+    pafs.copy_files(str(local_path), path, destination_filesystem=fs)
     return location
 
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from .config import Config, ConfigError, from_dict
+from .stages.distill_stage import distill_total_steps
 from .storage import run_dir
 from .tune_space import SearchSpace
 
@@ -43,10 +44,7 @@ def sweep_dir(cfg: Config, name: str) -> str:
 
 def reports_per_trial(cfg: Config, stage: str) -> int:
     section = getattr(cfg, stage)
-    if stage == "distill":
-        steps = section.steps_per_stage * max(1, int(math.log2(section.n0_steps)))
-    else:
-        steps = section.steps
+    steps = distill_total_steps(section) if stage == "distill" else section.steps
     return max(1, math.ceil(steps / section.report_every))
 
 

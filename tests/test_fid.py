@@ -45,29 +45,32 @@ def test_feature_classifier_beats_chance_by_far(digits_cfg):
     assert accuracy > 0.9  # chance is 0.1
 
 
-def test_our_fid_equals_clean_fid_compute_fid_on_the_same_folders(digits_cfg, folders):
+def clean_fid_of_folders(folder1, folder2, extractor, **kwargs) -> float:
+    """clean-fid's own ``compute_fid`` on two folders with our extractor, on CPU."""
     from cleanfid import fid as cleanfid
 
-    space = FeatureSpace(digits_cfg)
-    real_a, _, noisy = folders
-    ours = frechet_distance(space.of_folder(real_a), space.of_folder(noisy))
-    theirs = cleanfid.compute_fid(
-        str(real_a),
-        str(noisy),
+    return cleanfid.compute_fid(
+        str(folder1),
+        str(folder2),
         mode="clean",
-        custom_feat_extractor=space.fn,
-        custom_fn_resize=space.resize,
+        custom_feat_extractor=extractor,
         device=torch.device("cpu"),
         num_workers=0,
         batch_size=100,
         verbose=False,
+        **kwargs,
     )
+
+
+def test_our_fid_equals_clean_fid_compute_fid_on_the_same_folders(digits_cfg, folders):
+    space = FeatureSpace(digits_cfg)
+    real_a, _, noisy = folders
+    ours = frechet_distance(space.of_folder(real_a), space.of_folder(noisy))
+    theirs = clean_fid_of_folders(real_a, noisy, space.fn, custom_fn_resize=space.resize)
     assert abs(ours - theirs) < 1e-3
 
 
 def test_torchscript_features_match_clean_fid_with_its_299_resize(tmp_path, digits_cfg, folders):
-    from cleanfid import fid as cleanfid
-
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten())
     path = tmp_path / "feat.pt"
@@ -76,16 +79,7 @@ def test_torchscript_features_match_clean_fid_with_its_299_resize(tmp_path, digi
     space = FeatureSpace(cfg)
     real_a, real_b, _ = folders
     ours = frechet_distance(space.of_folder(real_a), space.of_folder(real_b))
-    theirs = cleanfid.compute_fid(
-        str(real_a),
-        str(real_b),
-        mode="clean",
-        custom_feat_extractor=lambda x: net(x).detach(),
-        device=torch.device("cpu"),
-        num_workers=0,
-        batch_size=100,
-        verbose=False,
-    )
+    theirs = clean_fid_of_folders(real_a, real_b, lambda x: net(x).detach())  # clean-fid's own 299 resize
     assert abs(ours - theirs) < 1e-3
     with pytest.raises(EvalError, match="torchscript_path"):
         FeatureSpace(cfg.replace(**{"eval.torchscript_path": str(tmp_path / "missing.pt")}))

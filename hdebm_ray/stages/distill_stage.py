@@ -29,6 +29,11 @@ from ..networks import build_denoiser
 from ..optim import layerwise_clip_
 
 
+def distill_total_steps(d) -> int:
+    """Steps of the whole distillation: one round of ``steps_per_stage`` per halving of N0 down to one step."""
+    return int(math.log2(d.n0_steps)) * d.steps_per_stage
+
+
 class DistillStage(StageBase):
     name = "distill"
 
@@ -38,7 +43,7 @@ class DistillStage(StageBase):
         d = cfg.distill
         self.cfg, self.ctx = cfg, ctx
         self.n_stages = int(math.log2(d.n0_steps))
-        self.total_steps = self.n_stages * d.steps_per_stage
+        self.total_steps = distill_total_steps(d)
         self.report_every, self.checkpoint_every = d.report_every, d.checkpoint_every
         self.images_per_step = d.batch_size
         self.schedule = CosineSchedule(cfg.diffusion.T, cfg.diffusion.cosine_s)
