@@ -11,9 +11,7 @@ skipped as warm-up).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -21,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import machine, untrained_distilled, write_results
 
 from hdebm_ray.config import load_config
 from hdebm_ray.loop import WorkerContext
-from hdebm_ray.runner import local_bank, run_in_process
+from hdebm_ray.runner import local_bank
 from hdebm_ray.stages import BANK_SPECS, build_stage
 
 
@@ -99,18 +98,13 @@ def main() -> None:
             "run.name=bench",
             "ray.num_workers=1",
             "ray.max_failures=0",
-            "diffusion.steps=1",
             "diffusion.report_every=1",
-            "diffusion.checkpoint_every=1",
-            "distill.n0_steps=1",
             f"stage1.steps={args.steps + tick}",
             f"stage1.report_every={tick}",
             f"stage1.checkpoint_every={args.steps + tick}",
         ],
     )
-    # The step's cost does not depend on how well D was trained: a one-step untrained denoiser will do.
-    _, ck = run_in_process(cfg, "diffusion", f"{tmp}/d")
-    _, ck = run_in_process(cfg, "distill", f"{tmp}/k", init_dir=ck)
+    ck = untrained_distilled(cfg, tmp)
 
     bare_s, bare_bank_s = bare_step_seconds(cfg, ck, args.steps)
 
@@ -129,7 +123,7 @@ def main() -> None:
         "batch_size": cfg.stage1.batch_size,
         "langevin_steps": cfg.stage1.langevin.steps,
         "bank_size": cfg.stage1.bank_size,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch threads 1",
+        "machine": machine(),
         "bare_pytorch_sec_per_step": bare_s,
         "torchtrainer_1worker_sec_per_step": ray_s,
         "ratio_torchtrainer_over_bare": ray_s / bare_s,
@@ -139,15 +133,7 @@ def main() -> None:
         "bank_exposed_fraction_of_step": ray_bank_s / ray_s,
         "bank_local_sec_per_step_bare": bare_bank_s,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "stage1_step.json").write_text(json.dumps(result, indent=2))
-    lines = [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result.items()]
-    (out / "stage1_step.md").write_text(
-        "# Stage 1 step: bare PyTorch vs 1-worker TorchTrainer\n\n| measure | value |\n"
-        "|---|---|\n" + "\n".join(lines) + "\n"
-    )
-    print(json.dumps(result, indent=2))
+    write_results(args.out, "stage1_step", "Stage 1 step: bare PyTorch vs 1-worker TorchTrainer", result)
 
 
 if __name__ == "__main__":

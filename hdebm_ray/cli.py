@@ -225,6 +225,33 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_enfe(args) -> int:
+    """Equivalent NFE of a checkpoint's sampler (ALGORITHMS §7); prints one JSON line."""
+    import json
+
+    import torch
+
+    from .enfe import measure_enfe
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = measure_enfe(
+        args.checkpoint,
+        args.batches,
+        args.batch_size,
+        args.diffusion_batches,
+        device,
+        diffusion_steps_timed=args.diffusion_steps_timed,
+    )
+    print(
+        f"[enfe] {result['stage']}: {result['sample_batch_s'] * 1e3:.1f} ms per batch of {args.batch_size} vs "
+        f"{result['diffusion_batch_s'] * 1e3:.1f} ms per {result['diffusion_steps']}-step diffusion batch "
+        f"-> ENFE {result['enfe']:.1f}",
+        flush=True,
+    )
+    print(json.dumps(result))
+    return 0
+
+
 def cmd_presets(args) -> int:
     for name in preset_names():
         print(name)
@@ -297,6 +324,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="use the EMA weights")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("enfe", help="equivalent NFE of a checkpoint's sampler against 1000-step diffusion")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--batches", type=int, default=100, help="sampler batches timed (the paper: 100)")
+    p.add_argument("--batch-size", type=int, default=32, help="the paper: 32")
+    p.add_argument("--diffusion-batches", type=int, help="1000-step diffusion batches timed (default: --batches)")
+    p.add_argument(
+        "--diffusion-steps-timed",
+        type=int,
+        help="time this many (a divisor of 1000) of each diffusion batch's steps and scale to 1000 (default: all)",
+    )
+    p.add_argument("--device", help="default: cuda if available")
+    p.set_defaults(fn=cmd_enfe)
 
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(fn=cmd_presets)

@@ -178,10 +178,19 @@ class EvalSection:
         "inception",
         choices=("inception", "classifier", "torchscript", "raw"),
         doc="FID features: clean-fid InceptionV3, a classifier trained on the labels (not Inception-FID), "
-        "a TorchScript file, or raw toy2d vectors",
+        "a TorchScript file, or the raw samples (toy2d points; pixels only for smoke tests)",
     )
     torchscript_path: str = knob("", doc="eval.features = torchscript: the file")
     num_samples: int = knob(10000, lo=2, doc="generated samples per evaluation (the papers use 50000)")
     ref_samples: int = knob(0, lo=0, doc="dataset images for the reference statistics; 0 = all")
     batch_size: int = knob(256, lo=1)
     kid_subsets: int = knob(100, lo=1)
+    actors: int = knob(0, lo=0, doc="eval actors scoring checkpoints while training runs (0 = none)")
+    cpus_per_actor: float = knob(1.0, lo=0.0)
+    gpus_per_actor: float = knob(0.0, lo=0.0, doc="a GPU share each eval actor reserves beyond the workers'")
+    stages: tuple[str, ...] = knob(
+        ("stage1", "stage2"),
+        choices=("diffusion", "distill", "stage1", "stage2"),
+        doc="stages whose checkpoints the eval actors score",
+    )
+    image_grid: int = knob(64, lo=0, doc="samples in the fixed-latent TensorBoard grids at each checkpoint (0 = none)")

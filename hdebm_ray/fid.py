@@ -72,8 +72,8 @@ class FeatureSpace:
         self.fn, self.resize = build_extractor(cfg, self.device, cache_dir(cfg))
 
     def of_samples(self, samples: torch.Tensor) -> np.ndarray:
-        if self.fn is None:  # raw vectors
-            return samples.detach().cpu().double().numpy()
+        if self.fn is None:  # raw vectors (toy2d points, or flattened pixels)
+            return samples.detach().cpu().flatten(1).double().numpy()
         with tempfile.TemporaryDirectory(prefix="hdebm-fid-") as tmp:
             write_png_folder(samples, tmp)
             return self.of_folder(tmp)
@@ -104,23 +104,30 @@ class FeatureSpace:
         return feats
 
 
-def sample_checkpoint(ckpt_dir: str | Path, n: int, batch: int, device, seed: int = 0) -> tuple[torch.Tensor, dict]:
-    """n samples from a checkpoint's own sampler (Langevin included), in batches; and its metadata."""
+def sample_checkpoint(ckpt_dir, n: int, batch: int, device, seed: int = 0):
+    """n samples from a checkpoint's own sampler (Langevin included), in batches; the generator's chain starts
+    G(z) for the same latents (None for the diffusion stages); and the checkpoint's metadata."""
     from .checkpoint import load_meta
     from .sampling import Sampler
 
     sampler = Sampler(ckpt_dir, device=device)
-    out = [sampler.sample(min(batch, n - i), seed=seed + i).cpu() for i in range(0, n, batch)]
-    return torch.cat(out), load_meta(ckpt_dir)
+    final, base = [], []
+    for i in range(0, n, batch):
+        final.append(sampler.sample(min(batch, n - i), seed=seed + i).cpu())
+        if sampler.has_generator:
+            base.append(sampler.base(min(batch, n - i), seed=seed + i).cpu())
+    return torch.cat(final), (torch.cat(base) if base else None), load_meta(ckpt_dir)
 
 
 def evaluate_checkpoint(ckpt_dir: str | Path, space: FeatureSpace, num_samples: int, seed: int = 0) -> dict:
-    """FID and KID of ``num_samples`` samples of the checkpoint against the dataset's reference features."""
-    samples, meta = sample_checkpoint(ckpt_dir, num_samples, space.cfg.eval.batch_size, space.device, seed)
-    feats, ref = space.of_samples(samples), space.reference()
+    """FID and KID of ``num_samples`` samples of the checkpoint against the dataset's reference features; for
+    the EBM stages also of the generator alone (G(z) before Langevin, same latents): ``fid_generator``."""
+    samples, base, meta = sample_checkpoint(ckpt_dir, num_samples, space.cfg.eval.batch_size, space.device, seed)
+    ref = space.reference()
+    feats = space.of_samples(samples)
     if len(feats) < 2 or len(ref) < 2:
         raise EvalError("FID needs at least 2 samples and 2 reference images")
-    return {
+    result = {
         "checkpoint": str(ckpt_dir),
         "stage": meta["stage"],
         "step": meta["step"],
@@ -130,6 +137,11 @@ def evaluate_checkpoint(ckpt_dir: str | Path, space: FeatureSpace, num_samples: 
         "fid": frechet_distance(feats, ref),
         "kid": kernel_distance(feats, ref, space.cfg.eval.kid_subsets),
     }
+    if base is not None:
+        base_feats = space.of_samples(base)
+        result["fid_generator"] = frechet_distance(base_feats, ref)
+        result["kid_generator"] = kernel_distance(base_feats, ref, space.cfg.eval.kid_subsets)
+    return result
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:
@@ -149,15 +161,38 @@ def record(run_location: str, result: dict) -> None:
     # events go to a local directory (uploaded afterwards when the run lives under a URI)
     with staged_output(f"{run_location}/tb/{result['stage']}") as local:
         with SummaryWriter(log_dir=str(local), filename_suffix=".eval") as writer:
-            writer.add_scalar("Eval/fid", result["fid"], result["nimg"])
-            writer.add_scalar("Eval/kid", result["kid"], result["nimg"])
+            for key in ("fid", "kid", "fid_generator", "kid_generator"):
+                if key in result:
+                    writer.add_scalar(f"Eval/{key}", result[key], result["nimg"])
 
 
-def evaluated(run_location: str) -> set[str]:
-    """Checkpoint paths that already have a result in ``<run>/eval.jsonl``."""
+def read_results(run_location: str) -> list[dict]:
+    """Every result in ``<run>/eval.jsonl`` (empty if none)."""
     from . import storage
 
     path = f"{run_location}/eval.jsonl"
     if not storage.exists(path):
-        return set()
-    return {json.loads(line)["checkpoint"] for line in storage.read_text(path).splitlines() if line.strip()}
+        return []
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+
+
+def evaluated(run_location: str) -> set[str]:
+    """Checkpoint paths that already have a result in ``<run>/eval.jsonl``."""
+    return {r["checkpoint"] for r in read_results(run_location)}
+
+
+def run_checkpoints(run_location: str, stages) -> list[str]:
+    """Every checkpoint of the given stages under a run (local path or URI), oldest step first per stage."""
+    import pyarrow.fs as pafs
+
+    from .storage import as_uri, fs_and_path
+
+    found = []
+    for stage in stages:
+        fs, base = fs_and_path(f"{run_location}/{stage}")
+        if fs.get_file_info(base).type != pafs.FileType.Directory:
+            continue
+        dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(base)) if i.type == pafs.FileType.Directory]
+        ckpts = sorted(d for d in dirs if d.rsplit("/", 1)[-1].startswith("checkpoint_"))
+        found += [as_uri(d, run_location) for d in ckpts if fs.get_file_info(f"{d}/meta.json").is_file]
+    return found

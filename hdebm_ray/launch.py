@@ -8,7 +8,9 @@ same run name resumes every stage from its last registered checkpoint, and finis
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 
 from . import storage
@@ -33,7 +35,20 @@ def init_ray(cfg: Config) -> None:
     # to merge a second one into it.
     in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
     env = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}}
-    ray.init(address=address, namespace=NAMESPACE, log_to_driver=True, runtime_env=None if in_job else env)
+    num_cpus = None
+    if address == "local":
+        # Eval actors hold their CPUs for the whole run: count them on top of the workers (logical CPUs), or the
+        # next stage's workers could never be placed next to them on a small machine.
+        r, e = cfg.ray, cfg.eval
+        needed = r.num_workers * r.cpus_per_worker + e.actors * e.cpus_per_actor
+        num_cpus = max(os.cpu_count() or 1, math.ceil(needed))
+    ray.init(
+        address=address,
+        namespace=NAMESPACE,
+        num_cpus=num_cpus,
+        log_to_driver=True,
+        runtime_env=None if in_job else env,
+    )
     storage.check_shared_storage(cfg, num_nodes=sum(1 for n in ray.nodes() if n.get("Alive")))
 
 
@@ -45,6 +60,7 @@ def trainer_for(
     name: str | None = None,
     bank_name: str | None = None,
     inject_failure: dict | None = None,
+    eval_pool: str | None = None,
 ):
     """A TorchTrainer that runs ``stage`` with ``cfg.ray.num_workers`` DDP workers (gloo on CPU, nccl on GPU)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -63,6 +79,7 @@ def trainer_for(
             "init_from": init_from,
             "log_dir": f"{location}/tb",
             "bank_name": bank_name,
+            "eval_pool": eval_pool,  # rank 0 adds the pool's latest Eval/fid to its reports
             # Testing aid: {"rank", "step", "marker"} makes that rank exit once right after that step's report.
             "inject_failure": inject_failure,
         },
@@ -115,14 +132,28 @@ def start_bank(cfg: Config, stage: str):
     )
 
 
-def fit_stage(cfg: Config, stage: str, init_from: str | None = None, callbacks=(), inject_failure=None) -> dict:
-    """Run one stage to its end (resuming if it ran before); returns {checkpoint, step, summary}."""
+def fit_stage(
+    cfg: Config, stage: str, init_from: str | None = None, callbacks=(), inject_failure=None, eval_pool=None
+) -> dict:
+    """Run one stage to its end (resuming if it ran before); returns {checkpoint, step, summary}.
+
+    With ``eval_pool`` (a running ``EvalPool``) and ``stage`` in ``eval.stages``, every checkpoint the run
+    registers is handed to the pool as it lands; the pool's results do not hold the stage up.
+    """
     import ray
 
+    from .eval_pool import NotifyEvalPool, pool_name
+
+    pool = pool_name(cfg) if eval_pool is not None and stage in cfg.eval.stages else None
+    if pool is not None:
+        callbacks = [*callbacks, NotifyEvalPool(pool, stage, run_dir(cfg))]
     bank = start_bank(cfg, stage)
     try:
         name = bank_actor_name(cfg, stage) if bank is not None else None
-        result = trainer_for(cfg, stage, init_from, callbacks, bank_name=name, inject_failure=inject_failure).fit()
+        trainer = trainer_for(
+            cfg, stage, init_from, callbacks, bank_name=name, inject_failure=inject_failure, eval_pool=pool
+        )
+        result = trainer.fit()
     finally:
         if bank is not None:
             ray.kill(bank)
@@ -131,6 +162,33 @@ def fit_stage(cfg: Config, stage: str, init_from: str | None = None, callbacks=(
     path = as_uri(result.checkpoint.path, run_dir(cfg))
     meta = load_meta(path)
     return {"checkpoint": path, "step": meta.get("step"), "summary": meta.get("summary", {})}
+
+
+@contextlib.contextmanager
+def running_eval_pool(cfg: Config, **testing):
+    """The run's eval pool for the duration of the block (None if ``eval.actors`` is 0).
+
+    On a normal exit the block waits for the queued evaluations and prints them; on an error or Ctrl-C the pool
+    is killed at once (a later run of the same name scores what it missed).
+    """
+    import ray
+
+    from .eval_pool import create_eval_pool, shutdown_pool
+
+    pool = create_eval_pool(cfg, run_dir(cfg), **testing)
+    if pool is None:
+        yield None
+        return
+    try:
+        yield pool
+        pending = ray.get(pool.status.remote())
+        if pending["queued"] or pending["running"]:
+            print(f"[eval] waiting for {pending['queued'] + pending['running']} evaluation(s)", flush=True)
+        summary = ray.get(pool.drain.remote())
+        for failure in summary["failures"]:
+            print(f"[eval] not scored: {failure['checkpoint']}", flush=True)
+    finally:
+        shutdown_pool(pool)
 
 
 def write_sample_grid(cfg: Config, checkpoint: str, out: str, n: int = 64) -> str:
@@ -155,7 +213,14 @@ def write_sample_grid(cfg: Config, checkpoint: str, out: str, n: int = 64) -> st
 
 def run_pipeline(cfg: Config, stages: list[str] | None = None) -> dict:
     """Run the stages in order, each from the previous one's final checkpoint; skips finished stages."""
-    stages = stages or PIPELINE
+    with running_eval_pool(cfg) as pool:
+        state = _run_stages(cfg, stages or PIPELINE, pool)
+    if cfg.eval.actors:
+        print_eval_table(run_dir(cfg))
+    return state
+
+
+def _run_stages(cfg: Config, stages: list[str], eval_pool) -> dict:
     state = read_pipeline_state(cfg)
     for stage in stages:
         if _finished(state.get(stage)):
@@ -168,10 +233,23 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None) -> dict:
                 raise RuntimeError(f"stage {stage!r} needs a finished {parent!r} stage in {run_dir(cfg)}")
             init_from = state[parent]["checkpoint"]
         print(f"[pipeline] {stage}: starting" + (f" from {init_from}" if init_from else ""), flush=True)
-        state[stage] = fit_stage(cfg, stage, init_from)
+        state[stage] = fit_stage(cfg, stage, init_from, eval_pool=eval_pool)
         state[stage]["samples"] = write_sample_grid(
             cfg, state[stage]["checkpoint"], f"{run_dir(cfg)}/samples/{stage}.png"
         )
         _write_pipeline_state(cfg, state)
         print(f"[pipeline] {stage}: done -> {state[stage]['checkpoint']}", flush=True)
     return state
+
+
+def print_eval_table(run_location: str) -> None:
+    """The run's FID / KID so far, one line per scored checkpoint (from ``<run>/eval.jsonl``)."""
+    from .fid import read_results
+
+    results = read_results(run_location)
+    if not results:
+        return
+    print(f"[eval] {len(results)} checkpoint(s) scored ({results[0]['features']} features):", flush=True)
+    for r in sorted(results, key=lambda r: (PIPELINE.index(r["stage"]) if r["stage"] in PIPELINE else 99, r["step"])):
+        gen = f"  generator alone FID {r['fid_generator']:.4g}" if "fid_generator" in r else ""
+        print(f"  {r['stage']:>9} step {r['step']:>7}: FID {r['fid']:.4g}  KID {r['kid']:.4g}{gen}", flush=True)

@@ -83,6 +83,14 @@ class StageBase:
         """Extra metrics measured once per report tick (e.g. toy2d mode coverage), added to that report."""
         return {}
 
+    def tick_images(self, step: int) -> dict[str, torch.Tensor]:
+        """Sample grids for TensorBoard at a checkpoint tick (rank 0); ``{tag: images}``."""
+        return {}
+
+    def data_images(self) -> torch.Tensor | None:
+        """Dataset images logged once next to the sample grids (None: the stage logs no grids)."""
+        return None
+
 
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -18,6 +18,7 @@ import torch
 from .bank_actor import ActorBankClient
 from .checkpoint import save_checkpoint
 from .config import from_dict
+from .eval_pool import LatestEval
 from .loop import WorkerContext, run_loop
 from .runner import StageLogger, checkpoint_meta, restore, seed_steps
 from .stages import build_stage
@@ -65,10 +66,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     seed_steps(cfg, rank, start)
 
     logger = StageLogger(stage, loop_config.get("log_dir"), enabled=rank == 0)
+    pool = loop_config.get("eval_pool")
+    latest_eval = LatestEval(pool, stage.name) if pool and rank == 0 else None
 
     def report(step: int, metrics: dict, with_ckpt: bool) -> None:
-        logger.log(step, metrics)
-        metrics = {**metrics, "step": step, "nimg": step * stage.images_per_step}
+        logger.log(step, metrics, with_images=with_ckpt)
+        # After logging: the pool itself writes Eval/* to TensorBoard at the evaluated checkpoint's images seen.
+        extra = latest_eval.poll() if latest_eval is not None else {}
+        metrics = {**metrics, **extra, "step": step, "nimg": step * stage.images_per_step}
         if with_ckpt and rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, stage.state_dict(), cfg, checkpoint_meta(stage, step, start, metrics))

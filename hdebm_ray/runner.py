@@ -65,7 +65,7 @@ class StageLogger:
     """
 
     def __init__(self, stage, log_dir: str | None, enabled: bool):
-        self.stage, self.writer, self.upload_to = stage, None, None
+        self.stage, self.writer, self.upload_to, self.data_logged = stage, None, None, False
         if enabled and log_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -75,13 +75,15 @@ class StageLogger:
             self.writer = SummaryWriter(log_dir=target)
         self.enabled = enabled
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float], with_images: bool = False) -> None:
         if not self.enabled:
             return
         nimg = step * self.stage.images_per_step
         if self.writer is not None:
             for k, v in metrics.items():
                 self.writer.add_scalar(k, v, nimg)
+            if with_images:
+                self._log_images(nimg)
             self.writer.flush()
             if self.upload_to:
                 upload(self.writer.log_dir, self.upload_to)
@@ -92,6 +94,17 @@ class StageLogger:
             f"sec/step {sps:.3f}",
             flush=True,
         )
+
+    def _log_images(self, nimg: int) -> None:
+        from .images import grid_image
+
+        cfg = getattr(self.stage, "cfg", None)
+        grids = self.stage.tick_images(nimg // self.stage.images_per_step)
+        if grids and not self.data_logged and (data := self.stage.data_images()) is not None:
+            grids["Samples/data"] = data
+            self.data_logged = True
+        for tag, images in grids.items():
+            self.writer.add_image(tag, grid_image(images, cfg), nimg)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -125,7 +138,7 @@ def run_in_process(
     logger = StageLogger(stage, log_dir, enabled=True)
 
     def report(step, metrics, with_ckpt):
-        logger.log(step, metrics)
+        logger.log(step, metrics, with_images=with_ckpt)
         if with_ckpt:
             save_checkpoint(
                 out / f"checkpoint_{step:08d}", stage.state_dict(), cfg, checkpoint_meta(stage, step, start, metrics)

@@ -5,21 +5,21 @@
   distilled step (distill) — the "re-imagination" G2 performs inside HDEBM.
 - ``stage1``: fresh z1, z2, X = G(z1, z2) + Y_K after K Langevin steps on Y (the training sampler, ALGORITHMS §7).
 - ``stage2``: the joint sampler on (Y, z1, z2) of Stage 2.
-Samples are clipped to [-1, 1]. ``toy2d`` samples are drawn as a scatter plot over the true mode centres.
+Samples are clipped to [-1, 1]; ``images.save_grid`` writes them (toy2d as a scatter plot).
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
 from .checkpoint import load_config_of, load_meta, load_states
 from .config import Config
-from .data import build_dataset, toy2d_centres
+from .data import build_dataset
 from .diffusion import CosineSchedule, ddim_sample, noise_to_truncation
 from .ebm import HatGenerator
+from .images import save_grid  # noqa: F401 - sampling's public API: sample, then save
 from .langevin import sample_joint
 from .networks import build_denoiser, build_energy, build_generator, sample_shape
 from .stages.hdebm_common import latents
@@ -59,12 +59,19 @@ class Sampler:
             self.energy = build_energy(self.cfg).to(self.device).eval()
             self.energy.load_state_dict(states["energy"])
 
+    @property
+    def has_generator(self) -> bool:
+        """Whether samples start from the hat generator G(z) (the EBM stages), so ``base`` is G(z) alone."""
+        return hasattr(self, "hat")
+
     def _latents(self, n: int, seed: int):
         g = torch.Generator(device=self.device).manual_seed(seed)
         return latents(self.cfg, n, sample_shape(self.cfg), self.device, g)
 
     def _data(self, n: int, seed: int) -> torch.Tensor:
-        ds = build_dataset(self.cfg)
+        if not hasattr(self, "dataset"):
+            self.dataset = build_dataset(self.cfg)
+        ds = self.dataset
         idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
         return torch.stack([ds[int(i)][0] for i in idx]).to(self.device)
 
@@ -92,35 +99,3 @@ class Sampler:
             self.energy, self.hat, z1, z2, modules=(self.hat,), **joint_sampler_kwargs(self.cfg)
         )
         return (x_gen + y).clamp(-1, 1)
-
-
-def save_grid(x: torch.Tensor, path: str | Path, cfg: Config | None = None) -> Path:
-    """Images as a square PNG grid; 2-D vectors as a scatter plot (with true centres for toy2d)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    x = x.detach().cpu()
-    if x.dim() == 2:
-        return save_scatter(x, path, toy2d_centres(cfg.data.toy2d_mixture) if cfg is not None else None)
-    from torchvision.utils import save_image
-
-    save_image((x + 1) / 2, path, nrow=int(math.ceil(math.sqrt(len(x)))), padding=1)
-    return path
-
-
-def save_scatter(points: torch.Tensor, path: Path, centres: torch.Tensor | None = None, size: int = 400) -> Path:
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(img)
-
-    def px(p):
-        return (float(p[0]) + 1.2) / 2.4 * size, (1.2 - float(p[1])) / 2.4 * size
-
-    for p in points:
-        u, v = px(p)
-        draw.point((u, v), fill=(30, 60, 200))
-    for c in centres if centres is not None else []:
-        u, v = px(c)
-        draw.ellipse((u - 3, v - 3, u + 3, v + 3), outline=(220, 30, 30))
-    img.save(path)
-    return path

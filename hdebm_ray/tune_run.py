@@ -60,12 +60,14 @@ def make_trainable(base: Config, stage: str, init_from: str | None, sweep_locati
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from .launch import fit_stage
+        from .launch import fit_stage, running_eval_pool
 
         cfg = trial_config(from_dict(base_tree), params, sweep_location, tune.get_context().get_trial_id())
         # Same Train run name on a retried or resumed trial: the Train run resumes from its own checkpoint.
-        fit_stage(cfg, stage, init_from, callbacks=[TuneReportCallback()])
-        _wait_for_forwarded_reports()
+        # With eval.actors > 0 the trial has its own eval pool, whose newest Eval/fid rides on the reports.
+        with running_eval_pool(cfg) as pool:
+            fit_stage(cfg, stage, init_from, callbacks=[TuneReportCallback()], eval_pool=pool)
+            _wait_for_forwarded_reports()
 
     return train_trial
 

@@ -9,8 +9,10 @@ from helpers import TINY, small_digits_overrides
 from hdebm_ray.bank import list_snapshots
 from hdebm_ray.checkpoint import load_meta
 from hdebm_ray.config import load_config
+from hdebm_ray.enfe import measure_enfe
+from hdebm_ray.images import save_grid
 from hdebm_ray.runner import run_in_process
-from hdebm_ray.sampling import Sampler, save_grid
+from hdebm_ray.sampling import Sampler
 
 
 def test_all_stages_in_process_with_bank_snapshots_and_samplers(tmp_path):
@@ -36,3 +38,13 @@ def test_stage1_resume_restores_the_bank_of_the_restored_step(tmp_path):
     stage, last = run_in_process(cfg, "stage1", tmp_path / "s1", init_dir=ck)
     assert load_meta(last)["resumed_from_step"] == 2
     assert stage.summary()["bank_restores"] == [{"checkpoint_step": 2, "bank_step": 2}]
+
+
+def test_enfe_of_an_n_step_diffusion_sampler_is_about_n(tmp_path):
+    # The diffusion stage's sampler is n DDIM steps of the same network the 1000-step reference runs: ENFE ≈ n
+    # (plus the data fetch and noising it also does). A known answer for the measurement, loose for timing noise.
+    cfg = load_config("digits", overrides=small_digits_overrides(str(tmp_path), "enfe") + TINY + ["distill.n0_steps=8"])
+    _, ckpt = run_in_process(cfg, "diffusion", tmp_path / "d")
+    result = measure_enfe(ckpt, batches=5, batch_size=32, diffusion_batches=2, diffusion_steps_timed=50)
+    assert result["diffusion_steps"] == 1000 and result["stage"] == "diffusion"
+    assert 4 < result["enfe"] < 24, result

@@ -40,10 +40,15 @@ def test_two_worker_trainer_checkpoints_and_resumes(ray_local, tmp_path):
     assert (w2 - w1).abs().max() < 0.05
 
 
+EVAL_POOL = ["eval.actors=1", "eval.features=raw", "eval.num_samples=64", "eval.image_grid=16"]
+
+
 def test_pipeline_runs_all_stages_with_the_bank_actor_and_skips_finished_stages(ray_local, tmp_path):
     # A file:// storage URI takes the object-store path (pyarrow filesystems, as for s3:// and gs://) end to end:
-    # checkpoints, chaining stages, bank snapshots, TensorBoard uploads, sample grids and pipeline.json.
-    cfg = load_config("digits", overrides=small_digits_overrides(f"file://{tmp_path}", "pipe") + TINY)
+    # checkpoints, chaining stages, bank snapshots, TensorBoard uploads, sample grids, eval results and
+    # pipeline.json.
+    overrides = small_digits_overrides(f"file://{tmp_path}", "pipe") + TINY + EVAL_POOL + [f"data.path={tmp_path}"]
+    cfg = load_config("digits", overrides=overrides)
     state = run_pipeline(cfg)
     assert all(entry["checkpoint"].startswith(f"file://{tmp_path}/pipe/") for entry in state.values())
     assert list(state) == ["diffusion", "distill", "stage1", "stage2"]
@@ -56,13 +61,43 @@ def test_pipeline_runs_all_stages_with_the_bank_actor_and_skips_finished_stages(
     for stage in state:  # a PNG grid and TensorBoard scalars per stage
         assert Path(state[stage]["samples"].removeprefix("file://")).stat().st_size > 0
         assert list((run / "tb" / stage).glob("events.out.tfevents.*"))
-    # no bank actor outlives its stage
+    check_tensorboard(run)
+    # no bank actor outlives its stage, no eval pool outlives the pipeline
     import ray
 
-    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("bank-pipe")]
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    assert not [n for n in names if n.startswith("bank-pipe") or n.startswith("eval-pipe")]
     # Re-running the pipeline skips the finished stages and returns the same checkpoints.
     again = run_pipeline(cfg)
     assert again["stage2"]["checkpoint"] == state["stage2"]["checkpoint"]
+
+
+def check_tensorboard(run: Path) -> None:
+    """Every scalar group, the fixed-latent grids and Eval/fid at each checkpoint's images seen, read back with
+    TensorBoard's own EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    groups = {
+        "stage1": {"Loss", "Energy", "Langevin", "Bank", "Opt", "Timing"},
+        "stage2": {"Loss", "Energy", "Langevin", "Opt", "Timing"},
+    }
+    for stage, expected in groups.items():
+        acc = EventAccumulator(str(run / "tb" / stage), size_guidance={"images": 0, "scalars": 0})
+        acc.Reload()
+        scalars = acc.Tags()["scalars"]
+        assert expected <= {t.split("/")[0] for t in scalars}, scalars
+        assert {"Energy/data", "Energy/sample", "Energy/gap", "Langevin/drift_norm", "Langevin/clip_fraction"} <= set(
+            scalars
+        )
+        assert {"Langevin/residual_norm", "Opt/lr_energy", "Opt/grad_norm_energy", "Timing/images_per_sec"} <= set(
+            scalars
+        )
+        nimgs = sorted(load_meta(p.parent)["nimg"] for p in (run / stage).glob("checkpoint_*/meta.json"))
+        for tag in ("Samples/generator", "Samples/final", "Samples/ema"):
+            assert [e.step for e in acc.Images(tag)] == nimgs  # one frame per checkpoint
+        assert len(acc.Images("Samples/data")) == 1
+        assert sorted(e.step for e in acc.Scalars("Eval/fid")) == nimgs
+        assert sorted(e.step for e in acc.Scalars("Eval/fid_generator")) == nimgs
 
 
 def test_stage1_step_in_process_equals_the_step_in_a_one_worker_trainer(ray_local, tmp_path):

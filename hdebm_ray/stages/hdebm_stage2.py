@@ -5,12 +5,22 @@ Starts from Stage 1's H and frozen G = G2∘G1. Chains start from Y_0 = 0 and fr
 
 from __future__ import annotations
 
+import torch
+
 from ..checkpoint import load_states
 from ..config import Config
 from ..langevin import StepStats, sample_joint
 from ..loop import StageBase, WorkerContext
 from ..networks import sample_shape
-from .hdebm_common import data_stream, energy_trainer, hat_generator, latents, toy2d_tick_metrics
+from .hdebm_common import (
+    data_grid,
+    data_stream,
+    energy_trainer,
+    fixed_sample_grids,
+    hat_generator,
+    latents,
+    toy2d_tick_metrics,
+)
 
 
 def joint_sampler_kwargs(cfg: Config) -> dict:
@@ -73,6 +83,17 @@ class Stage2(StageBase):
             return x_gen + y
 
         return toy2d_tick_metrics(self.cfg, self.ctx, sample)
+
+    def tick_images(self, step: int) -> dict[str, torch.Tensor]:
+        def sample(z1, z2, use_ema):
+            net = self.energy.sampling_net(use_ema)
+            y, _, _, x_gen = sample_joint(net, self.hat, z1, z2, modules=(self.hat,), **joint_sampler_kwargs(self.cfg))
+            return self.hat(z1, z2).detach(), x_gen + y
+
+        return fixed_sample_grids(self.cfg, self.ctx, self.shape, sample)
+
+    def data_images(self) -> torch.Tensor:
+        return data_grid(self.cfg)
 
     def state_dict(self) -> dict[str, dict]:
         return {

@@ -1,0 +1,74 @@
+"""Equivalent NFE (HDEBM appendix D.2.1, ALGORITHMS §7): the cost of a stage's sampler in diffusion steps.
+
+ENFE = 1000 · (mean time of one sampler batch) / (mean time of one 1000-step diffusion batch), both on batches of
+32 with the checkpoint's own denoiser network as the diffusion model's network. A Stage 1 sampler with K Langevin
+steps costs G(z) (one denoiser call) plus K energy forward/backward passes, so its ENFE says how many diffusion
+steps the same wall time would buy.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .diffusion import ddim_sample
+
+
+def _timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure_enfe(
+    ckpt_dir,
+    batches: int = 100,
+    batch_size: int = 32,
+    diffusion_batches: int | None = None,
+    device="cpu",
+    warmup: int = 1,
+    diffusion_steps_timed: int | None = None,
+) -> dict:
+    """Time ``batches`` sampler batches and ``diffusion_batches`` (default: as many) 1000-step DDIM batches.
+
+    ``diffusion_steps_timed`` (a divisor of 1000) times a DDIM chain of that many steps over the same range and
+    scales it to 1000 steps: every step is one network call on the same batch, so the cost is linear in steps.
+    """
+    from .sampling import Sampler
+
+    sampler = Sampler(ckpt_dir, device=device)
+    dev = sampler.device
+    shape = sampler.sample(1).shape[1:]
+    schedule, denoiser, steps = sampler.schedule, sampler.denoiser, sampler.schedule.T
+    timed = diffusion_steps_timed or steps
+
+    def diffusion_batch(n_steps: int):
+        with torch.no_grad():
+            ddim_sample(denoiser, torch.randn(batch_size, *shape, device=dev), schedule, steps, n_steps)
+
+    for i in range(warmup):
+        sampler.sample(batch_size, seed=10_000 + i)
+        diffusion_batch(min(timed, 10 if steps % 10 == 0 else timed))
+    sample_s = [_timed(lambda i=i: sampler.sample(batch_size, seed=i), dev) for i in range(batches)]
+    diffusion_s = [
+        _timed(lambda: diffusion_batch(timed), dev) * steps / timed for _ in range(diffusion_batches or batches)
+    ]
+    mean_sample, mean_diffusion = sum(sample_s) / len(sample_s), sum(diffusion_s) / len(diffusion_s)
+    return {
+        "checkpoint": str(ckpt_dir),
+        "stage": sampler.stage,
+        "batch_size": batch_size,
+        "batches": len(sample_s),
+        "diffusion_batches": len(diffusion_s),
+        "diffusion_steps": steps,
+        "diffusion_steps_timed": timed,
+        "sample_batch_s": mean_sample,
+        "diffusion_batch_s": mean_diffusion,
+        "enfe": steps * mean_sample / mean_diffusion,
+        "device": str(dev),
+    }
