@@ -14,7 +14,8 @@ from hdebm_ray.runner import run_in_process
 
 def untrained_distilled(cfg, root: str) -> str:
     """A one-step denoiser checkpoint; a step's cost does not depend on how well D was trained."""
-    cfg = cfg.replace(**{"diffusion.steps": 1, "diffusion.checkpoint_every": 1, "distill.n0_steps": 1})
+    one = {"diffusion.steps": 1, "diffusion.report_every": 1, "diffusion.checkpoint_every": 1, "distill.n0_steps": 1}
+    cfg = cfg.replace(**one)
     _, ck = run_in_process(cfg, "diffusion", f"{root}/d")
     _, ck = run_in_process(cfg, "distill", f"{root}/k", init_dir=ck)
     return str(ck)

@@ -7,6 +7,8 @@ itself. Data travel as numpy arrays (zero-copy, read-only on arrival; the client
 
 from __future__ import annotations
 
+import warnings
+
 import ray
 
 from .bank import BankService, as_numpy
@@ -19,7 +21,10 @@ class BankActor(BankService):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.incarnation = 0
-        if ray.get_runtime_context().was_current_actor_reconstructed:
+        with warnings.catch_warnings():  # Ray 2.60's own property calls its deprecated actor_id
+            warnings.simplefilter("ignore", DeprecationWarning)
+            reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
+        if reconstructed:
             self.incarnation = 1
             self.restore()  # latest snapshot; leases of the old incarnation are void
 

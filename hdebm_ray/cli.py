@@ -91,7 +91,7 @@ def resolve_init_from(cfg, stage: str, given: str | None) -> str | None:
 
 
 def cmd_train(args) -> int:
-    from .launch import fit_stage, init_ray
+    from .launch import fit_stage, init_ray, print_eval_table, running_eval_pool
     from .storage import run_dir
 
     cfg = resolve(args)
@@ -101,7 +101,10 @@ def cmd_train(args) -> int:
     init_from = resolve_init_from(cfg, args.stage, args.init_from)
     prepare_run(cfg)
     init_ray(cfg)
-    out = fit_stage(cfg, args.stage, init_from)
+    with running_eval_pool(cfg) as pool:
+        out = fit_stage(cfg, args.stage, init_from, eval_pool=pool)
+    if pool is not None:
+        print_eval_table(run_dir(cfg))
     print(f"\n{args.stage} finished in {run_dir(cfg)}; checkpoint {out['checkpoint']}")
     return 0
 

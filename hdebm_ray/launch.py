@@ -179,6 +179,7 @@ def running_eval_pool(cfg: Config, **testing):
     if pool is None:
         yield None
         return
+    _warn_if_pool_starves_workers(cfg)
     try:
         yield pool
         pending = ray.get(pool.status.remote())
@@ -240,6 +241,27 @@ def _run_stages(cfg: Config, stages: list[str], eval_pool) -> dict:
         _write_pipeline_state(cfg, state)
         print(f"[pipeline] {stage}: done -> {state[stage]['checkpoint']}", flush=True)
     return state
+
+
+def _warn_if_pool_starves_workers(cfg: Config) -> None:
+    """Eval actors hold their CPUs/GPUs for the whole run: on a cluster that cannot fit them next to the workers,
+    a stage's worker group would wait forever (unless an autoscaler adds nodes)."""
+    import ray
+
+    r, e = cfg.ray, cfg.eval
+    total = ray.cluster_resources()
+    needs = {
+        "CPU": r.num_workers * r.cpus_per_worker + e.actors * e.cpus_per_actor,
+        "GPU": (r.num_workers if r.use_gpu else 0) + e.actors * e.gpus_per_actor,
+    }
+    for res, need in needs.items():
+        if need > total.get(res, 0.0) + 1e-9:
+            print(
+                f"[eval] warning: the workers and {e.actors} eval actor(s) need {need:g} {res} but the cluster has "
+                f"{total.get(res, 0.0):g}; without an autoscaler the workers will wait for the eval actors. Lower "
+                f"eval.actors / eval.cpus_per_actor / eval.gpus_per_actor or ray.num_workers.",
+                flush=True,
+            )
 
 
 def print_eval_table(run_location: str) -> None:

@@ -8,6 +8,7 @@ per tick; the Ray worker (``ray_worker.py``) and the in-process runner only diff
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,6 +91,13 @@ class StageBase:
     def data_images(self) -> torch.Tensor | None:
         """Dataset images logged once next to the sample grids (None: the stage logs no grids)."""
         return None
+
+
+def status(line: str) -> None:
+    """One status line on stdout. Not ``print``: Ray Train patches print in workers to log *and* echo, which
+    shows every line twice in the driver's output."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def barrier() -> None:

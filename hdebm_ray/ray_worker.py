@@ -19,7 +19,7 @@ from .bank_actor import ActorBankClient
 from .checkpoint import save_checkpoint
 from .config import from_dict
 from .eval_pool import LatestEval
-from .loop import WorkerContext, run_loop
+from .loop import WorkerContext, run_loop, status
 from .runner import StageLogger, checkpoint_meta, restore, seed_steps
 from .stages import build_stage
 
@@ -62,7 +62,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             meta = restore(stage, d, ctx.device)
         start, last_metrics = int(meta["step"]), meta.get("metrics", {})
         if rank == 0:
-            print(f"[{stage.name}] resumed from {ckpt.path} at step {start}", flush=True)
+            status(f"[{stage.name}] resumed from {ckpt.path} at step {start}")
     seed_steps(cfg, rank, start)
 
     logger = StageLogger(stage, loop_config.get("log_dir"), enabled=rank == 0)

@@ -15,7 +15,7 @@ import torch
 from .bank import BankService, LocalBankClient
 from .checkpoint import load_meta, load_states, save_checkpoint
 from .config import Config
-from .loop import WorkerContext, run_loop
+from .loop import WorkerContext, run_loop, status
 from .stages import BANK_SPECS, build_stage
 from .storage import is_uri, upload
 
@@ -88,12 +88,9 @@ class StageLogger:
             if self.upload_to:
                 upload(self.writer.log_dir, self.upload_to)
         losses = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k.startswith("Loss/"))
-        sps = metrics.get("Timing/sec_per_step", float("nan"))
-        print(
-            f"[{self.stage.name}] step {step}/{self.stage.total_steps} kimg {nimg / 1000:.1f} {losses} "
-            f"sec/step {sps:.3f}",
-            flush=True,
-        )
+        sps = metrics.get("Timing/sec_per_step")
+        timing = f" sec/step {sps:.3f}" if sps is not None else ""  # none: a stage with nothing to train
+        status(f"[{self.stage.name}] step {step}/{self.stage.total_steps} kimg {nimg / 1000:.1f} {losses}{timing}")
 
     def _log_images(self, nimg: int) -> None:
         from .images import grid_image

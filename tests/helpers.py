@@ -41,6 +41,10 @@ TINY = [
     "stage2.langevin_steps=5",
     "network.energy.width=16",
     "network.generator.width=16",
+    # cheap evaluation wherever a preset runs eval actors
+    "eval.features=raw",
+    "eval.num_samples=64",
+    "eval.image_grid=16",
 ]
 
 

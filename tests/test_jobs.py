@@ -7,6 +7,7 @@ is stopped at the end.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -83,7 +84,8 @@ def test_pipeline_job_succeeds_and_writes_its_run_directory(local_head, tmp_path
     from ray.job_submission import JobStatus
 
     storage = str(tmp_path)
-    overrides = small_digits_overrides(storage, "jobrun")[1:] + TINY  # storage comes from HDEBM_STORAGE
+    # storage comes from HDEBM_STORAGE; the digits preset's eval actor scores Stage 1/2 (raw features in TINY)
+    overrides = small_digits_overrides(storage, "jobrun")[1:] + TINY + [f"data.path={tmp_path / 'data'}"]
     args = ["--preset", "digits"] + [a for o in overrides for a in ("--set", o)]
     done = submit({**local_head, "HDEBM_STORAGE": storage}, "submit_pipeline.sh", "hdebm-ok", args)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -96,6 +98,8 @@ def test_pipeline_job_succeeds_and_writes_its_run_directory(local_head, tmp_path
         assert list((run / "tb" / stage).glob("events.out.tfevents.*")), stage
         assert (run / "samples" / f"{stage}.png").stat().st_size > 0
     assert (run / "pipeline.json").is_file() and (run / "config.yaml").is_file()
+    scored = [json.loads(line)["stage"] for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert sorted(scored) == ["stage1", "stage1", "stage2", "stage2"]  # TINY: 2 checkpoints each
 
 
 def test_long_job_stops_on_ray_job_stop_and_leaves_nothing_running(local_head, tmp_path):

@@ -40,14 +40,12 @@ def test_two_worker_trainer_checkpoints_and_resumes(ray_local, tmp_path):
     assert (w2 - w1).abs().max() < 0.05
 
 
-EVAL_POOL = ["eval.actors=1", "eval.features=raw", "eval.num_samples=64", "eval.image_grid=16"]
-
-
 def test_pipeline_runs_all_stages_with_the_bank_actor_and_skips_finished_stages(ray_local, tmp_path):
     # A file:// storage URI takes the object-store path (pyarrow filesystems, as for s3:// and gs://) end to end:
     # checkpoints, chaining stages, bank snapshots, TensorBoard uploads, sample grids, eval results and
     # pipeline.json.
-    overrides = small_digits_overrides(f"file://{tmp_path}", "pipe") + TINY + EVAL_POOL + [f"data.path={tmp_path}"]
+    # TINY scores checkpoints with the digits preset's eval actor on raw features
+    overrides = small_digits_overrides(f"file://{tmp_path}", "pipe") + TINY + [f"data.path={tmp_path}"]
     cfg = load_config("digits", overrides=overrides)
     state = run_pipeline(cfg)
     assert all(entry["checkpoint"].startswith(f"file://{tmp_path}/pipe/") for entry in state.values())

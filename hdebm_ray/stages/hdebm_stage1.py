@@ -16,7 +16,7 @@ import torch
 from ..config import Config
 from ..ebm import HatGenerator
 from ..langevin import StepStats, sample_residual
-from ..loop import StageBase, WorkerContext, barrier
+from ..loop import StageBase, WorkerContext, barrier, status
 from ..losses import generator_loss
 from ..networks import sample_shape
 from ..optim import adam_with_schedule, ema_model, layerwise_clip_
@@ -92,7 +92,7 @@ class Stage1(StageBase):
                 bank_step = self.bank.restore(start_step)
                 self.summary_state["bank_restores"].append({"checkpoint_step": start_step, "bank_step": bank_step})
                 if bank_step is None:
-                    print(f"[stage1] no bank snapshot for step {start_step}; refilling from G", flush=True)
+                    status(f"[stage1] no bank snapshot for step {start_step}; refilling from G")
                     self.fill_bank()
         barrier()
 
