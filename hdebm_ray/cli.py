@@ -255,6 +255,21 @@ def cmd_enfe(args) -> int:
     return 0
 
 
+def cmd_ood(args) -> int:
+    """AUROC of a checkpoint's energy as an out-of-distribution score; prints one JSON line."""
+    import json
+
+    import torch
+
+    from .ood import ood_auroc
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = ood_auroc(args.checkpoint, args.in_source, args.out_source, args.n, device=device)
+    print(f"[ood] {result['stage']}: {result['in']} vs {result['out']}: AUROC {result['auroc']:.4f}", flush=True)
+    print(json.dumps(result))
+    return 0
+
+
 def cmd_presets(args) -> int:
     for name in preset_names():
         print(name)
@@ -340,6 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="default: cuda if available")
     p.set_defaults(fn=cmd_enfe)
+
+    p = sub.add_parser("ood", help="AUROC of a checkpoint's energy as an out-of-distribution score")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--in", dest="in_source", help="in-distribution images (default: the checkpoint's dataset)")
+    p.add_argument(
+        "--out", dest="out_source", required=True, help="uniform, gaussian, constant, or a dataset (image_folder:PATH)"
+    )
+    p.add_argument("--n", type=int, default=2000, help="images per side")
+    p.add_argument("--device", help="default: cuda if available")
+    p.set_defaults(fn=cmd_ood)
 
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(fn=cmd_presets)

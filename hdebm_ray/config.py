@@ -23,6 +23,7 @@ from .config_schema import (
     DiffusionSection,
     DistillSection,
     EvalSection,
+    MEBMSection,
     NetworkSection,
     RaySection,
     RunSection,
@@ -45,6 +46,7 @@ class Config:
     distill: DistillSection = DistillSection()
     stage1: Stage1Section = Stage1Section()
     stage2: Stage2Section = Stage2Section()
+    mebm: MEBMSection = MEBMSection()
     eval: EvalSection = EvalSection()
 
     def to_dict(self) -> dict:
@@ -190,7 +192,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'distill.n0_steps' = {n0} must be a power of two that divides diffusion.T_trunc = {d.T_trunc}"
         )
-    for section in ("diffusion", "distill", "stage1", "stage2"):
+    for section in ("diffusion", "distill", "stage1", "stage2", "mebm"):
         sec = getattr(cfg, section)
         if sec.batch_size % n != 0:
             raise ConfigError(

@@ -173,6 +173,39 @@ class Stage2Section:
 
 
 @dataclass(frozen=True)
+class SGLDSection:
+    steps: int = knob(10, lo=1, doc="K")
+    step_size: float = knob(1.0, lo=0.0, lo_open=True, doc="alpha: drift alpha * grad E")
+    noise_std: float = knob(0.001, lo=0.0, doc="sigma")
+    drift_clip: float = knob(0.0, lo=0.0, doc="per-sample L2 bound on the drift; 0 = off")
+
+
+@dataclass(frozen=True)
+class MEBMSection:
+    """M-EBM (Yang & Ji): SGLD from a replay buffer re-initialised from p0 = N(mu, Sigma) of the data."""
+
+    steps: int = knob(2000, lo=1)
+    batch_size: int = knob(64, lo=1)
+    sgld: SGLDSection = SGLDSection()
+    sample_steps: int = knob(0, lo=0, doc="SGLD steps from p0 when sampling a checkpoint; 0 = sgld.steps (K)")
+    buffer_size: int = knob(10000, lo=1)
+    reinit_prob: float = knob(0.05, lo=0.0, hi=1.0, doc="rho: chains started from p0 instead of the buffer")
+    energy_l2: float = knob(0.1, lo=0.0, doc="alpha_reg: weight of E(x+)^2 + E(x-)^2")
+    p0_max_full_dim: int = knob(4096, lo=1, doc="full covariance up to this many dimensions, low rank above")
+    p0_rank: int = knob(512, lo=1, doc="principal directions of the low-rank p0")
+    lr: float = knob(1e-4, lo=0.0, lo_open=True)
+    lr_schedule: str = knob("constant", choices=("constant", "cosine"))
+    warmup_steps: int = knob(0, lo=0)
+    grad_clip: float = knob(0.0, lo=0.0)
+    data_jitter: float = knob(0.0, lo=0.0)
+    mad_filter: bool = knob(False)
+    mad_k: float = knob(6.0, lo=0.0, lo_open=True)
+    ema_halflife_kimg: float = knob(10.0, lo=0.0)
+    report_every: int = knob(50, lo=1)
+    checkpoint_every: int = knob(500, lo=1)
+
+
+@dataclass(frozen=True)
 class EvalSection:
     features: str = knob(
         "inception",
@@ -189,8 +222,8 @@ class EvalSection:
     cpus_per_actor: float = knob(1.0, lo=0.0)
     gpus_per_actor: float = knob(0.0, lo=0.0, doc="a GPU share each eval actor reserves beyond the workers'")
     stages: tuple[str, ...] = knob(
-        ("stage1", "stage2"),
-        choices=("diffusion", "distill", "stage1", "stage2"),
+        ("stage1", "stage2", "mebm"),
+        choices=("diffusion", "distill", "stage1", "stage2", "mebm"),
         doc="stages whose checkpoints the eval actors score",
     )
     image_grid: int = knob(64, lo=0, doc="samples in the fixed-latent TensorBoard grids at each checkpoint (0 = none)")

@@ -33,11 +33,13 @@ def measure_enfe(
     device="cpu",
     warmup: int = 1,
     diffusion_steps_timed: int | None = None,
+    timer=None,
 ) -> dict:
     """Time ``batches`` sampler batches and ``diffusion_batches`` (default: as many) 1000-step DDIM batches.
 
     ``diffusion_steps_timed`` (a divisor of 1000) times a DDIM chain of that many steps over the same range and
     scales it to 1000 steps: every step is one network call on the same batch, so the cost is linear in steps.
+    ``timer(fn, device) -> cost`` measures one batch (default: wall seconds, CUDA synchronised).
     """
     from .sampling import Sampler
 
@@ -54,10 +56,10 @@ def measure_enfe(
     for i in range(warmup):
         sampler.sample(batch_size, seed=10_000 + i)
         diffusion_batch(min(timed, 10 if steps % 10 == 0 else timed))
-    sample_s = [_timed(lambda i=i: sampler.sample(batch_size, seed=i), dev) for i in range(batches)]
-    diffusion_s = [
-        _timed(lambda: diffusion_batch(timed), dev) * steps / timed for _ in range(diffusion_batches or batches)
-    ]
+    timer = timer or _timed
+    sample_s = [timer(lambda i=i: sampler.sample(batch_size, seed=i), dev) for i in range(batches)]
+    scale = steps / timed
+    diffusion_s = [timer(lambda: diffusion_batch(timed), dev) * scale for _ in range(diffusion_batches or batches)]
     mean_sample, mean_diffusion = sum(sample_s) / len(sample_s), sum(diffusion_s) / len(diffusion_s)
     return {
         "checkpoint": str(ckpt_dir),

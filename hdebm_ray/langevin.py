@@ -88,6 +88,16 @@ def sample_langevin(
     return x
 
 
+def langevin_step_with_graph(energy: nn.Module, x: torch.Tensor, drift_coef: float, noise_std: float):
+    """One update x − c·∇E_θ(x) + s·ξ that keeps the graph to θ (Improved CD's x̂⁻): the drift is
+    differentiated with ``create_graph``, so a loss on the result reaches θ through the sampler."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        grad = torch.autograd.grad(energy(x).sum(), x, create_graph=True)[0]
+    out = x.detach() - drift_coef * grad
+    return out + noise_std * torch.randn_like(out) if noise_std > 0 else out
+
+
 def sample_residual(
     energy: nn.Module,
     x_base: torch.Tensor,

@@ -1,5 +1,5 @@
-"""Losses shared by the EBM algorithms: the contrastive-divergence EBM loss with the MAD filter, and HDEBM's
-generator regression onto banked Langevin samples (ALGORITHMS §1, §5)."""
+"""Losses shared by the EBM algorithms: the contrastive-divergence EBM loss with the MAD filter, HDEBM's
+generator regression onto banked Langevin samples, and Improved CD's KL term (ALGORITHMS §1, §5, §8)."""
 
 from __future__ import annotations
 
@@ -34,3 +34,16 @@ def generator_loss(x_full, x_raw, target, beta1: float, beta2: float, scale: flo
     if beta2:
         loss = loss + beta2 * masked_mse(x_raw, target, mask)
     return scale * loss
+
+
+def nearest_neighbour_entropy(samples: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The nearest-neighbour entropy estimate up to constants: mean log L2 distance from each sample to its nearest
+    neighbour in ``reference`` (Improved CD: 100 past buffer samples). Larger when samples spread out."""
+    distances = torch.cdist(samples.flatten(1), reference.flatten(1).detach())
+    return torch.log(distances.min(dim=1).values + 1e-8).mean()
+
+
+def kl_loss(frozen_energy, x_hat: torch.Tensor, reference: torch.Tensor, entropy_weight: float = 1.0):
+    """Improved CD's L_KL = E_frozen(x̂⁻) − w·H_NN(x̂⁻): ``x_hat`` carries the graph of the last Langevin step to θ,
+    ``frozen_energy`` (a copy of E with no gradients) only scores it, so θ learns through the sampler alone."""
+    return frozen_energy(x_hat).mean() - entropy_weight * nearest_neighbour_entropy(x_hat, reference)

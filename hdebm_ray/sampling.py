@@ -5,6 +5,7 @@
   distilled step (distill) — the "re-imagination" G2 performs inside HDEBM.
 - ``stage1``: fresh z1, z2, X = G(z1, z2) + Y_K after K Langevin steps on Y (the training sampler, ALGORITHMS §7).
 - ``stage2``: the joint sampler on (Y, z1, z2) of Stage 2.
+- ``mebm``: ``mebm.sample_steps`` SGLD steps from M-EBM's p0 = N(μ, Σ).
 Samples are clipped to [-1, 1]; ``images.save_grid`` writes them (toy2d as a scatter plot).
 """
 
@@ -19,12 +20,14 @@ from .config import Config
 from .data import build_dataset
 from .diffusion import CosineSchedule, ddim_sample, noise_to_truncation
 from .ebm import HatGenerator
+from .gaussian_init import GaussianInit
 from .images import save_grid  # noqa: F401 - sampling's public API: sample, then save
 from .langevin import sample_joint
 from .networks import build_denoiser, build_energy, build_generator, sample_shape
 from .stages.hdebm_common import latents
 from .stages.hdebm_stage1 import sample_stage1
 from .stages.hdebm_stage2 import joint_sampler_kwargs
+from .stages.mebm import sgld_chain
 
 
 class Sampler:
@@ -39,6 +42,7 @@ class Sampler:
             "distill": ["denoiser"],
             "stage1": ["denoiser", "generator", "energy"],
             "stage2": ["denoiser", "generator", "energy"],
+            "mebm": ["energy", "p0"],
         }
         if self.stage not in names:
             raise ValueError(f"checkpoint '{ckpt_dir}' is of stage {self.stage!r}, which has no sampler")
@@ -48,6 +52,11 @@ class Sampler:
             ema = load_states(ckpt_dir, ema_names, map_location=self.device)
             for n in ema_names:  # AveragedModel state: "module.<key>" plus n_averaged
                 states[n[:-4]] = {k[7:]: v for k, v in ema[n].items() if k.startswith("module.")}
+        if "p0" in states:  # M-EBM: an energy and its Gaussian initialisation, no denoiser
+            self.p0 = GaussianInit.from_state_dict(states["p0"])
+            self.energy = build_energy(self.cfg).to(self.device).eval()
+            self.energy.load_state_dict(states["energy"])
+            return
         d = self.cfg.diffusion
         self.schedule = CosineSchedule(d.T, d.cosine_s)
         self.denoiser = build_denoiser(self.cfg).to(self.device).eval()
@@ -82,6 +91,11 @@ class Sampler:
         return self.hat(*self._latents(n, seed)).clamp(-1, 1)
 
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:
+        if self.stage == "mebm":
+            x0 = self.p0.sample(n, generator=torch.Generator(device=self.device).manual_seed(seed), device=self.device)
+            torch.manual_seed(seed)
+            s = self.cfg.mebm
+            return sgld_chain(self.energy, x0, s.sgld, steps=s.sample_steps).clamp(-1, 1)
         t_trunc = self.cfg.diffusion.T_trunc
         if self.stage in ("diffusion", "distill"):
             x = self._data(n, seed)

@@ -39,6 +39,12 @@ TINY = [
     "stage2.checkpoint_every=1",
     "stage2.batch_size=16",
     "stage2.langevin_steps=5",
+    "mebm.steps=4",
+    "mebm.report_every=2",
+    "mebm.checkpoint_every=2",
+    "mebm.batch_size=16",
+    "mebm.buffer_size=64",
+    "mebm.sgld.steps=3",
     "network.energy.width=16",
     "network.generator.width=16",
     # cheap evaluation wherever a preset runs eval actors

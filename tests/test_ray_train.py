@@ -70,6 +70,29 @@ def test_pipeline_runs_all_stages_with_the_bank_actor_and_skips_finished_stages(
     assert again["stage2"]["checkpoint"] == state["stage2"]["checkpoint"]
 
 
+def test_mebm_trains_with_two_workers_on_the_replay_buffer_actor(ray_local, tmp_path):
+    cfg = load_config(
+        "digits",
+        overrides=small_digits_overrides(str(tmp_path), "mebm") + TINY + [f"data.path={tmp_path / 'data'}"],
+    )
+    out = fit_stage(cfg, "mebm")
+    meta = load_meta(out["checkpoint"])
+    assert meta["done"] and meta["step"] == 4
+    p0 = load_states(out["checkpoint"], ["p0"])["p0"]  # the fitted p0 rides in the checkpoint as plain tensors
+    assert p0["mean"].shape == (256,) and p0["factor"].shape == (256, 256)
+    # the replay buffer actor snapshotted its chains next to each checkpoint
+    run = Path(tmp_path) / "mebm"
+    assert sorted(p.name for p in (run / "mebm" / "bank").glob("*.arrow")) == [
+        "bank_step_0000000002.arrow",
+        "bank_step_0000000004.arrow",
+    ]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb" / "mebm"))
+    acc.Reload()
+    assert {"Loss/energy", "Bank/reinit_fraction", "Langevin/drift_norm"} <= set(acc.Tags()["scalars"])
+
+
 def check_tensorboard(run: Path) -> None:
     """Every scalar group, the fixed-latent grids and Eval/fid at each checkpoint's images seen, read back with
     TensorBoard's own EventAccumulator."""

@@ -17,7 +17,10 @@ from ..toy_metrics import mode_coverage
 TOY_EVAL_SAMPLES = 1000
 
 
-def energy_trainer(cfg: Config, ctx: WorkerContext, section, lr: float, temperature: float) -> EnergyTrainer:
+def energy_trainer(
+    cfg: Config, ctx: WorkerContext, section, lr: float, temperature: float, energy_l2: float = 0.0
+) -> EnergyTrainer:
+    """H's trainer from a stage section's optimiser, schedule, clipping, jitter, MAD and EMA settings."""
     return EnergyTrainer(
         build_energy(cfg),
         ctx,
@@ -31,6 +34,7 @@ def energy_trainer(cfg: Config, ctx: WorkerContext, section, lr: float, temperat
         mad_k=section.mad_k if section.mad_filter else None,
         ema_halflife_kimg=section.ema_halflife_kimg,
         batch_size=section.batch_size,
+        energy_l2=energy_l2,
     )
 
 

@@ -1,0 +1,88 @@
+"""M-EBM's informative initialisation p0 = N(μ, Σ): one Gaussian fitted to the whole training set (ALGORITHMS §8).
+
+Σ is kept as a factor: Σ = F·Fᵀ + diag(d). Up to ``max_full_dim`` dimensions F is the Cholesky factor of the full
+sample covariance (d = 0 apart from a tiny jitter). Above it the full matrix would not fit (128×128×3 images:
+49152² floats ≈ 10 GB), so F holds the top ``rank`` principal directions (randomised SVD of the centred data) and
+d the variance they leave unexplained per pixel: the approximation keeps every pixel's variance exactly and the
+strongest correlations, and drops the weak long tail of the spectrum. Sampling is μ + F·u + √d ⊙ v, u, v ~ N(0, I).
+The fit is cached as plain tensors next to the dataset, like the FID reference features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class GaussianInit:
+    mean: torch.Tensor  # (D,)
+    factor: torch.Tensor  # (D, r)
+    diag: torch.Tensor  # (D,) variance not explained by the factor
+    shape: tuple[int, ...]  # one sample's shape
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """The (D×D) covariance this p0 samples from (only for small D: tests and diagnostics)."""
+        return self.factor @ self.factor.T + torch.diag(self.diag)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        device = device or self.mean.device
+        f, d, m = self.factor.to(device), self.diag.to(device), self.mean.to(device)
+        u = torch.randn(n, f.shape[1], generator=generator, device=device, dtype=f.dtype)
+        v = torch.randn(n, m.shape[0], generator=generator, device=device, dtype=f.dtype)
+        x = m + u @ f.T + d.sqrt() * v
+        return x.float().reshape(n, *self.shape)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "mean": self.mean,
+            "factor": self.factor,
+            "diag": self.diag,
+            "shape": torch.tensor(self.shape, dtype=torch.long),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> GaussianInit:
+        return cls(state["mean"], state["factor"], state["diag"], tuple(int(s) for s in state["shape"]))
+
+
+def fit_gaussian(x: torch.Tensor, max_full_dim: int = 4096, rank: int = 512, seed: int = 0) -> GaussianInit:
+    """Fit N(μ, Σ) to samples ``x`` (N×...); full covariance up to ``max_full_dim`` dimensions, else low rank."""
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError("fitting p0 needs at least 2 samples")
+    flat = x.reshape(n, -1).double()
+    mean = flat.mean(0)
+    centred = flat - mean
+    dim = flat.shape[1]
+    variance = centred.pow(2).sum(0) / (n - 1)
+    if dim <= max_full_dim:
+        cov = centred.T @ centred / (n - 1)
+        # A jitter relative to the average variance keeps Cholesky defined when N < D or pixels are constant.
+        jitter = 1e-6 * float(variance.mean().clamp_min(1e-12))
+        factor = torch.linalg.cholesky(cov + jitter * torch.eye(dim, dtype=cov.dtype))
+        diag = torch.zeros(dim, dtype=cov.dtype)
+    else:
+        q = min(rank, n - 1, dim)
+        torch.manual_seed(seed)  # svd_lowrank's random projection
+        _, s, v = torch.svd_lowrank(centred, q=q, niter=4)
+        factor = v * (s / (n - 1) ** 0.5)
+        diag = (variance - factor.pow(2).sum(1)).clamp_min(1e-12)
+    return GaussianInit(mean, factor, diag, tuple(x.shape[1:]))
+
+
+def cached_gaussian(dataset, cache_dir: str | Path, name: str, max_full_dim: int, rank: int) -> GaussianInit:
+    """p0 of a whole dataset of (image, label) items, fitted once and cached as ``<cache_dir>/<name>.pt``."""
+    path = Path(cache_dir) / f"{name}.pt"
+    if path.is_file():
+        return GaussianInit.from_state_dict(torch.load(path, weights_only=True))
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    p0 = fit_gaussian(images, max_full_dim, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(p0.state_dict(), tmp)
+    tmp.replace(path)
+    return p0
