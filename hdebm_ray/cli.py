@@ -172,14 +172,12 @@ def cmd_eval(args) -> int:
     """FID / KID of one checkpoint, or of every checkpoint of a run not evaluated yet (results kept per run)."""
     from pathlib import Path
 
-    import torch
-
     from .checkpoint import load_config_of
-    from .fid import FeatureSpace, evaluate_checkpoint, evaluated, record
+    from .fid import FeatureSpaces, evaluate_checkpoint, evaluated, record
+    from .sampling import default_device
 
     todo = checkpoints_to_evaluate(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    spaces = {}
+    spaces = FeatureSpaces(default_device(args.device))
     for ckpt in todo:
         run_location = str(Path(ckpt).resolve().parent.parent)
         if not args.force and str(ckpt) in evaluated(run_location):
@@ -187,10 +185,7 @@ def cmd_eval(args) -> int:
             continue
         base = load_config_of(ckpt)
         cfg = base.replace(**dict(parse_override(o) for o in args.set)) if args.set else base
-        key = (cfg.data, cfg.eval)
-        if key not in spaces:
-            spaces[key] = FeatureSpace(cfg, device)
-        result = evaluate_checkpoint(ckpt, spaces[key], args.n or cfg.eval.num_samples, seed=args.seed)
+        result = evaluate_checkpoint(ckpt, spaces(cfg), args.n or cfg.eval.num_samples, seed=args.seed)
         record(run_location, result)
         print(
             f"[eval] {result['stage']} step {result['step']}: FID {result['fid']:.4g}  KID {result['kid']:.4g}  "
@@ -217,11 +212,9 @@ def cmd_dataset_convert(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import torch
+    from .sampling import Sampler, default_device, save_grid
 
-    from .sampling import Sampler, save_grid
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     sampler = Sampler(args.checkpoint, device=device, use_ema=args.ema)
     out = save_grid(sampler.sample(args.n, seed=args.seed), args.out, sampler.cfg)
     print(f"wrote {args.n} {sampler.stage} samples to {out}")
@@ -232,11 +225,10 @@ def cmd_enfe(args) -> int:
     """Equivalent NFE of a checkpoint's sampler (ALGORITHMS §7); prints one JSON line."""
     import json
 
-    import torch
-
     from .enfe import measure_enfe
+    from .sampling import default_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     result = measure_enfe(
         args.checkpoint,
         args.batches,
@@ -259,11 +251,10 @@ def cmd_ood(args) -> int:
     """AUROC of a checkpoint's energy as an out-of-distribution score; prints one JSON line."""
     import json
 
-    import torch
-
     from .ood import ood_auroc
+    from .sampling import default_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     result = ood_auroc(args.checkpoint, args.in_source, args.out_source, args.n, device=device)
     print(f"[ood] {result['stage']}: {result['in']} vs {result['out']}: AUROC {result['auroc']:.4f}", flush=True)
     print(json.dumps(result))

@@ -192,6 +192,12 @@ def build_dataset(cfg: Config) -> Dataset:
     raise DatasetError(f"unknown data.dataset {d.dataset!r}")
 
 
+def random_images(dataset: Dataset, n: int, seed: int = 0) -> torch.Tensor:
+    """The images of ``n`` items (all, if fewer) in a random order fixed by ``seed``."""
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    return torch.stack([dataset[int(i)][0] for i in idx])
+
+
 def check_data_available(cfg: Config) -> None:
     """Open the dataset once in the driver so a missing folder fails before any worker starts."""
     ds = build_dataset(cfg)

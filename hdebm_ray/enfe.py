@@ -41,11 +41,11 @@ def measure_enfe(
     scales it to 1000 steps: every step is one network call on the same batch, so the cost is linear in steps.
     ``timer(fn, device) -> cost`` measures one batch (default: wall seconds, CUDA synchronised).
     """
+    from .networks import sample_shape
     from .sampling import Sampler
 
     sampler = Sampler(ckpt_dir, device=device)
-    dev = sampler.device
-    shape = sampler.sample(1).shape[1:]
+    dev, shape = sampler.device, sample_shape(sampler.cfg)
     schedule, denoiser, steps = sampler.schedule, sampler.denoiser, sampler.schedule.T
     timed = diffusion_steps_timed or steps
 

@@ -36,28 +36,25 @@ class EvalActor:
     """Samples a checkpoint with its stage's sampler and scores it; keeps one feature extractor per dataset."""
 
     def __init__(self, hold_until: str | None = None):
-        self.spaces: dict = {}
+        from .fid import FeatureSpaces
+        from .sampling import default_device
+
+        self.spaces = FeatureSpaces(default_device())
         self.hold_until = hold_until  # testing aid: evaluations wait until this file exists
 
     def pid(self) -> int:
         return os.getpid()
 
     def evaluate(self, checkpoint: str, num_samples: int, seed: int) -> dict:
-        import torch
-
         from .checkpoint import load_config_of
-        from .fid import FeatureSpace, evaluate_checkpoint
+        from .fid import evaluate_checkpoint
         from .storage import local_dir
 
         while self.hold_until and not os.path.exists(self.hold_until):
             time.sleep(0.05)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         with local_dir(checkpoint) as d:
             cfg = load_config_of(d)
-            key = (cfg.data, cfg.eval)
-            if key not in self.spaces:
-                self.spaces[key] = FeatureSpace(cfg, device)
-            result = evaluate_checkpoint(d, self.spaces[key], num_samples or cfg.eval.num_samples, seed)
+            result = evaluate_checkpoint(d, self.spaces(cfg), num_samples or cfg.eval.num_samples, seed)
         return {**result, "checkpoint": checkpoint}
 
 
@@ -85,7 +82,6 @@ class EvalPool:
         self.done = evaluated(run_location)
         # Checkpoints of this run without a result (a previous driver died before they were scored).
         self.queue = collections.deque(c for c in run_checkpoints(run_location, stages) if c not in self.done)
-        self.queued = set(self.queue)
         self.running: set[str] = set()
         self.results: list[dict] = []
         self.failures: list[dict] = []
@@ -105,10 +101,9 @@ class EvalPool:
     async def submit(self, checkpoint: str) -> bool:
         """Queue a checkpoint; False if it has a result, is queued or is being scored already."""
         self._start()
-        if checkpoint in self.done or checkpoint in self.queued or checkpoint in self.running:
+        if checkpoint in self.done or checkpoint in self.queue or checkpoint in self.running:
             return False
         self.queue.append(checkpoint)
-        self.queued.add(checkpoint)
         self.wake.set()
         return True
 
@@ -119,7 +114,6 @@ class EvalPool:
                 await self.wake.wait()
                 continue
             ckpt = self.queue.popleft()
-            self.queued.discard(ckpt)
             self.running.add(ckpt)
             try:
                 await self._evaluate(index, ckpt)
@@ -127,25 +121,29 @@ class EvalPool:
                 self.running.discard(ckpt)
                 self.wake.set()  # drain() waits on this too
 
-    async def _evaluate(self, index: int, ckpt: str) -> None:
-        from .fid import record
-
+    async def _score(self, index: int, ckpt: str) -> dict | None:
+        """Actor ``index``'s result for ``ckpt``, again on the restarted actor if it dies; None (a failure noted)
+        if it cannot be scored."""
         for attempt in range(1, self.max_attempts + 1):
             try:
-                result = await self.actors[index].evaluate.remote(ckpt, self.num_samples, self.seed)
-                break
+                return await self.actors[index].evaluate.remote(ckpt, self.num_samples, self.seed)
             except ray.exceptions.RayActorError as err:  # the actor died mid-evaluation: Ray restarts it
                 self.actor_deaths += 1
                 print(f"[eval] actor {index} died scoring {ckpt} (attempt {attempt}): {err}", flush=True)
-                failure = {"checkpoint": ckpt, "error": f"eval actor died {attempt} times"}
                 await self._until_alive(index)
             except Exception:  # noqa: BLE001 - e.g. a checkpoint removed by retention before its turn
-                failure = {"checkpoint": ckpt, "error": traceback.format_exc(limit=3)}
-                print(f"[eval] could not score {ckpt}:\n{failure['error']}", flush=True)
-                self.failures.append(failure)
-                return
-        else:
-            self.failures.append(failure)
+                error = traceback.format_exc(limit=3)
+                print(f"[eval] could not score {ckpt}:\n{error}", flush=True)
+                self.failures.append({"checkpoint": ckpt, "error": error})
+                return None
+        self.failures.append({"checkpoint": ckpt, "error": f"eval actor died {self.max_attempts} times"})
+        return None
+
+    async def _evaluate(self, index: int, ckpt: str) -> None:
+        from .fid import record
+
+        result = await self._score(index, ckpt)
+        if result is None:
             return
         result["evaluated_at"] = time.time()
         async with self.record_lock:  # one writer of eval.jsonl at a time

@@ -83,7 +83,7 @@ class FeatureSpace:
 
     def reference(self) -> np.ndarray:
         """The dataset's features, cached as .npz (computed on first use)."""
-        from .data import build_dataset
+        from .data import build_dataset, random_images
 
         d = self.cfg.data
         name = (
@@ -94,14 +94,25 @@ class FeatureSpace:
             return np.load(path)["features"]
         ds = build_dataset(self.cfg)
         n = len(ds) if self.cfg.eval.ref_samples <= 0 else min(len(ds), self.cfg.eval.ref_samples)
-        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n]
-        images = torch.stack([ds[int(i)][0] for i in idx])
-        feats = self.of_samples(images)
+        feats = self.of_samples(random_images(ds, n, seed=0))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, features=feats, mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
         tmp.replace(path)
         return feats
+
+
+class FeatureSpaces:
+    """One ``FeatureSpace`` per dataset + eval settings, built on first use and kept across checkpoints."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device, self.spaces = device, {}
+
+    def __call__(self, cfg: Config) -> FeatureSpace:
+        key = (cfg.data, cfg.eval)
+        if key not in self.spaces:
+            self.spaces[key] = FeatureSpace(cfg, self.device)
+        return self.spaces[key]
 
 
 def sample_checkpoint(ckpt_dir, n: int, batch: int, device, seed: int = 0):
@@ -111,12 +122,13 @@ def sample_checkpoint(ckpt_dir, n: int, batch: int, device, seed: int = 0):
     from .sampling import Sampler
 
     sampler = Sampler(ckpt_dir, device=device)
-    final, base = [], []
+    final, starts = [], []
     for i in range(0, n, batch):
-        final.append(sampler.sample(min(batch, n - i), seed=seed + i).cpu())
-        if sampler.has_generator:
-            base.append(sampler.base(min(batch, n - i), seed=seed + i).cpu())
-    return torch.cat(final), (torch.cat(base) if base else None), load_meta(ckpt_dir)
+        x, start = sampler.sample_with_start(min(batch, n - i), seed=seed + i)
+        final.append(x.cpu())
+        if start is not None:
+            starts.append(start.cpu())
+    return torch.cat(final), (torch.cat(starts) if starts else None), load_meta(ckpt_dir)
 
 
 def evaluate_checkpoint(ckpt_dir: str | Path, space: FeatureSpace, num_samples: int, seed: int = 0) -> dict:

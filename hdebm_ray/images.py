@@ -28,6 +28,14 @@ def grid_image(x: torch.Tensor, cfg: Config | None = None) -> torch.Tensor:
     return grid.expand(3, -1, -1) if grid.shape[0] == 1 else grid
 
 
+def data_grid(cfg: Config) -> torch.Tensor:
+    """The first ``eval.image_grid`` dataset images: the reference frame next to the sample grids."""
+    from .data import build_dataset
+
+    ds = build_dataset(cfg)
+    return torch.stack([ds[i][0] for i in range(min(cfg.eval.image_grid, len(ds)))])
+
+
 def save_grid(x: torch.Tensor, path: str | Path, cfg: Config | None = None) -> Path:
     """``grid_image`` as a PNG file."""
     from torchvision.utils import save_image

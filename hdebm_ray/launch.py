@@ -39,9 +39,7 @@ def init_ray(cfg: Config) -> None:
     if address == "local":
         # Eval actors hold their CPUs for the whole run: count them on top of the workers (logical CPUs), or the
         # next stage's workers could never be placed next to them on a small machine.
-        r, e = cfg.ray, cfg.eval
-        needed = r.num_workers * r.cpus_per_worker + e.actors * e.cpus_per_actor
-        num_cpus = max(os.cpu_count() or 1, math.ceil(needed))
+        num_cpus = max(os.cpu_count() or 1, math.ceil(resources_needed(cfg)["CPU"]))
     ray.init(
         address=address,
         namespace=NAMESPACE,
@@ -50,6 +48,15 @@ def init_ray(cfg: Config) -> None:
         runtime_env=None if in_job else env,
     )
     storage.check_shared_storage(cfg, num_nodes=sum(1 for n in ray.nodes() if n.get("Alive")))
+
+
+def resources_needed(cfg: Config) -> dict[str, float]:
+    """CPUs and GPUs a stage's workers and the run's eval actors hold at the same time."""
+    r, e = cfg.ray, cfg.eval
+    return {
+        "CPU": r.num_workers * r.cpus_per_worker + e.actors * e.cpus_per_actor,
+        "GPU": (r.num_workers if r.use_gpu else 0) + e.actors * e.gpus_per_actor,
+    }
 
 
 def trainer_for(
@@ -198,14 +205,12 @@ def write_sample_grid(cfg: Config, checkpoint: str, out: str, n: int = 64) -> st
 
     @ray.remote(num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0)
     def grid(ckpt: str, path: str) -> str:
-        import torch
-
-        from .sampling import Sampler, save_grid
+        from .sampling import Sampler, default_device, save_grid
         from .storage import local_dir, staged_output
 
         out_dir, name = path.rsplit("/", 1)
         with local_dir(ckpt) as d, staged_output(out_dir) as local_out:
-            sampler = Sampler(d, device="cuda" if torch.cuda.is_available() else "cpu")
+            sampler = Sampler(d, device=default_device())
             save_grid(sampler.sample(n), local_out / name, sampler.cfg)
         return path
 
@@ -248,13 +253,8 @@ def _warn_if_pool_starves_workers(cfg: Config) -> None:
     a stage's worker group would wait forever (unless an autoscaler adds nodes)."""
     import ray
 
-    r, e = cfg.ray, cfg.eval
-    total = ray.cluster_resources()
-    needs = {
-        "CPU": r.num_workers * r.cpus_per_worker + e.actors * e.cpus_per_actor,
-        "GPU": (r.num_workers if r.use_gpu else 0) + e.actors * e.gpus_per_actor,
-    }
-    for res, need in needs.items():
+    e, total = cfg.eval, ray.cluster_resources()
+    for res, need in resources_needed(cfg).items():
         if need > total.get(res, 0.0) + 1e-9:
             print(
                 f"[eval] warning: the workers and {e.actors} eval actor(s) need {need:g} {res} but the cluster has "

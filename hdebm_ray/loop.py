@@ -85,12 +85,9 @@ class StageBase:
         return {}
 
     def tick_images(self, step: int) -> dict[str, torch.Tensor]:
-        """Sample grids for TensorBoard at a checkpoint tick (rank 0); ``{tag: images}``."""
+        """Sample grids for TensorBoard at a checkpoint tick (rank 0); ``{tag: images}``. A stage that has any
+        also gets a grid of dataset images, once."""
         return {}
-
-    def data_images(self) -> torch.Tensor | None:
-        """Dataset images logged once next to the sample grids (None: the stage logs no grids)."""
-        return None
 
 
 def status(line: str) -> None:

@@ -20,7 +20,7 @@ DATASETS = ("digits", "cifar10", "image_folder", "parquet")
 
 def source_images(spec: str, cfg: Config, n: int, seed: int = 0) -> torch.Tensor:
     """Up to ``n`` images in [-1, 1] from a source spec, shaped like the checkpoint's data."""
-    from .data import build_dataset
+    from .data import build_dataset, random_images
     from .networks import sample_shape
 
     shape = sample_shape(cfg)
@@ -35,9 +35,7 @@ def source_images(spec: str, cfg: Config, n: int, seed: int = 0) -> torch.Tensor
     if name not in DATASETS:
         raise ConfigError(f"OOD source {spec!r}: use one of {', '.join(SYNTHETIC + DATASETS)} (image_folder:PATH)")
     data_cfg = cfg.replace(**{"data.dataset": name, **({"data.path": path} if path else {})})
-    ds = build_dataset(data_cfg)
-    idx = torch.randperm(len(ds), generator=g)[:n]
-    return torch.stack([ds[int(i)][0] for i in idx])
+    return random_images(build_dataset(data_cfg), n, seed)
 
 
 @torch.no_grad()

@@ -83,7 +83,7 @@ class StageLogger:
             for k, v in metrics.items():
                 self.writer.add_scalar(k, v, nimg)
             if with_images:
-                self._log_images(nimg)
+                self._log_images(step, nimg)
             self.writer.flush()
             if self.upload_to:
                 upload(self.writer.log_dir, self.upload_to)
@@ -92,16 +92,15 @@ class StageLogger:
         timing = f" sec/step {sps:.3f}" if sps is not None else ""  # none: a stage with nothing to train
         status(f"[{self.stage.name}] step {step}/{self.stage.total_steps} kimg {nimg / 1000:.1f} {losses}{timing}")
 
-    def _log_images(self, nimg: int) -> None:
-        from .images import grid_image
+    def _log_images(self, step: int, nimg: int) -> None:
+        from .images import data_grid, grid_image
 
-        cfg = getattr(self.stage, "cfg", None)
-        grids = self.stage.tick_images(nimg // self.stage.images_per_step)
-        if grids and not self.data_logged and (data := self.stage.data_images()) is not None:
-            grids["Samples/data"] = data
+        grids = self.stage.tick_images(step)
+        if grids and not self.data_logged:  # stages with grids have a cfg
+            grids["Samples/data"] = data_grid(self.stage.cfg)
             self.data_logged = True
         for tag, images in grids.items():
-            self.writer.add_image(tag, grid_image(images, cfg), nimg)
+            self.writer.add_image(tag, grid_image(images, self.stage.cfg), nimg)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -17,7 +17,7 @@ import torch
 
 from .checkpoint import load_config_of, load_meta, load_states
 from .config import Config
-from .data import build_dataset
+from .data import build_dataset, random_images
 from .diffusion import CosineSchedule, ddim_sample, noise_to_truncation
 from .ebm import HatGenerator
 from .gaussian_init import GaussianInit
@@ -27,7 +27,12 @@ from .networks import build_denoiser, build_energy, build_generator, sample_shap
 from .stages.hdebm_common import latents
 from .stages.hdebm_stage1 import sample_stage1
 from .stages.hdebm_stage2 import joint_sampler_kwargs
-from .stages.mebm import sgld_chain
+from .stages.mebm import sample_mebm
+
+
+def default_device(name: str | None = None) -> torch.device:
+    """``name`` if given, else the GPU when there is one."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 class Sampler:
@@ -68,11 +73,6 @@ class Sampler:
             self.energy = build_energy(self.cfg).to(self.device).eval()
             self.energy.load_state_dict(states["energy"])
 
-    @property
-    def has_generator(self) -> bool:
-        """Whether samples start from the hat generator G(z) (the EBM stages), so ``base`` is G(z) alone."""
-        return hasattr(self, "hat")
-
     def _latents(self, n: int, seed: int):
         g = torch.Generator(device=self.device).manual_seed(seed)
         return latents(self.cfg, n, sample_shape(self.cfg), self.device, g)
@@ -80,22 +80,17 @@ class Sampler:
     def _data(self, n: int, seed: int) -> torch.Tensor:
         if not hasattr(self, "dataset"):
             self.dataset = build_dataset(self.cfg)
-        ds = self.dataset
-        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
-        return torch.stack([ds[int(i)][0] for i in idx]).to(self.device)
-
-    @torch.no_grad()
-    def base(self, n: int, seed: int = 0) -> torch.Tensor:
-        if self.stage in ("diffusion", "distill"):
-            return self._data(n, seed)
-        return self.hat(*self._latents(n, seed)).clamp(-1, 1)
+        return random_images(self.dataset, n, seed).to(self.device)
 
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:
+        return self.sample_with_start(n, seed)[0]
+
+    def sample_with_start(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Samples and, for the hat-generator stages, their chain starts G(z) for the same latents (else None)."""
         if self.stage == "mebm":
-            x0 = self.p0.sample(n, generator=torch.Generator(device=self.device).manual_seed(seed), device=self.device)
             torch.manual_seed(seed)
-            s = self.cfg.mebm
-            return sgld_chain(self.energy, x0, s.sgld, steps=s.sample_steps).clamp(-1, 1)
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            return sample_mebm(self.energy, self.p0, self.cfg, n, gen, self.device)[1].clamp(-1, 1), None
         t_trunc = self.cfg.diffusion.T_trunc
         if self.stage in ("diffusion", "distill"):
             x = self._data(n, seed)
@@ -103,13 +98,15 @@ class Sampler:
             z = noise_to_truncation(self.schedule, x, torch.randn(x.shape, generator=g, device=self.device), t_trunc)
             steps = self.cfg.distill.n0_steps if self.stage == "diffusion" else 1
             with torch.no_grad():
-                return ddim_sample(self.denoiser, z, self.schedule, t_trunc, steps).clamp(-1, 1)
+                return ddim_sample(self.denoiser, z, self.schedule, t_trunc, steps).clamp(-1, 1), None
         z1, z2 = self._latents(n, seed)
         torch.manual_seed(seed)
         if self.stage == "stage1":
             x_gen, y = sample_stage1(self.energy, self.hat, z1, z2, self.cfg.stage1.langevin)
-            return (x_gen + y).clamp(-1, 1)
+            return (x_gen + y).clamp(-1, 1), x_gen.clamp(-1, 1)
+        with torch.no_grad():  # deterministic: the Langevin noise that follows is unchanged
+            start = self.hat(z1, z2)
         y, _, _, x_gen = sample_joint(
             self.energy, self.hat, z1, z2, modules=(self.hat,), **joint_sampler_kwargs(self.cfg)
         )
-        return (x_gen + y).clamp(-1, 1)
+        return (x_gen + y).clamp(-1, 1), start.clamp(-1, 1)

@@ -85,26 +85,23 @@ def toy2d_tick_metrics(cfg: Config, ctx: WorkerContext, sample) -> dict[str, flo
     return {"Eval/toy2d_modes": float(m["modes_covered"]), "Eval/toy2d_quality": m["high_quality_fraction"]}
 
 
-def fixed_sample_grids(cfg: Config, ctx: WorkerContext, image_shape, sample) -> dict[str, torch.Tensor]:
-    """Rank 0's TensorBoard grids at a checkpoint, from the same latents and Langevin noise every time, so frames
-    compare over training: G(z) before Langevin, the final samples, and the final samples of the EMA weights.
+def fixed_sample_grids(cfg: Config, ctx: WorkerContext, sample, start_tag: str) -> dict[str, torch.Tensor]:
+    """Rank 0's TensorBoard grids at a checkpoint, from the same chain starts and Langevin noise every time, so
+    frames compare over training: the chain starts (``start_tag``), the final samples, and the final samples of
+    the EMA weights.
 
-    ``sample(z1, z2, use_ema) -> (G(z), final)``; runs under a forked RNG (training noise is unchanged).
+    ``sample(n, generator, use_ema) -> (starts, final)`` draws its chain starts from ``generator``; runs under a
+    forked RNG (training noise is unchanged).
     """
     n = cfg.eval.image_grid
     if n == 0 or not ctx.is_chief:
         return {}
+
+    def fixed(use_ema: bool):
+        torch.manual_seed(cfg.run.seed + 4243)
+        return sample(n, torch.Generator(device=ctx.device).manual_seed(cfg.run.seed + 4242), use_ema)
+
     with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
-        gen = torch.Generator(device=ctx.device).manual_seed(cfg.run.seed + 4242)
-        z1, z2 = latents(cfg, n, image_shape, ctx.device, gen)
-        torch.manual_seed(cfg.run.seed + 4243)
-        x_gen, final = sample(z1, z2, False)
-        torch.manual_seed(cfg.run.seed + 4243)
-        _, final_ema = sample(z1, z2, True)
-    return {"Samples/generator": x_gen, "Samples/final": final, "Samples/ema": final_ema}
-
-
-def data_grid(cfg: Config) -> torch.Tensor:
-    """The first ``eval.image_grid`` dataset images (the reference frame, logged once)."""
-    ds = build_dataset(cfg)
-    return torch.stack([ds[i][0] for i in range(min(cfg.eval.image_grid, len(ds)))])
+        starts, final = fixed(False)
+        _, final_ema = fixed(True)
+    return {start_tag: starts, "Samples/final": final, "Samples/ema": final_ema}

@@ -21,7 +21,6 @@ from ..losses import generator_loss
 from ..networks import sample_shape
 from ..optim import adam_with_schedule, ema_model, layerwise_clip_
 from .hdebm_common import (
-    data_grid,
     data_stream,
     energy_trainer,
     fixed_sample_grids,
@@ -164,17 +163,15 @@ class Stage1(StageBase):
         return toy2d_tick_metrics(self.cfg, self.ctx, sample)
 
     def tick_images(self, step: int) -> dict[str, torch.Tensor]:
-        def sample(z1, z2, use_ema):
+        def sample(n, generator, use_ema):
             hat = self.hat
             if use_ema and self.ema_g is not None:
                 hat = HatGenerator(self.ema_g.module, self.hat.denoiser, self.hat.schedule, self.hat.t_trunc)
+            z1, z2 = latents(self.cfg, n, self.shape, self.ctx.device, generator)
             x_gen, y = sample_stage1(self.energy.sampling_net(use_ema), hat, z1, z2, self.s.langevin)
             return x_gen, x_gen + y
 
-        return fixed_sample_grids(self.cfg, self.ctx, self.shape, sample)
-
-    def data_images(self) -> torch.Tensor:
-        return data_grid(self.cfg)
+        return fixed_sample_grids(self.cfg, self.ctx, sample, "Samples/generator")
 
     # -- state ------------------------------------------------------------------------------------------------
 

@@ -13,7 +13,6 @@ from ..langevin import StepStats, sample_joint
 from ..loop import StageBase, WorkerContext
 from ..networks import sample_shape
 from .hdebm_common import (
-    data_grid,
     data_stream,
     energy_trainer,
     fixed_sample_grids,
@@ -85,15 +84,13 @@ class Stage2(StageBase):
         return toy2d_tick_metrics(self.cfg, self.ctx, sample)
 
     def tick_images(self, step: int) -> dict[str, torch.Tensor]:
-        def sample(z1, z2, use_ema):
+        def sample(n, generator, use_ema):
             net = self.energy.sampling_net(use_ema)
+            z1, z2 = latents(self.cfg, n, self.shape, self.ctx.device, generator)
             y, _, _, x_gen = sample_joint(net, self.hat, z1, z2, modules=(self.hat,), **joint_sampler_kwargs(self.cfg))
             return self.hat(z1, z2).detach(), x_gen + y
 
-        return fixed_sample_grids(self.cfg, self.ctx, self.shape, sample)
-
-    def data_images(self) -> torch.Tensor:
-        return data_grid(self.cfg)
+        return fixed_sample_grids(self.cfg, self.ctx, sample, "Samples/generator")
 
     def state_dict(self) -> dict[str, dict]:
         return {

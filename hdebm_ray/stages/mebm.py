@@ -18,7 +18,7 @@ from ..gaussian_init import GaussianInit, cached_gaussian
 from ..langevin import StepStats, frozen, sample_langevin
 from ..loop import StageBase, WorkerContext, barrier, status
 from ..networks import sample_shape
-from .hdebm_common import data_grid, data_stream, energy_trainer, toy2d_tick_metrics
+from .hdebm_common import data_stream, energy_trainer, fixed_sample_grids, toy2d_tick_metrics
 
 
 def replay_spec(cfg: Config) -> dict:
@@ -42,6 +42,15 @@ def sgld_chain(energy, x0: torch.Tensor, sgld, stats=None, steps: int = 0) -> to
     with frozen(energy):
         k = steps or sgld.steps
         return sample_langevin(energy, x0, k, sgld.step_size, sgld.noise_std, sgld.drift_clip, stats)
+
+
+def sample_mebm(energy, p0: GaussianInit, cfg: Config, n: int, generator=None, device=None):
+    """Test-time samples: p0 draws refined by ``mebm.sample_steps`` (default K) SGLD steps; (p0 draws, samples).
+
+    Training chains persist in the buffer over many steps; sampling a checkpoint has only p0 to start from, so
+    a longer chain than K gets closer to what the buffer holds."""
+    x0 = p0.sample(n, generator=generator, device=device)
+    return x0, sgld_chain(energy, x0, cfg.mebm.sgld, steps=cfg.mebm.sample_steps)
 
 
 class MEBMStage(StageBase):
@@ -97,30 +106,15 @@ class MEBMStage(StageBase):
         )
         return metrics
 
-    def sample(self, n: int, use_ema: bool = False, generator: torch.Generator | None = None):
-        """Test-time samples: p0 draws refined by ``mebm.sample_steps`` (default K) SGLD steps; (p0 draws, samples).
-
-        Training chains persist in the buffer over many steps; sampling a checkpoint has only p0 to start from, so
-        a longer chain than K gets closer to what the buffer holds."""
-        x0 = self.p0.sample(n, generator=generator, device=self.ctx.device)
-        return x0, sgld_chain(self.energy.sampling_net(use_ema), x0, self.s.sgld, steps=self.s.sample_steps)
+    def sample(self, n: int, generator: torch.Generator | None = None, use_ema: bool = False):
+        net = self.energy.sampling_net(use_ema)
+        return sample_mebm(net, self.p0, self.cfg, n, generator, self.ctx.device)
 
     def tick_metrics(self, step: int) -> dict[str, float]:
         return toy2d_tick_metrics(self.cfg, self.ctx, lambda n: self.sample(n)[1])
 
     def tick_images(self, step: int) -> dict[str, torch.Tensor]:
-        n = self.cfg.eval.image_grid
-        if n == 0 or not self.ctx.is_chief:
-            return {}
-        with torch.random.fork_rng(devices=[self.ctx.device] if self.ctx.device.type == "cuda" else []):
-            torch.manual_seed(self.cfg.run.seed + 4243)
-            x0, final = self.sample(n, generator=torch.Generator(self.ctx.device).manual_seed(self.cfg.run.seed))
-            torch.manual_seed(self.cfg.run.seed + 4243)
-            _, final_ema = self.sample(n, True, torch.Generator(self.ctx.device).manual_seed(self.cfg.run.seed))
-        return {"Samples/init": x0, "Samples/final": final, "Samples/ema": final_ema}
-
-    def data_images(self) -> torch.Tensor:
-        return data_grid(self.cfg)
+        return fixed_sample_grids(self.cfg, self.ctx, self.sample, "Samples/init")
 
     def state_dict(self) -> dict[str, dict]:
         return {**self.energy.state_dict("energy"), "p0": self.p0.state_dict()}
