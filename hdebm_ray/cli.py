@@ -157,12 +157,14 @@ def cmd_tune(args) -> int:
 
 
 def checkpoints_to_evaluate(args) -> list[str]:
+    """Absolute checkpoint paths: the keys the eval pool writes to eval.jsonl, so neither scores one twice."""
     from pathlib import Path
 
+    from .fid import run_checkpoints
+
     if args.checkpoint:
-        return [args.checkpoint]
-    run = Path(args.run)
-    found = sorted(str(p.parent) for p in run.glob("*/checkpoint_*/meta.json"))
+        return [str(Path(args.checkpoint).resolve())]
+    found = run_checkpoints(str(Path(args.run).resolve()))
     if not found:
         raise ConfigError(f"--run {args.run}: no checkpoints (expected <run>/<stage>/checkpoint_*/meta.json)")
     return found

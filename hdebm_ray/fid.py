@@ -193,12 +193,18 @@ def evaluated(run_location: str) -> set[str]:
     return {r["checkpoint"] for r in read_results(run_location)}
 
 
-def run_checkpoints(run_location: str, stages) -> list[str]:
-    """Every checkpoint of the given stages under a run (local path or URI), oldest step first per stage."""
+def run_checkpoints(run_location: str, stages=None) -> list[str]:
+    """Every checkpoint of the given stages (default: all) under a run (local path or URI), oldest first per
+    stage; paths as the eval pool records them, so the pool and ``hdebm-ray eval`` agree on what is scored."""
     import pyarrow.fs as pafs
 
     from .storage import as_uri, fs_and_path
 
+    if stages is None:
+        fs, base = fs_and_path(run_location)
+        stages = sorted(
+            i.base_name for i in fs.get_file_info(pafs.FileSelector(base)) if i.type == pafs.FileType.Directory
+        )
     found = []
     for stage in stages:
         fs, base = fs_and_path(f"{run_location}/{stage}")

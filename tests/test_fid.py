@@ -123,7 +123,7 @@ def test_missing_inception_weights_offline_give_a_clear_error(monkeypatch, tmp_p
     assert "inception-2015-12-05.pt" in str(err.value) and "eval.features" in str(err.value)
 
 
-def test_eval_command_records_each_checkpoint_once_in_jsonl_and_tensorboard(tmp_path, digits_cfg):
+def test_eval_command_records_each_checkpoint_once_in_jsonl_and_tensorboard(tmp_path, digits_cfg, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from hdebm_ray.runner import run_in_process
@@ -139,6 +139,9 @@ def test_eval_command_records_each_checkpoint_once_in_jsonl_and_tensorboard(tmp_
     checkpoints = sorted(str(p.parent) for p in run.glob("*/checkpoint_*/meta.json"))
     assert len(lines) == len(checkpoints) >= 3
     assert cli_main(["eval", "--run", str(run), "--n", "200"]) == 0  # nothing new: no second result
+    assert len((run / "eval.jsonl").read_text().splitlines()) == len(lines)
+    monkeypatch.chdir(tmp_path)  # the same run named by a relative path is the same run
+    assert cli_main(["eval", "--run", "evalrun", "--n", "200"]) == 0
     assert len((run / "eval.jsonl").read_text().splitlines()) == len(lines)
     acc = EventAccumulator(str(run / "tb" / "stage1"))
     acc.Reload()
