@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import sys
 
-from .config import ConfigError, load_config, parse_override, preset_names
+from .config import ConfigError, check_stage, load_config, parse_override, preset_names
 from .data import DatasetError
 from .eval_features import EvalError
 
@@ -98,6 +98,7 @@ def cmd_train(args) -> int:
     if args.dry_run:
         print(cfg.to_yaml(), end="")
         return 0
+    check_stage(cfg, args.stage)
     init_from = resolve_init_from(cfg, args.stage, args.init_from)
     prepare_run(cfg)
     init_ray(cfg)
@@ -138,6 +139,7 @@ def cmd_tune(args) -> int:
         for p in space.params:
             print(f"  {p.key}: {p.kind} {list(p.args)}")
         return 0
+    check_stage(cfg, space.stage)
     init_from = resolve_init_from(cfg, space.stage, args.init_from)
     from .launch import init_ray
     from .tune_run import run_sweep
@@ -238,6 +240,7 @@ def cmd_enfe(args) -> int:
         args.diffusion_batches,
         device,
         diffusion_steps_timed=args.diffusion_steps_timed,
+        reference=args.reference,
     )
     print(
         f"[enfe] {result['stage']}: {result['sample_batch_s'] * 1e3:.1f} ms per batch of {args.batch_size} vs "
@@ -346,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="time this many (a divisor of 1000) of each diffusion batch's steps and scale to 1000 (default: all)",
     )
+    p.add_argument("--reference", help="checkpoint whose denoiser is timed (baselines have none of their own)")
     p.add_argument("--device", help="default: cuda if available")
     p.set_defaults(fn=cmd_enfe)
 

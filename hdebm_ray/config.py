@@ -23,7 +23,9 @@ from .config_schema import (
     DiffusionSection,
     DistillSection,
     EvalSection,
+    ICDSection,
     MEBMSection,
+    MJEMSection,
     NetworkSection,
     RaySection,
     RunSection,
@@ -47,6 +49,8 @@ class Config:
     stage1: Stage1Section = Stage1Section()
     stage2: Stage2Section = Stage2Section()
     mebm: MEBMSection = MEBMSection()
+    mjem: MJEMSection = MJEMSection()
+    icd: ICDSection = ICDSection()
     eval: EvalSection = EvalSection()
 
     def to_dict(self) -> dict:
@@ -192,7 +196,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'distill.n0_steps' = {n0} must be a power of two that divides diffusion.T_trunc = {d.T_trunc}"
         )
-    for section in ("diffusion", "distill", "stage1", "stage2", "mebm"):
+    for section in ("diffusion", "distill", "stage1", "stage2", "mebm", "mjem", "icd"):
         sec = getattr(cfg, section)
         if sec.batch_size % n != 0:
             raise ConfigError(
@@ -203,6 +207,7 @@ def validate(cfg: Config) -> None:
                 f"config key '{section}.checkpoint_every' = {sec.checkpoint_every} must be a multiple of "
                 f"{section}.report_every = {sec.report_every} (checkpoints ride on reports)"
             )
+    _validate_replay_ebms(cfg)
     if cfg.stage1.bank_size < cfg.stage1.batch_size:
         raise ConfigError(
             f"config key 'stage1.bank_size' = {cfg.stage1.bank_size} must be >= stage1.batch_size = "
@@ -226,6 +231,43 @@ def validate(cfg: Config) -> None:
     if data.dataset in ("image_folder", "parquet") and not data.path:
         raise ConfigError(
             f"config key 'data.path' must name the {data.dataset} folder for data.dataset = {data.dataset!r}"
+        )
+
+
+def _validate_replay_ebms(cfg: Config) -> None:
+    """The baselines' keys that relate to each other (what depends on the data: ``check_stage``)."""
+    for name in ("mebm", "mjem", "icd"):
+        sec = getattr(cfg, name)
+        if len(sec.adam_betas) != 2:
+            raise ConfigError(f"config key '{name}.adam_betas' = {list(sec.adam_betas)} must hold two numbers")
+        if sec.sample_augment_every and not sec.augment:
+            raise ConfigError(
+                f"config key '{name}.sample_augment_every' = {sec.sample_augment_every} needs {name}.augment"
+            )
+    if cfg.mjem.multiscale:
+        raise ConfigError("config key 'mjem.multiscale' must be false: M-JEM's classifier has one trunk")
+    n = cfg.ray.num_workers
+    if cfg.mjem.classifier_batch_size % n != 0:
+        raise ConfigError(
+            f"config key 'mjem.classifier_batch_size' = {cfg.mjem.classifier_batch_size} must be divisible by "
+            f"ray.num_workers = {n}"
+        )
+
+
+def check_stage(cfg: Config, stage: str) -> None:
+    """Checks of the one stage about to run against the data (a toy2d run need not fix the image baselines'
+    augmentations it never uses); the CLI calls it before Ray starts, the stage again when it is built."""
+    if stage not in ("mebm", "mjem", "icd"):
+        return
+    from .augment import IMAGE_AUGMENTS, VECTOR_AUGMENTS
+
+    vector = cfg.data.dataset == "toy2d"
+    allowed = VECTOR_AUGMENTS if vector else IMAGE_AUGMENTS
+    wrong = [a for a in getattr(cfg, stage).augment if a not in allowed]
+    if wrong:
+        kind = "toy2d vectors" if vector else "images"
+        raise ConfigError(
+            f"config key '{stage}.augment' has {wrong[0]!r}, which does not apply to {kind}; use {', '.join(allowed)}"
         )
 
 

@@ -64,6 +64,8 @@ class UNetSection:
 class EnergySection:
     width: int = knob(64, lo=4, doc="channels of the SN-GAN ResNet energy net (hidden units for MLPs)")
     multiscale: bool = knob(False, doc="sum of energies at full, half and quarter resolution")
+    fourier_features: int = knob(0, lo=0, doc="toy2d MLPs: random Fourier input features (0 = raw coordinates)")
+    fourier_scale: float = knob(1.0, lo=0.0, lo_open=True, doc="std of the Fourier frequencies (cycles per unit)")
 
 
 @dataclass(frozen=True)
@@ -178,22 +180,32 @@ class SGLDSection:
     step_size: float = knob(1.0, lo=0.0, lo_open=True, doc="alpha: drift alpha * grad E")
     noise_std: float = knob(0.001, lo=0.0, doc="sigma")
     drift_clip: float = knob(0.0, lo=0.0, doc="per-sample L2 bound on the drift; 0 = off")
+    clamp: bool = knob(False, doc="clamp the chains to the data range [-1, 1] after every step (Improved CD)")
+
+
+AUGMENTS = ("color", "flip", "crop", "rescale", "blur", "jitter")
 
 
 @dataclass(frozen=True)
-class MEBMSection:
-    """M-EBM (Yang & Ji): SGLD from a replay buffer re-initialised from p0 = N(mu, Sigma) of the data."""
+class ReplayEBMSection:
+    """What M-EBM, M-JEM and Improved CD share: SGLD chains kept in a replay buffer, the CD update."""
 
     steps: int = knob(2000, lo=1)
     batch_size: int = knob(64, lo=1)
     sgld: SGLDSection = SGLDSection()
-    sample_steps: int = knob(0, lo=0, doc="SGLD steps from p0 when sampling a checkpoint; 0 = sgld.steps (K)")
+    chain_init: str = knob("p0", choices=("p0", "uniform"), doc="p0 = N(mu, Sigma) of the data, or U[-1, 1]")
+    sample_steps: int = knob(0, lo=0, doc="SGLD steps when sampling a checkpoint; 0 = sgld.steps (K)")
+    sample_augment_every: int = knob(0, lo=0, doc="sampling: an augmentation transition every this many steps")
+    augment: tuple[str, ...] = knob((), choices=AUGMENTS, doc="augmentations (images: color flip crop rescale blur)")
+    augment_jitter_std: float = knob(0.05, lo=0.0, doc="std of the 'jitter' augmentation (toy2d vectors)")
+    multiscale: bool = knob(False, doc="this stage's energy sums full, half and quarter resolution (images)")
     buffer_size: int = knob(10000, lo=1)
-    reinit_prob: float = knob(0.05, lo=0.0, hi=1.0, doc="rho: chains started from p0 instead of the buffer")
+    reinit_prob: float = knob(0.05, lo=0.0, hi=1.0, doc="rho: chains started from chain_init instead of the buffer")
     energy_l2: float = knob(0.1, lo=0.0, doc="alpha_reg: weight of E(x+)^2 + E(x-)^2")
     p0_max_full_dim: int = knob(4096, lo=1, doc="full covariance up to this many dimensions, low rank above")
     p0_rank: int = knob(512, lo=1, doc="principal directions of the low-rank p0")
     lr: float = knob(1e-4, lo=0.0, lo_open=True)
+    adam_betas: tuple[float, ...] = knob((0.9, 0.999), lo=0.0, hi=0.99999, doc="Adam (beta1, beta2)")
     lr_schedule: str = knob("constant", choices=("constant", "cosine"))
     warmup_steps: int = knob(0, lo=0)
     grad_clip: float = knob(0.0, lo=0.0)
@@ -203,6 +215,45 @@ class MEBMSection:
     ema_halflife_kimg: float = knob(10.0, lo=0.0)
     report_every: int = knob(50, lo=1)
     checkpoint_every: int = knob(500, lo=1)
+
+
+@dataclass(frozen=True)
+class MEBMSection(ReplayEBMSection):
+    """M-EBM (Yang & Ji): SGLD from a replay buffer re-initialised from p0 = N(mu, Sigma) of the data."""
+
+
+@dataclass(frozen=True)
+class MJEMSection(ReplayEBMSection):
+    """M-JEM: M-EBM on a classifier's trunk with a separate energy head; cross-entropy on an augmented batch."""
+
+    augment: tuple[str, ...] = knob(("crop", "flip"), choices=AUGMENTS, doc="for the classifier's batch")
+    classifier_batch_size: int = knob(128, lo=1, doc="global batch of the cross-entropy term")
+    classifier_weight: float = knob(1.0, lo=0.0)
+    num_classes: int = knob(0, lo=0, doc="0 = from the dataset (digits, cifar10: 10; toy2d: its modes)")
+
+
+@dataclass(frozen=True)
+class ICDSection(ReplayEBMSection):
+    """Improved CD (Du et al.): L_CD + L_KL, augmentation transitions, buffer reset to U[-1, 1] noise.
+
+    Defaults are the paper code's CIFAR-10 values moved from its [0, 1] pixels to our [-1, 1] ones: step 100 on
+    [0, 1] is alpha = 400 here, noise 0.001 is sigma = 0.002."""
+
+    sgld: SGLDSection = SGLDSection(steps=40, step_size=400.0, noise_std=0.002, clamp=True)
+    chain_init: str = knob("uniform", choices=("p0", "uniform"))
+    multiscale: bool = knob(True, doc="energy = sum at full, half and quarter resolution (images)")
+    sample_steps: int = knob(200, lo=0)
+    sample_augment_every: int = knob(20, lo=0)
+    augment: tuple[str, ...] = knob(("color", "flip", "rescale", "blur"), choices=AUGMENTS, doc="at chain starts")
+    reinit_prob: float = knob(0.001, lo=0.0, hi=1.0)
+    energy_l2: float = knob(1.0, lo=0.0)
+    lr: float = knob(2e-4, lo=0.0, lo_open=True)
+    adam_betas: tuple[float, ...] = knob((0.0, 0.9), lo=0.0, hi=0.99999)
+    kl_weight: float = knob(1.0, lo=0.0, doc="weight of L_KL; 0 = plain CD")
+    entropy_weight: float = knob(0.3, lo=0.0, doc="weight of the nearest-neighbour entropy inside L_KL")
+    kl_samples: int = knob(128, lo=1, doc="chains per rank whose last step is recomputed with the graph")
+    entropy_reference: int = knob(100, lo=1, doc="past buffer samples the NN entropy measures against")
+    entropy_min_filled: int = knob(1000, lo=0, doc="the entropy term starts once the buffer holds this many")
 
 
 @dataclass(frozen=True)
@@ -222,8 +273,8 @@ class EvalSection:
     cpus_per_actor: float = knob(1.0, lo=0.0)
     gpus_per_actor: float = knob(0.0, lo=0.0, doc="a GPU share each eval actor reserves beyond the workers'")
     stages: tuple[str, ...] = knob(
-        ("stage1", "stage2", "mebm"),
-        choices=("diffusion", "distill", "stage1", "stage2", "mebm"),
+        ("stage1", "stage2", "mebm", "mjem", "icd"),
+        choices=("diffusion", "distill", "stage1", "stage2", "mebm", "mjem", "icd"),
         doc="stages whose checkpoints the eval actors score",
     )
     image_grid: int = knob(64, lo=0, doc="samples in the fixed-latent TensorBoard grids at each checkpoint (0 = none)")

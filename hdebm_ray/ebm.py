@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .diffusion import CosineSchedule, one_step_denoise
@@ -56,15 +57,36 @@ class EnergyTrainer:
         self.grad_clip, self.temperature, self.data_jitter = grad_clip, temperature, data_jitter
         self.mad_k, self.energy_l2 = mad_k, energy_l2
 
-    def update(self, x_pos: torch.Tensor, x_neg: torch.Tensor) -> dict[str, float]:
+    def update(self, x_pos, x_neg, labelled=None, extra_loss=None) -> dict[str, float]:
+        """One θ step on the CD loss (+ the energy L2 regulariser).
+
+        ``labelled = (x, y, weight)`` adds M-JEM's weighted cross-entropy of the network's logits on x, from the
+        same forward; ``extra_loss() -> (loss, metrics)`` adds a term computed outside DDP's forward (Improved
+        CD's KL term, whose graph reaches θ through the sampler).
+        """
         if self.data_jitter:
             x_pos = x_pos + self.data_jitter * torch.randn_like(x_pos)
-        # One forward over both halves: DDP allows a single forward per backward.
-        energies = self.ddp(torch.cat([x_pos, x_neg.detach()]))
-        e_pos, e_neg = energies[: len(x_pos)], energies[len(x_pos) :]
+        # One forward over every batch: DDP allows a single forward per backward.
+        batch = [x_pos, x_neg.detach()] + ([labelled[0]] if labelled is not None else [])
+        out = self.ddp(torch.cat(batch), with_logits=True) if labelled is not None else self.ddp(torch.cat(batch))
+        energies, logits = out if labelled is not None else (out, None)
+        n = len(x_pos)
+        e_pos, e_neg = energies[:n], energies[n : 2 * n]
         loss, dropped = ebm_loss(e_pos, e_neg, self.temperature, self.mad_k)
         if self.energy_l2:  # M-EBM / Improved CD regulariser α (E(x⁺)² + E(x⁻)²)
             loss = loss + self.energy_l2 * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
+        extra_metrics = {}
+        if labelled is not None:
+            _, y, weight = labelled
+            class_logits = logits[2 * n :]
+            xent = F.cross_entropy(class_logits, y)
+            loss = loss + weight * xent
+            accuracy = (class_logits.argmax(1) == y).float().mean().item()
+            extra_metrics = {"Loss/classifier": xent.item(), "Classifier/train_accuracy": accuracy}
+        if extra_loss is not None:
+            term, more = extra_loss()
+            loss = loss + term
+            extra_metrics.update(more)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = layerwise_clip_(self.net.parameters(), self.grad_clip)
@@ -83,6 +105,7 @@ class EnergyTrainer:
             "Energy/mad_dropped": dropped,
             "Opt/lr_energy": self.opt.param_groups[0]["lr"],
             "Opt/grad_norm_energy": grad_norm,
+            **extra_metrics,
         }
 
     def sampling_net(self, use_ema: bool = False) -> nn.Module:

@@ -3,7 +3,8 @@
 ENFE = 1000 · (mean time of one sampler batch) / (mean time of one 1000-step diffusion batch), both on batches of
 32 with the checkpoint's own denoiser network as the diffusion model's network. A Stage 1 sampler with K Langevin
 steps costs G(z) (one denoiser call) plus K energy forward/backward passes, so its ENFE says how many diffusion
-steps the same wall time would buy.
+steps the same wall time would buy. The baselines have no denoiser of their own: their ENFE is measured against
+the denoiser of a ``reference`` checkpoint (any diffusion / HDEBM checkpoint of the same data shape).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def measure_enfe(
     warmup: int = 1,
     diffusion_steps_timed: int | None = None,
     timer=None,
+    reference=None,
 ) -> dict:
     """Time ``batches`` sampler batches and ``diffusion_batches`` (default: as many) 1000-step DDIM batches.
 
@@ -41,12 +43,21 @@ def measure_enfe(
     scales it to 1000 steps: every step is one network call on the same batch, so the cost is linear in steps.
     ``timer(fn, device) -> cost`` measures one batch (default: wall seconds, CUDA synchronised).
     """
+    from .config import ConfigError
     from .networks import sample_shape
     from .sampling import Sampler
 
     sampler = Sampler(ckpt_dir, device=device)
     dev, shape = sampler.device, sample_shape(sampler.cfg)
-    schedule, denoiser, steps = sampler.schedule, sampler.denoiser, sampler.schedule.T
+    diffusion = Sampler(reference, device=device) if reference else sampler
+    if not hasattr(diffusion, "denoiser"):
+        raise ConfigError(
+            f"checkpoint {ckpt_dir} ({sampler.stage}) has no denoiser to time diffusion with: pass --reference DIR, "
+            "a diffusion or HDEBM checkpoint of the same data"
+        )
+    if sample_shape(diffusion.cfg) != shape:
+        raise ConfigError(f"--reference {reference} has samples of shape {sample_shape(diffusion.cfg)}, not {shape}")
+    schedule, denoiser, steps = diffusion.schedule, diffusion.denoiser, diffusion.schedule.T
     timed = diffusion_steps_timed or steps
 
     def diffusion_batch(n_steps: int):

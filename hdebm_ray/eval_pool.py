@@ -140,7 +140,7 @@ class EvalPool:
         return None
 
     async def _evaluate(self, index: int, ckpt: str) -> None:
-        from .fid import record
+        from .fid import record, start_note
 
         result = await self._score(index, ckpt)
         if result is None:
@@ -151,8 +151,9 @@ class EvalPool:
         self.done.add(ckpt)
         self.results.append(result)
         self._note_latest(result)
-        gen = f", generator alone {result['fid_generator']:.4g}" if "fid_generator" in result else ""
-        print(f"[eval] {result['stage']} step {result['step']}: FID {result['fid']:.4g}{gen}", flush=True)
+        print(
+            f"[eval] {result['stage']} step {result['step']}: FID {result['fid']:.4g}{start_note(result)}", flush=True
+        )
 
     def _note_latest(self, result: dict) -> None:
         if result["step"] >= self.latest_by_stage.get(result["stage"], {}).get("step", -1):

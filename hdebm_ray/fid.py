@@ -133,7 +133,8 @@ def sample_checkpoint(ckpt_dir, n: int, batch: int, device, seed: int = 0):
 
 def evaluate_checkpoint(ckpt_dir: str | Path, space: FeatureSpace, num_samples: int, seed: int = 0) -> dict:
     """FID and KID of ``num_samples`` samples of the checkpoint against the dataset's reference features; for
-    the EBM stages also of the generator alone (G(z) before Langevin, same latents): ``fid_generator``."""
+    the EBM stages also of the chain starts alone, before Langevin: ``fid_generator`` (HDEBM: G(z), same latents)
+    or ``fid_init`` (baselines: the p0 / noise draws the chains start from)."""
     samples, base, meta = sample_checkpoint(ckpt_dir, num_samples, space.cfg.eval.batch_size, space.device, seed)
     ref = space.reference()
     feats = space.of_samples(samples)
@@ -151,9 +152,23 @@ def evaluate_checkpoint(ckpt_dir: str | Path, space: FeatureSpace, num_samples: 
     }
     if base is not None:
         base_feats = space.of_samples(base)
-        result["fid_generator"] = frechet_distance(base_feats, ref)
-        result["kid_generator"] = kernel_distance(base_feats, ref, space.cfg.eval.kid_subsets)
+        start = start_name(meta["stage"])
+        result[f"fid_{start}"] = frechet_distance(base_feats, ref)
+        result[f"kid_{start}"] = kernel_distance(base_feats, ref, space.cfg.eval.kid_subsets)
     return result
+
+
+def start_name(stage: str) -> str:
+    """What an EBM stage's chains start from, as named in results: HDEBM's generator or a baseline's init."""
+    return "generator" if stage in ("stage1", "stage2") else "init"
+
+
+def start_note(result: dict) -> str:
+    """', generator alone FID x' (or 'chain init alone') for a result that has one, else ''."""
+    for start, label in (("generator", "generator alone"), ("init", "chain init alone")):
+        if f"fid_{start}" in result:
+            return f", {label} FID {result[f'fid_{start}']:.4g}"
+    return ""
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:
@@ -173,7 +188,7 @@ def record(run_location: str, result: dict) -> None:
     # events go to a local directory (uploaded afterwards when the run lives under a URI)
     with staged_output(f"{run_location}/tb/{result['stage']}") as local:
         with SummaryWriter(log_dir=str(local), filename_suffix=".eval") as writer:
-            for key in ("fid", "kid", "fid_generator", "kid_generator"):
+            for key in ("fid", "kid", "fid_generator", "kid_generator", "fid_init", "kid_init"):
                 if key in result:
                     writer.add_scalar(f"Eval/{key}", result[key], result["nimg"])
 

@@ -79,12 +79,22 @@ def energy_grad(energy_fn, x: torch.Tensor) -> torch.Tensor:
 
 
 def sample_langevin(
-    energy_fn, x0, steps: int, drift_coef: float, noise_std: float, drift_clip: float = 0.0, stats=None
+    energy_fn,
+    x0,
+    steps: int,
+    drift_coef: float,
+    noise_std: float,
+    drift_clip: float = 0.0,
+    stats=None,
+    bounds: tuple[float, float] | None = None,
 ):
-    """``steps`` updates of ``langevin_update`` from x0 on the energy ``energy_fn`` (already divided by T)."""
+    """``steps`` updates of ``langevin_update`` from x0 on the energy ``energy_fn`` (already divided by T);
+    ``bounds`` clamps the chain after every step (Improved CD keeps its chains in the data range)."""
     x = x0.detach()
     for _ in range(steps):
         x = langevin_update(x, energy_grad(energy_fn, x), drift_coef, noise_std, drift_clip, stats).detach()
+        if bounds is not None:
+            x = x.clamp(*bounds)
     return x
 
 

@@ -266,12 +266,13 @@ def _warn_if_pool_starves_workers(cfg: Config) -> None:
 
 def print_eval_table(run_location: str) -> None:
     """The run's FID / KID so far, one line per scored checkpoint (from ``<run>/eval.jsonl``)."""
-    from .fid import read_results
+    from .fid import read_results, start_note
 
     results = read_results(run_location)
     if not results:
         return
     print(f"[eval] {len(results)} checkpoint(s) scored ({results[0]['features']} features):", flush=True)
     for r in sorted(results, key=lambda r: (PIPELINE.index(r["stage"]) if r["stage"] in PIPELINE else 99, r["step"])):
-        gen = f"  generator alone FID {r['fid_generator']:.4g}" if "fid_generator" in r else ""
-        print(f"  {r['stage']:>9} step {r['step']:>7}: FID {r['fid']:.4g}  KID {r['kid']:.4g}{gen}", flush=True)
+        print(
+            f"  {r['stage']:>9} step {r['step']:>7}: FID {r['fid']:.4g}  KID {r['kid']:.4g}{start_note(r)}", flush=True
+        )

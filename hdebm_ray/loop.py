@@ -102,6 +102,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+def check_replicas_agree(module: nn.Module, what: str) -> None:
+    """Raise if the DDP ranks' copies of ``module`` differ: a gradient that bypassed DDP's all-reduce (e.g. one
+    reaching θ through a sampler rather than DDP's forward) would let them drift apart silently."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    with torch.no_grad():
+        local = torch.stack([p.double().sum() for p in module.parameters()]).sum().reshape(1)
+        local = torch.cat([local, torch.stack([p.double().abs().sum() for p in module.parameters()]).sum().reshape(1)])
+    if dist.get_backend() == "nccl":
+        local = local.cuda()
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    spread = max((g - gathered[0]).abs().max().item() for g in gathered)
+    if spread > 1e-6 * (1 + gathered[0].abs().max().item()):
+        raise RuntimeError(
+            f"the ranks' copies of {what} differ (checksum spread {spread:.3g}): DDP did not sync a gradient"
+        )
+
+
 ReportFn = Callable[[int, dict[str, float], bool], None]
 
 

@@ -43,7 +43,13 @@ def nearest_neighbour_entropy(samples: torch.Tensor, reference: torch.Tensor) ->
     return torch.log(distances.min(dim=1).values + 1e-8).mean()
 
 
-def kl_loss(frozen_energy, x_hat: torch.Tensor, reference: torch.Tensor, entropy_weight: float = 1.0):
-    """Improved CD's L_KL = E_frozen(x̂⁻) − w·H_NN(x̂⁻): ``x_hat`` carries the graph of the last Langevin step to θ,
-    ``frozen_energy`` (a copy of E with no gradients) only scores it, so θ learns through the sampler alone."""
-    return frozen_energy(x_hat).mean() - entropy_weight * nearest_neighbour_entropy(x_hat, reference)
+def kl_loss(frozen_energy, x_hat: torch.Tensor, reference: torch.Tensor | None, entropy_weight: float = 1.0):
+    """Improved CD's L_KL = E_frozen(x̂⁻) − w·H_NN(x̂⁻); returns (L_KL, H_NN). ``x_hat`` carries the graph of the last
+    Langevin step to θ, ``frozen_energy`` (E with no gradients to θ) only scores it, so θ learns through the
+    sampler alone. Without a ``reference`` (a buffer too empty to measure against) the entropy term is left out
+    and H_NN is returned as NaN."""
+    energy = frozen_energy(x_hat).mean()
+    if reference is None:
+        return energy, torch.tensor(float("nan"))
+    entropy = nearest_neighbour_entropy(x_hat, reference)
+    return energy - entropy_weight * entropy, entropy

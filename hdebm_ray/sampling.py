@@ -5,7 +5,8 @@
   distilled step (distill) — the "re-imagination" G2 performs inside HDEBM.
 - ``stage1``: fresh z1, z2, X = G(z1, z2) + Y_K after K Langevin steps on Y (the training sampler, ALGORITHMS §7).
 - ``stage2``: the joint sampler on (Y, z1, z2) of Stage 2.
-- ``mebm``: ``mebm.sample_steps`` SGLD steps from M-EBM's p0 = N(μ, Σ).
+- ``mebm`` / ``mjem`` / ``icd``: ``<stage>.sample_steps`` SGLD steps from the stage's chain_init (p0 = N(μ, Σ)
+  or U[-1, 1]), with Improved CD's augmentation transitions every ``sample_augment_every`` steps.
 Samples are clipped to [-1, 1]; ``images.save_grid`` writes them (toy2d as a scatter plot).
 """
 
@@ -20,14 +21,15 @@ from .config import Config
 from .data import build_dataset, random_images
 from .diffusion import CosineSchedule, ddim_sample, noise_to_truncation
 from .ebm import HatGenerator
-from .gaussian_init import GaussianInit
 from .images import save_grid  # noqa: F401 - sampling's public API: sample, then save
 from .langevin import sample_joint
 from .networks import build_denoiser, build_energy, build_generator, sample_shape
+from .stages import BASELINES
 from .stages.hdebm_common import latents
 from .stages.hdebm_stage1 import sample_stage1
 from .stages.hdebm_stage2 import joint_sampler_kwargs
-from .stages.mebm import sample_mebm
+from .stages.mjem import num_classes
+from .stages.replay_ebm import ChainInit, sample_replay_ebm
 
 
 def default_device(name: str | None = None) -> torch.device:
@@ -47,7 +49,7 @@ class Sampler:
             "distill": ["denoiser"],
             "stage1": ["denoiser", "generator", "energy"],
             "stage2": ["denoiser", "generator", "energy"],
-            "mebm": ["energy", "p0"],
+            **{name: ["energy", "chain_init"] for name in BASELINES},
         }
         if self.stage not in names:
             raise ValueError(f"checkpoint '{ckpt_dir}' is of stage {self.stage!r}, which has no sampler")
@@ -57,9 +59,11 @@ class Sampler:
             ema = load_states(ckpt_dir, ema_names, map_location=self.device)
             for n in ema_names:  # AveragedModel state: "module.<key>" plus n_averaged
                 states[n[:-4]] = {k[7:]: v for k, v in ema[n].items() if k.startswith("module.")}
-        if "p0" in states:  # M-EBM: an energy and its Gaussian initialisation, no denoiser
-            self.p0 = GaussianInit.from_state_dict(states["p0"])
-            self.energy = build_energy(self.cfg).to(self.device).eval()
+        if self.stage in BASELINES:  # an energy and where its chains start, no denoiser
+            self.init = ChainInit.from_state_dict(sample_shape(self.cfg), states["chain_init"])
+            classes = num_classes(self.cfg) if self.stage == "mjem" else 0
+            multiscale = getattr(self.cfg, self.stage).multiscale
+            self.energy = build_energy(self.cfg, classes, multiscale).to(self.device).eval()
             self.energy.load_state_dict(states["energy"])
             return
         d = self.cfg.diffusion
@@ -86,11 +90,14 @@ class Sampler:
         return self.sample_with_start(n, seed)[0]
 
     def sample_with_start(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Samples and, for the hat-generator stages, their chain starts G(z) for the same latents (else None)."""
-        if self.stage == "mebm":
+        """Samples and their chain starts: G(z) for the same latents (HDEBM), the chain_init draws (baselines), or
+        None (the diffusion stages)."""
+        if self.stage in BASELINES:
             torch.manual_seed(seed)
             gen = torch.Generator(device=self.device).manual_seed(seed)
-            return sample_mebm(self.energy, self.p0, self.cfg, n, gen, self.device)[1].clamp(-1, 1), None
+            section = getattr(self.cfg, self.stage)
+            x0, x = sample_replay_ebm(self.energy, self.init, section, n, gen, self.device)
+            return x.clamp(-1, 1), x0.clamp(-1, 1)
         t_trunc = self.cfg.diffusion.T_trunc
         if self.stage in ("diffusion", "distill"):
             x = self._data(n, seed)

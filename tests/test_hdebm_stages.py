@@ -3,13 +3,14 @@ bank of the restored step, and the sampler of every stage produces images in ran
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import TINY, small_digits_overrides
 
 from hdebm_ray.bank import list_snapshots
 from hdebm_ray.checkpoint import load_meta
 from hdebm_ray.cli import main as cli_main
-from hdebm_ray.config import load_config
+from hdebm_ray.config import ConfigError, load_config
 from hdebm_ray.enfe import measure_enfe
 from hdebm_ray.images import save_grid
 from hdebm_ray.ood import auroc, energies, ood_auroc, source_images
@@ -49,11 +50,13 @@ def test_stage1_resume_restores_the_bank_of_the_restored_step(tmp_path):
 def test_enfe_of_an_n_step_diffusion_sampler_is_n_in_network_calls(tmp_path):
     # The diffusion stage's sampler is n DDIM steps of the same network the 1000-step reference runs. Measured in
     # network calls instead of seconds (no timing in tests), its ENFE is exactly n.
+    # A baseline has no denoiser: its S-step SGLD sampler, timed against a reference checkpoint's, has ENFE S.
+    from hdebm_ray.networks.sngan import ResNetEnergy
     from hdebm_ray.networks.unet import UNet
 
     calls = []
     hook = torch.nn.modules.module.register_module_forward_hook(
-        lambda module, args, out: calls.append(1) if isinstance(module, UNet) else None
+        lambda module, args, out: calls.append(1) if isinstance(module, (UNet, ResNetEnergy)) else None
     )
 
     def count_calls(fn, device):
@@ -65,10 +68,18 @@ def test_enfe_of_an_n_step_diffusion_sampler_is_n_in_network_calls(tmp_path):
         overrides = small_digits_overrides(str(tmp_path), "enfe") + TINY + ["distill.n0_steps=8"]
         _, ckpt = run_in_process(load_config("digits", overrides=overrides), "diffusion", tmp_path / "d")
         result = measure_enfe(ckpt, batches=2, diffusion_batches=1, diffusion_steps_timed=50, timer=count_calls)
+        cfg = load_config("digits", overrides=overrides + [f"data.path={tmp_path}", "mebm.sample_steps=6"])
+        _, mebm = run_in_process(cfg, "mebm", tmp_path / "m")
+        with pytest.raises(ConfigError, match="--reference"):
+            measure_enfe(mebm, batches=1)
+        baseline = measure_enfe(
+            mebm, batches=2, diffusion_batches=1, diffusion_steps_timed=50, timer=count_calls, reference=ckpt
+        )
     finally:
         hook.remove()
     assert result["diffusion_steps"] == 1000 and result["diffusion_batch_s"] == 1000.0
     assert result["sample_batch_s"] == 8.0 and result["enfe"] == 8.0
+    assert baseline["stage"] == "mebm" and baseline["enfe"] == 6.0
 
 
 def test_ood_auroc_of_a_known_energy():

@@ -30,7 +30,7 @@ def test_kl_gradient_reaches_theta_only_through_the_sampler():
     frozen = copy.deepcopy(energy).requires_grad_(False)
     x = torch.randn(16, 3, 4, 4)
     x_hat = langevin_step_with_graph(energy, x, drift_coef=0.1, noise_std=0.01)
-    loss = kl_loss(frozen, x_hat, torch.randn(100, 3, 4, 4))
+    loss, _ = kl_loss(frozen, x_hat, torch.randn(100, 3, 4, 4))
     loss.backward()
     assert all(p.grad is None for p in frozen.parameters())  # the scorer learns nothing
     # θ's weights shape ∇_x E, so they get gradient (the output bias does not, and rightly has none).
@@ -39,7 +39,7 @@ def test_kl_gradient_reaches_theta_only_through_the_sampler():
 
     # Without the graph through the step (a detached x̂), θ gets nothing: the gradient path is the sampler.
     energy.zero_grad(set_to_none=True)
-    detached = kl_loss(frozen, x_hat.detach().requires_grad_(True), torch.randn(100, 3, 4, 4))
+    detached, _ = kl_loss(frozen, x_hat.detach().requires_grad_(True), torch.randn(100, 3, 4, 4))
     detached.backward()
     assert all(p.grad is None for p in energy.parameters())
 

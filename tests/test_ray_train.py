@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import TINY, small_digits_overrides
 
 from hdebm_ray.checkpoint import load_config_of, load_meta, load_states
 from hdebm_ray.config import load_config
 from hdebm_ray.launch import fit_stage, run_pipeline
+from hdebm_ray.sampling import Sampler
 
 
 def test_two_worker_trainer_checkpoints_and_resumes(ray_local, tmp_path):
@@ -70,27 +72,44 @@ def test_pipeline_runs_all_stages_with_the_bank_actor_and_skips_finished_stages(
     assert again["stage2"]["checkpoint"] == state["stage2"]["checkpoint"]
 
 
-def test_mebm_trains_with_two_workers_on_the_replay_buffer_actor(ray_local, tmp_path):
+@pytest.mark.parametrize("stage", ["mebm", "mjem", "icd"])
+def test_baseline_trains_with_two_workers_on_the_replay_buffer_actor(ray_local, tmp_path, stage):
+    # Real DDP (gloo) over 2 Ray Train workers: M-JEM's two-headed forward and Improved CD's KL term, whose
+    # gradient reaches θ outside DDP's forward, must both leave the ranks with identical weights.
     cfg = load_config(
         "digits",
-        overrides=small_digits_overrides(str(tmp_path), "mebm") + TINY + [f"data.path={tmp_path / 'data'}"],
+        overrides=small_digits_overrides(str(tmp_path), stage) + TINY + [f"data.path={tmp_path / 'data'}"],
     )
-    out = fit_stage(cfg, "mebm")
+    out = fit_stage(cfg, stage)
     meta = load_meta(out["checkpoint"])
     assert meta["done"] and meta["step"] == 4
-    p0 = load_states(out["checkpoint"], ["p0"])["p0"]  # the fitted p0 rides in the checkpoint as plain tensors
-    assert p0["mean"].shape == (256,) and p0["factor"].shape == (256, 256)
+    chain_init = load_states(out["checkpoint"], ["chain_init"])["chain_init"]
+    if stage == "icd":  # chains start from U[-1, 1]: nothing to fit
+        assert chain_init == {}
+    else:  # the fitted p0 rides in the checkpoint as plain tensors
+        assert chain_init["mean"].shape == (256,) and chain_init["factor"].shape == (256, 256)
     # the replay buffer actor snapshotted its chains next to each checkpoint
-    run = Path(tmp_path) / "mebm"
-    assert sorted(p.name for p in (run / "mebm" / "bank").glob("*.arrow")) == [
+    run = Path(tmp_path) / stage
+    assert sorted(p.name for p in (run / stage / "bank").glob("*.arrow")) == [
         "bank_step_0000000002.arrow",
         "bank_step_0000000004.arrow",
     ]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run / "tb" / "mebm"))
+    acc = EventAccumulator(str(run / "tb" / stage))
     acc.Reload()
-    assert {"Loss/energy", "Bank/reinit_fraction", "Langevin/drift_norm"} <= set(acc.Tags()["scalars"])
+    expected = {
+        "mebm": set(),
+        "mjem": {"Loss/classifier", "Classifier/accuracy"},
+        "icd": {"Loss/kl", "Loss/nn_entropy"},
+    }
+    assert {"Loss/energy", "Bank/reinit_fraction", "Langevin/drift_norm"} | expected[stage] <= set(
+        acc.Tags()["scalars"]
+    )
+    # Samples with the stage's own sampler from the saved checkpoint.
+    x, starts = Sampler(out["checkpoint"]).sample_with_start(8, seed=0)
+    assert x.shape == starts.shape == (8, 1, 16, 16) and bool(torch.isfinite(x).all())
+    assert not torch.equal(x, starts)  # the chain starts (scored as fid_init) are not the samples
 
 
 def check_tensorboard(run: Path) -> None:

@@ -53,15 +53,18 @@ def test_one_step_distillation_keeps_the_grid(toy_pipeline):
     assert toy_pipeline["distill"]["high_quality_fraction"] >= 0.75
 
 
-def test_mebm_learns_the_grid_beyond_its_gaussian_start(tmp_path):
-    # M-EBM with the preset's settings; its sampler runs SGLD from p0 = N(mu, Sigma) of the data, which by itself
-    # puts only ~39% of samples within 3 std of a mode: the learned energy must move them there.
+@pytest.mark.parametrize("stage", ["mebm", "mjem", "icd"])
+def test_baseline_learns_the_grid_beyond_where_its_chains_start(tmp_path, stage):
+    # Each baseline with the preset's settings (1000 steps). Its sampler runs SGLD from the stage's chain_init:
+    # p0 = N(mu, Sigma) of the data (M-EBM, M-JEM), which puts only ~39% of samples within 3 std of a mode, or
+    # U[-1, 1] (Improved CD), ~44%. The learned energy must move them there.
     cfg = load_config("toy2d", overrides=[f"data.path={tmp_path / 'data'}"])
-    _, ckpt = run_in_process(cfg, "mebm", tmp_path / "mebm")
+    _, ckpt = run_in_process(cfg, stage, tmp_path / stage)
     sampler = Sampler(ckpt)
     centres = toy2d_centres(cfg.data.toy2d_mixture)
-    trained = mode_coverage(sampler.sample(N_SAMPLES, seed=123), centres, cfg.data.toy2d_std)
-    start = mode_coverage(sampler.p0.sample(N_SAMPLES), centres, cfg.data.toy2d_std)
-    print("toy2d M-EBM:", trained, "p0:", start)
+    # A mode counts as covered with at least 20 of the 2000 samples (a quarter of its fair share), not just one.
+    trained = mode_coverage(sampler.sample(N_SAMPLES, seed=123), centres, cfg.data.toy2d_std, min_count=20)
+    start = mode_coverage(sampler.init.sample(N_SAMPLES), centres, cfg.data.toy2d_std)
+    print(f"toy2d {stage}:", trained, "chain init:", start)
     assert trained["modes_covered"] >= 18, trained
-    assert trained["high_quality_fraction"] >= start["high_quality_fraction"] + 0.1, (trained, start)
+    assert trained["high_quality_fraction"] >= start["high_quality_fraction"] + 0.2, (trained, start)

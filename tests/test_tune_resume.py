@@ -30,7 +30,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(
         "stage: stage1\nmetric: Eval/toy2d_quality\nmode: max\n"
-        "params:\n  stage1.langevin.step_size: {grid: [3.0e-3, 5.0e-3, 8.0e-3]}\n"
+        "params:\n  stage1.langevin.step_size: {grid: [3.0e-3, 5.0e-3]}\n"
     )
     sets = [a for o in [f"run.storage_path={tmp_path}", "run.name=toy", *TOY_TRIAL] for a in ("--set", o)]
     cmd = [sys.executable, "-m", "hdebm_ray", "tune", "--preset", "toy2d", *sets, "--space", str(space)]
@@ -49,12 +49,12 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     first.send_signal(signal.SIGINT)
     assert first.wait(timeout=180) == 130, (tmp_path / "first.log").read_text()[-3000:]
     assert not (sweep / "trials.csv").exists()
-    assert len(finished_trials(sweep)) < 3
+    assert len(finished_trials(sweep)) < 2
 
     second = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600, env=os.environ)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     rows = (sweep / "trials.csv").read_text().splitlines()
-    assert len(rows) == 4  # header + 3 trials
-    assert len(finished_trials(sweep)) == 3
+    assert len(rows) == 3  # header + 2 trials
+    assert len(finished_trials(sweep)) == 2
     # the trial finished before the interruption was not trained again
     assert sorted(p.name for p in (done_first / "stage1").glob("checkpoint_*")) == checkpoints_before

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import Config
+from ..config import Config, ConfigError
+from .classifier_energy import ClassifierEnergy
 from .mlp import MLPDenoiser, MLPEnergy, MLPGenerator
 from .sngan import MultiScaleEnergy, ResNetEnergy, ResNetGenerator
 from .unet import UNet
@@ -48,12 +49,27 @@ def build_denoiser(cfg: Config) -> nn.Module:
     )
 
 
-def build_energy(cfg: Config) -> nn.Module:
+def build_energy(cfg: Config, num_classes: int = 0, multiscale: bool = False) -> nn.Module:
+    """H; with ``num_classes`` M-JEM's classifier with a separate energy head on the same trunk; ``multiscale``
+    (or ``network.energy.multiscale``) sums energies at full, half and quarter resolution."""
     e = cfg.network.energy
     if is_vector_data(cfg):
-        return MLPEnergy(dim=TOY_DIM, hidden=e.width, depth=cfg.network.mlp.depth)
-    cls = MultiScaleEnergy if e.multiscale else ResNetEnergy
-    return cls(in_channels=cfg.data.channels, resolution=cfg.data.resolution, width=e.width)
+        net = MLPEnergy(
+            dim=TOY_DIM,
+            hidden=e.width,
+            depth=cfg.network.mlp.depth,
+            fourier_features=e.fourier_features,
+            fourier_scale=e.fourier_scale,
+        )
+    elif e.multiscale or multiscale:
+        if num_classes:
+            raise ConfigError(
+                "M-JEM needs a single-scale trunk: set network.energy.multiscale and mjem.multiscale false"
+            )
+        net = MultiScaleEnergy(in_channels=cfg.data.channels, resolution=cfg.data.resolution, width=e.width)
+    else:
+        net = ResNetEnergy(in_channels=cfg.data.channels, resolution=cfg.data.resolution, width=e.width)
+    return ClassifierEnergy(net, num_classes) if num_classes else net
 
 
 def build_generator(cfg: Config) -> nn.Module:

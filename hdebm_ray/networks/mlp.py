@@ -8,12 +8,14 @@ from torch import nn
 from .unet import timestep_embedding
 
 
-def mlp(d_in: int, hidden: int, depth: int, d_out: int) -> nn.Sequential:
+def mlp(d_in: int, hidden: int, depth: int, d_out: int | None) -> nn.Sequential:
+    """``depth`` SiLU hidden layers, then a linear output layer (none if ``d_out`` is None)."""
     layers, d = [], d_in
     for _ in range(depth):
         layers += [nn.Linear(d, hidden), nn.SiLU()]
         d = hidden
-    layers.append(nn.Linear(d, d_out))
+    if d_out is not None:
+        layers.append(nn.Linear(d, d_out))
     return nn.Sequential(*layers)
 
 
@@ -52,12 +54,26 @@ class MLPDenoiser(nn.Module):
 
 
 class MLPEnergy(nn.Module):
-    def __init__(self, *, dim: int, hidden: int = 128, depth: int = 3):
+    """E(x) for vectors. With ``fourier_features`` > 0 the input is first mapped to [sin 2πBx, cos 2πBx] with a
+    fixed B ~ N(0, fourier_scale²) (Tancik et al. 2020): a plain MLP learns the narrow bumps of a toy mixture's
+    energy slowly (spectral bias), which only matters for EBMs without a generator to carry the detail."""
+
+    def __init__(self, *, dim: int, hidden: int = 128, depth: int = 3, fourier_features: int = 0, fourier_scale=1.0):
         super().__init__()
-        self.net = mlp(dim, hidden, depth, 1)
+        b = torch.randn(dim, fourier_features, generator=torch.Generator().manual_seed(0)) * fourier_scale
+        self.register_buffer("fourier_b", b if fourier_features else None)
+        self.body = mlp(2 * fourier_features if fourier_features else dim, hidden, depth, None)
+        self.head = nn.Linear(hidden, 1)
+        self.feature_dim = hidden
+
+    def features(self, x):
+        if self.fourier_b is not None:
+            proj = 2 * torch.pi * x @ self.fourier_b
+            x = torch.cat([proj.sin(), proj.cos()], dim=1)
+        return self.body(x)
 
     def forward(self, x):
-        return self.net(x).squeeze(1)
+        return self.head(self.features(x)).squeeze(1)
 
 
 class MLPGenerator(nn.Module):

@@ -52,11 +52,14 @@ class ResNetEnergy(nn.Module):
         c = chans[n_down - 1]
         blocks += [EnergyBlock(c, c, downsample=False), EnergyBlock(c, c, downsample=False)]
         self.blocks = nn.Sequential(*blocks)
+        self.feature_dim = c
         self.head = nn.Linear(c, 1, bias=False)
 
+    def features(self, x):
+        return F.relu(self.blocks(x)).mean(dim=(2, 3))
+
     def forward(self, x):
-        h = F.relu(self.blocks(x)).mean(dim=(2, 3))
-        return self.head(h).squeeze(1)
+        return self.head(self.features(x)).squeeze(1)
 
 
 class MultiScaleEnergy(nn.Module):

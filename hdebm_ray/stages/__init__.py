@@ -8,21 +8,26 @@ from .diffusion_stage import DiffusionStage
 from .distill_stage import DistillStage
 from .hdebm_stage1 import Stage1, bank_spec
 from .hdebm_stage2 import Stage2
-from .mebm import MEBMStage, replay_spec
+from .icd import ICDStage
+from .mjem import MJEMStage
+from .replay_ebm import ReplayEBMStage, replay_spec
 
 STAGES = {
     "diffusion": DiffusionStage,
     "distill": DistillStage,
     "stage1": Stage1,
     "stage2": Stage2,
-    "mebm": MEBMStage,
+    "mebm": ReplayEBMStage,
+    "mjem": MJEMStage,
+    "icd": ICDStage,
 }
 PIPELINE = ["diffusion", "distill", "stage1", "stage2"]
 # Which earlier stage's final checkpoint a stage starts from.
 INIT_FROM = {"distill": "diffusion", "stage1": "distill", "stage2": "stage1"}
-# Baselines (M-EBM, ...) start from nothing: they are not in PIPELINE and have no INIT_FROM.
+# The baselines (M-EBM, M-JEM, Improved CD) start from nothing: they are not in PIPELINE and have no INIT_FROM.
+BASELINES = ("mebm", "mjem", "icd")
 # Stages that use the shared bank / replay buffer: {stage: spec(cfg) -> {kind, size, shapes[, reinit_prob]}}.
-BANK_SPECS = {"stage1": bank_spec, "mebm": replay_spec}
+BANK_SPECS = {"stage1": bank_spec, **{name: replay_spec(name) for name in BASELINES}}
 
 
 def build_stage(name: str, cfg: Config, ctx: WorkerContext, init_dir=None):

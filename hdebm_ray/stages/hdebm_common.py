@@ -1,5 +1,5 @@
-"""Pieces HDEBM Stage 1 and Stage 2 share: building H's trainer from a stage section, the hat generator from
-a checkpoint, and the per-rank data stream."""
+"""Pieces the EBM stages share (HDEBM Stage 1/2 and the baselines): building H's trainer from a stage section,
+the hat generator from a checkpoint, the per-rank data stream, toy2d tick metrics and fixed-start image grids."""
 
 from __future__ import annotations
 
@@ -18,11 +18,19 @@ TOY_EVAL_SAMPLES = 1000
 
 
 def energy_trainer(
-    cfg: Config, ctx: WorkerContext, section, lr: float, temperature: float, energy_l2: float = 0.0
+    cfg: Config,
+    ctx: WorkerContext,
+    section,
+    lr: float,
+    temperature: float,
+    energy_l2: float = 0.0,
+    num_classes: int = 0,
+    betas=(0.9, 0.999),
+    multiscale: bool = False,
 ) -> EnergyTrainer:
     """H's trainer from a stage section's optimiser, schedule, clipping, jitter, MAD and EMA settings."""
     return EnergyTrainer(
-        build_energy(cfg),
+        build_energy(cfg, num_classes, multiscale),
         ctx,
         lr=lr,
         schedule=section.lr_schedule,
@@ -35,6 +43,7 @@ def energy_trainer(
         ema_halflife_kimg=section.ema_halflife_kimg,
         batch_size=section.batch_size,
         energy_l2=energy_l2,
+        betas=tuple(betas),
     )
 
 

@@ -1,0 +1,67 @@
+"""Stage "icd": Improved Contrastive Divergence (Du et al., Algorithm 1; ALGORITHMS §8).
+
+On top of the shared replay-buffer loop: chain starts pass through an augmentation transition (colour, flip,
+rescale, blur), the buffer resets 0.1% of the chains to U[-1, 1] noise, and the loss is L_CD + L_KL. For L_KL the
+last of the K Langevin steps is recomputed for ``icd.kl_samples`` chains with the graph to θ
+(``langevin_step_with_graph``); the result x̂⁻ is scored by the energy with its parameters detached (a frozen copy
+that shares memory: gradients reach θ only through the sampler), minus the nearest-neighbour entropy of x̂⁻
+against ``icd.entropy_reference`` past buffer samples (from the same buffer call as the chain starts). The
+multi-scale energy is ``network.energy.multiscale``; evaluation uses the EMA weights (``--ema``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call
+
+from ..augment import augment
+from ..langevin import StepStats, langevin_step_with_graph
+from ..losses import kl_loss
+from .replay_ebm import DATA_RANGE, ReplayEBMStage, sgld_chain
+
+
+def detached(net: torch.nn.Module):
+    """E with θ treated as a constant: the "frozen copy" of L_KL without copying the weights."""
+
+    def energy(x: torch.Tensor) -> torch.Tensor:
+        params = {k: v.detach() for k, v in net.named_parameters()}
+        return functional_call(net, {**params, **dict(net.named_buffers())}, (x,))
+
+    return energy
+
+
+class ICDStage(ReplayEBMStage):
+    name = "icd"
+
+    def entropy_reference_size(self) -> int:
+        return self.s.entropy_reference if self.s.kl_weight else 0
+
+    def start_transition(self, x0: torch.Tensor) -> torch.Tensor:
+        return augment(x0, self.s.augment, self.s.augment_jitter_std) if self.s.augment else x0
+
+    def negatives(self, x0, reference, step: int, stats: StepStats):
+        s, net = self.s, self.energy.net
+        if not s.kl_weight:
+            return super().negatives(x0, reference, step, stats)
+        x_prev = sgld_chain(net, x0, s.sgld, stats, steps=s.sgld.steps - 1)
+        m = min(s.kl_samples, len(x0))
+        x_hat = langevin_step_with_graph(net, x_prev[:m], s.sgld.step_size, s.sgld.noise_std)
+        if s.sgld.clamp:
+            x_hat = x_hat.clamp(*DATA_RANGE)
+        rest = sgld_chain(net, x_prev[m:], s.sgld, stats, steps=1) if m < len(x0) else x_prev[m:]
+        # The NN entropy needs a buffer that holds more than the first steps' chains (the paper waits for 1000).
+        filled = min(step * s.batch_size, s.buffer_size)
+        use_entropy = filled >= s.entropy_min_filled and len(reference) > 0
+        return torch.cat([x_hat.detach(), rest]), (x_hat, reference if use_entropy else None)
+
+    def update(self, x_pos, y_pos, x_neg, extra) -> dict[str, float]:
+        if extra is None:
+            return self.energy.update(x_pos, x_neg)
+        x_hat, reference = extra
+        s = self.s
+
+        def kl_term():
+            loss, entropy = kl_loss(detached(self.energy.net), x_hat, reference, s.entropy_weight)
+            return s.kl_weight * loss, {"Loss/kl": loss.item(), "Loss/nn_entropy": entropy.item()}
+
+        return self.energy.update(x_pos, x_neg, extra_loss=kl_term)

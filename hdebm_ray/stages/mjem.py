@@ -1,0 +1,74 @@
+"""Stage "mjem": M-JEM (Yang & Ji, §4; ALGORITHMS §8), M-EBM on a classifier with a separate energy head.
+
+Two mini-batches per step, as in the paper: the plain batch x⁺ for the maximum-likelihood (CD) term on the energy
+head, and a second, augmented labelled batch (``mjem.classifier_batch_size``, crop + flip by default) for the
+cross-entropy of the classifier head. Both heads share the trunk, and both losses come from one forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..augment import augment
+from ..config import Config, ConfigError
+from ..data import build_dataset, toy2d_centres
+from ..loop import WorkerContext
+from .hdebm_common import data_stream
+from .replay_ebm import ReplayEBMStage
+
+CLASSES = {"digits": 10, "cifar10": 10}
+ACCURACY_SAMPLES = 1000
+
+
+def num_classes(cfg: Config) -> int:
+    """``mjem.num_classes``, or the dataset's own count when it is 0."""
+    if cfg.mjem.num_classes:
+        return cfg.mjem.num_classes
+    if cfg.data.dataset == "toy2d":
+        return len(toy2d_centres(cfg.data.toy2d_mixture))
+    if cfg.data.dataset in CLASSES:
+        return CLASSES[cfg.data.dataset]
+    raise ConfigError(f"config key 'mjem.num_classes' must be set for data.dataset = {cfg.data.dataset!r}")
+
+
+@torch.no_grad()
+def classifier_accuracy(net, cfg: Config, n: int = ACCURACY_SAMPLES, device="cpu") -> float:
+    """Top-1 accuracy of M-JEM's classifier head on ``n`` fixed, un-augmented dataset images."""
+    dataset = build_dataset(cfg)
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.run.seed + 77))[:n]
+    items = [dataset[int(i)] for i in idx]
+    images = torch.stack([x for x, _ in items]).to(device)
+    labels = torch.tensor([int(y) for _, y in items], device=device)
+    correct = 0
+    for i in range(0, len(images), 256):
+        _, logits = net(images[i : i + 256], with_logits=True)
+        correct += (logits.argmax(1) == labels[i : i + 256]).sum().item()
+    return correct / len(images)
+
+
+class MJEMStage(ReplayEBMStage):
+    name = "mjem"
+
+    def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
+        super().__init__(cfg, ctx, init_dir)
+        self.labelled = data_stream(cfg, ctx, self.s.classifier_batch_size, seed_offset=5)
+
+    def num_classes(self) -> int:
+        classes = num_classes(self.cfg)
+        labels = build_dataset(self.cfg)[0][1]
+        if not 0 <= int(labels) < classes:
+            raise ConfigError(
+                f"M-JEM needs labels in [0, {classes}); data.dataset {self.cfg.data.dataset!r} has {labels}"
+            )
+        return classes
+
+    def update(self, x_pos, y_pos, x_neg, extra) -> dict[str, float]:
+        x_cls, y_cls = next(self.labelled)
+        x_cls = augment(x_cls, self.s.augment, self.s.augment_jitter_std)
+        return self.energy.update(x_pos, x_neg, labelled=(x_cls, y_cls.long(), self.s.classifier_weight))
+
+    def tick_metrics(self, step: int) -> dict[str, float]:
+        metrics = super().tick_metrics(step)
+        if self.ctx.is_chief:
+            metrics["Classifier/accuracy"] = classifier_accuracy(self.energy.net, self.cfg, device=self.ctx.device)
+        return metrics

@@ -1,0 +1,203 @@
+"""The replay-buffer EBMs of ALGORITHMS §8 on one loop: M-EBM ("mebm"), M-JEM ("mjem") and Improved CD ("icd").
+
+Each step, on every rank's own batch: chain starts drawn from the replay buffer (the bank actor in replay mode),
+a fraction ρ of them re-initialised from the section's ``chain_init`` (p0 = N(μ, Σ) of the training set for
+M-EBM / M-JEM, U[-1, 1] for Improved CD); K SGLD steps x ← x − α∇E(x) + σξ on the bare energy net; the CD update
+E(x⁺) − E(x⁻) + α_reg(E(x⁺)² + E(x⁻)²); the chain ends pushed back into the buffer. The algorithms differ only in
+hooks: M-JEM adds a cross-entropy batch to the update (``mjem.py``), Improved CD augments the chain starts and
+adds the KL term (``icd.py``). Samples at test time: chains from ``chain_init`` run ``sample_steps`` SGLD steps,
+with an augmentation transition every ``sample_augment_every`` steps (Improved CD's Algorithm 2).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..augment import augment
+from ..config import Config, check_stage
+from ..data import build_dataset
+from ..fid import cache_dir
+from ..gaussian_init import GaussianInit, cached_gaussian
+from ..langevin import StepStats, frozen, sample_langevin
+from ..loop import StageBase, WorkerContext, barrier, check_replicas_agree, status
+from ..networks import sample_shape
+from .hdebm_common import data_stream, energy_trainer, fixed_sample_grids, toy2d_tick_metrics
+
+DATA_RANGE = (-1.0, 1.0)
+
+
+def replay_spec(stage_name: str):
+    """What the driver creates the bank actor with: a replay buffer of chain states."""
+
+    def spec(cfg: Config) -> dict:
+        s = getattr(cfg, stage_name)
+        return {
+            "kind": "replay",
+            "size": s.buffer_size,
+            "shapes": {"x": sample_shape(cfg)},
+            "reinit_prob": s.reinit_prob,
+        }
+
+    return spec
+
+
+def fit_p0(cfg: Config, section) -> GaussianInit:
+    d = cfg.data
+    name = f"p0-{d.dataset}-{d.resolution}px-{d.channels}ch-full{section.p0_max_full_dim}-rank{section.p0_rank}"
+    return cached_gaussian(
+        build_dataset(cfg), cache_dir(cfg).parent / "p0", name, section.p0_max_full_dim, section.p0_rank
+    )
+
+
+class ChainInit:
+    """Where fresh chains start: p0 = N(μ, Σ) fitted to the data (cached), or uniform noise on [-1, 1]."""
+
+    def __init__(self, shape: tuple[int, ...], p0: GaussianInit | None = None):
+        self.shape, self.p0 = shape, p0
+
+    @classmethod
+    def for_section(cls, cfg: Config, section) -> ChainInit:
+        return cls(sample_shape(cfg), fit_p0(cfg, section) if section.chain_init == "p0" else None)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        if self.p0 is not None:
+            return self.p0.sample(n, generator=generator, device=device)
+        return torch.rand(n, *self.shape, generator=generator, device=device) * 2 - 1
+
+    def state_dict(self) -> dict:
+        return self.p0.state_dict() if self.p0 is not None else {}
+
+    @classmethod
+    def from_state_dict(cls, shape: tuple[int, ...], state: dict) -> ChainInit:
+        return cls(shape, GaussianInit.from_state_dict(state) if state else None)
+
+
+def sgld_chain(energy, x0: torch.Tensor, sgld, stats=None, steps: int | None = None) -> torch.Tensor:
+    """K (or ``steps``) SGLD steps x ← x − α∇E(x) + σξ (clipped drift, clamped chains if set), parameters frozen."""
+    with frozen(energy):
+        k = sgld.steps if steps is None else steps
+        bounds = DATA_RANGE if sgld.clamp else None
+        return sample_langevin(energy, x0, k, sgld.step_size, sgld.noise_std, sgld.drift_clip, stats, bounds)
+
+
+def sample_replay_ebm(energy, init: ChainInit, section, n: int, generator=None, device=None):
+    """Test-time samples: (chain starts, samples) after ``sample_steps`` SGLD steps (default K) from chain_init,
+    with an augmentation transition before every ``sample_augment_every`` steps (0 = none).
+
+    Training chains persist in the buffer over many steps; a checkpoint's sampler has only chain_init to start
+    from, so a longer chain than K gets closer to what the buffer holds."""
+    x0 = init.sample(n, generator=generator, device=device)
+    steps = section.sample_steps or section.sgld.steps
+    every = section.sample_augment_every or steps
+    x, done = x0, 0
+    while done < steps:
+        if section.sample_augment_every:
+            x = augment(x, section.augment, section.augment_jitter_std)
+        x = sgld_chain(energy, x, section.sgld, steps=min(every, steps - done))
+        done += every
+    return x0, x
+
+
+class ReplayEBMStage(StageBase):
+    """M-EBM; M-JEM and Improved CD override ``num_classes``, ``start_transition``, ``negatives``, ``update``."""
+
+    name = "mebm"
+
+    def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
+        if ctx.bank is None:
+            raise ValueError(f"{self.name} needs a replay-buffer client in its WorkerContext")
+        check_stage(cfg, self.name)
+        s = getattr(cfg, self.name)
+        self.cfg, self.ctx, self.s = cfg, ctx, s
+        self.total_steps, self.report_every, self.checkpoint_every = s.steps, s.report_every, s.checkpoint_every
+        self.images_per_step = s.batch_size
+        self.local_batch = s.batch_size // ctx.world_size
+        self.init = ChainInit.for_section(cfg, s)
+        self.energy = energy_trainer(
+            cfg,
+            ctx,
+            s,
+            s.lr,
+            1.0,
+            energy_l2=s.energy_l2,
+            num_classes=self.num_classes(),
+            betas=s.adam_betas,
+            multiscale=s.multiscale,
+        )
+        self.bank = ctx.bank
+        self.batches = data_stream(cfg, ctx, s.batch_size, seed_offset=4)
+        self.summary_state = {}
+
+    def num_classes(self) -> int:
+        return 0
+
+    def on_start(self, start_step: int) -> None:
+        if self.ctx.is_chief and start_step > 0 and self.bank.restore(start_step) is None:
+            status(f"[{self.name}] no buffer snapshot for step {start_step}; chains restart from chain_init")
+        barrier()
+
+    def before_checkpoint(self, step: int) -> None:
+        check_replicas_agree(self.energy.net, f"{self.name}'s energy")
+        barrier()  # every rank's push of this step has landed
+        if self.ctx.is_chief:
+            self.bank.snapshot(step)
+
+    def chain_starts(self, n: int, extra: int = 0):
+        """n buffer states, the chains the buffer marks for re-initialisation drawn from chain_init, and that
+        mask; plus ``extra`` further buffer states (Improved CD's entropy reference) from the same call."""
+        drawn = self.bank.sample(n + extra)
+        dev = self.ctx.device
+        x = torch.from_numpy(np.array(drawn["x"])).to(dev)
+        x0, reference = x[:n], x[n:]
+        reinit = torch.from_numpy(np.array(drawn["reinit"][:n])).to(dev)
+        if reinit.any():
+            x0[reinit] = self.init.sample(int(reinit.sum()), device=dev)
+        return x0, reinit, reference
+
+    def start_transition(self, x0: torch.Tensor) -> torch.Tensor:
+        return x0
+
+    def negatives(self, x0: torch.Tensor, reference: torch.Tensor, step: int, stats: StepStats):
+        """x⁻ after K SGLD steps, and what ``update`` needs besides (Improved CD: the graph-carrying last step)."""
+        return sgld_chain(self.energy.net, x0, self.s.sgld, stats), None
+
+    def update(self, x_pos, y_pos, x_neg, extra) -> dict[str, float]:
+        return self.energy.update(x_pos, x_neg)
+
+    def entropy_reference_size(self) -> int:
+        return 0
+
+    def train_step(self, step: int) -> dict[str, float]:
+        x_pos, y_pos = next(self.batches)
+        x0, reinit, reference = self.chain_starts(len(x_pos), self.entropy_reference_size())
+        x0 = self.start_transition(x0)
+        stats = StepStats()
+        x_neg, extra = self.negatives(x0, reference, step, stats)
+        metrics = self.update(x_pos, y_pos, x_neg, extra)
+        self.bank.push(step + 1, x=x_neg)
+        metrics.update(
+            {
+                "Bank/reinit_fraction": reinit.float().mean().item(),
+                "Langevin/chain_move": (x_neg - x0).flatten(1).norm(dim=1).mean().item(),
+                **{f"Langevin/{k}": v for k, v in stats.means().items()},
+            }
+        )
+        return metrics
+
+    def sample(self, n: int, generator: torch.Generator | None = None, use_ema: bool = False):
+        net = self.energy.sampling_net(use_ema)
+        return sample_replay_ebm(net, self.init, self.s, n, generator, self.ctx.device)
+
+    def tick_metrics(self, step: int) -> dict[str, float]:
+        return toy2d_tick_metrics(self.cfg, self.ctx, lambda n: self.sample(n)[1])
+
+    def tick_images(self, step: int) -> dict[str, torch.Tensor]:
+        return fixed_sample_grids(self.cfg, self.ctx, self.sample, "Samples/init")
+
+    def state_dict(self) -> dict[str, dict]:
+        return {**self.energy.state_dict("energy"), "chain_init": self.init.state_dict()}
+
+    def load_state_dict(self, states: dict[str, dict]) -> None:
+        self.energy.load_state_dict(states, "energy")
+        self.init = ChainInit.from_state_dict(sample_shape(self.cfg), states["chain_init"])
