@@ -192,10 +192,16 @@ def build_dataset(cfg: Config) -> Dataset:
     raise DatasetError(f"unknown data.dataset {d.dataset!r}")
 
 
+def random_items(dataset: Dataset, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels of ``n`` items (all, if fewer) in a random order fixed by ``seed``."""
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    items = [dataset[int(i)] for i in idx]
+    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+
+
 def random_images(dataset: Dataset, n: int, seed: int = 0) -> torch.Tensor:
     """The images of ``n`` items (all, if fewer) in a random order fixed by ``seed``."""
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
-    return torch.stack([dataset[int(i)][0] for i in idx])
+    return random_items(dataset, n, seed)[0]
 
 
 def check_data_available(cfg: Config) -> None:

@@ -67,9 +67,10 @@ class EnergyTrainer:
         if self.data_jitter:
             x_pos = x_pos + self.data_jitter * torch.randn_like(x_pos)
         # One forward over every batch: DDP allows a single forward per backward.
-        batch = [x_pos, x_neg.detach()] + ([labelled[0]] if labelled is not None else [])
-        out = self.ddp(torch.cat(batch), with_logits=True) if labelled is not None else self.ddp(torch.cat(batch))
-        energies, logits = out if labelled is not None else (out, None)
+        if labelled is None:
+            energies, logits = self.ddp(torch.cat([x_pos, x_neg.detach()])), None
+        else:
+            energies, logits = self.ddp(torch.cat([x_pos, x_neg.detach(), labelled[0]]), with_logits=True)
         n = len(x_pos)
         e_pos, e_neg = energies[:n], energies[n : 2 * n]
         loss, dropped = ebm_loss(e_pos, e_neg, self.temperature, self.mad_k)

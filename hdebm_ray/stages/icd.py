@@ -6,7 +6,7 @@ last of the K Langevin steps is recomputed for ``icd.kl_samples`` chains with th
 (``langevin_step_with_graph``); the result x̂⁻ is scored by the energy with its parameters detached (a frozen copy
 that shares memory: gradients reach θ only through the sampler), minus the nearest-neighbour entropy of x̂⁻
 against ``icd.entropy_reference`` past buffer samples (from the same buffer call as the chain starts). The
-multi-scale energy is ``network.energy.multiscale``; evaluation uses the EMA weights (``--ema``).
+multi-scale energy is ``icd.multiscale`` (on by default); evaluation uses the EMA weights (``--ema``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import torch
 
 from ..augment import augment
 from ..config import Config, ConfigError
-from ..data import build_dataset, toy2d_centres
+from ..data import build_dataset, random_items, toy2d_centres
 from ..loop import WorkerContext
 from .hdebm_common import data_stream
 from .replay_ebm import ReplayEBMStage
@@ -31,14 +31,16 @@ def num_classes(cfg: Config) -> int:
     raise ConfigError(f"config key 'mjem.num_classes' must be set for data.dataset = {cfg.data.dataset!r}")
 
 
+def accuracy_set(cfg: Config, n: int = ACCURACY_SAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` fixed, un-augmented dataset images and their labels, for measuring the classifier head."""
+    return random_items(build_dataset(cfg), n, seed=cfg.run.seed + 77)
+
+
 @torch.no_grad()
-def classifier_accuracy(net, cfg: Config, n: int = ACCURACY_SAMPLES, device="cpu") -> float:
-    """Top-1 accuracy of M-JEM's classifier head on ``n`` fixed, un-augmented dataset images."""
-    dataset = build_dataset(cfg)
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.run.seed + 77))[:n]
-    items = [dataset[int(i)] for i in idx]
-    images = torch.stack([x for x, _ in items]).to(device)
-    labels = torch.tensor([int(y) for _, y in items], device=device)
+def classifier_accuracy(net, cfg: Config, n: int = ACCURACY_SAMPLES, device="cpu", items=None) -> float:
+    """Top-1 accuracy of M-JEM's classifier head on ``accuracy_set`` (or the given (images, labels))."""
+    images, labels = items if items is not None else accuracy_set(cfg, n)
+    images, labels = images.to(device), labels.to(device)
     correct = 0
     for i in range(0, len(images), 256):
         _, logits = net(images[i : i + 256], with_logits=True)
@@ -52,6 +54,7 @@ class MJEMStage(ReplayEBMStage):
     def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
         super().__init__(cfg, ctx, init_dir)
         self.labelled = data_stream(cfg, ctx, self.s.classifier_batch_size, seed_offset=5)
+        self.accuracy_items = None  # loaded on rank 0's first tick, then kept (not re-read every tick)
 
     def num_classes(self) -> int:
         classes = num_classes(self.cfg)
@@ -70,5 +73,9 @@ class MJEMStage(ReplayEBMStage):
     def tick_metrics(self, step: int) -> dict[str, float]:
         metrics = super().tick_metrics(step)
         if self.ctx.is_chief:
-            metrics["Classifier/accuracy"] = classifier_accuracy(self.energy.net, self.cfg, device=self.ctx.device)
+            if self.accuracy_items is None:
+                self.accuracy_items = accuracy_set(self.cfg)
+            metrics["Classifier/accuracy"] = classifier_accuracy(
+                self.energy.net, self.cfg, device=self.ctx.device, items=self.accuracy_items
+            )
         return metrics
