@@ -1,11 +1,9 @@
-"""The shared sample store, pure numpy: HDEBM's latent/image bank and the baselines' replay buffer.
+"""The shared sample store, pure numpy: HDEBM's latent/image bank and the baselines' replay buffer, both on a
+``SlotStore`` (``slot_store.py``: the arrays, their snapshots and the lease table).
 
-``SlotStore`` holds N entries of named fields as contiguous arrays plus per-slot statistics, and snapshots them
-to an Arrow IPC file (local path or any pyarrow filesystem URI) tagged with the training step.
-
-``Bank`` adds leases (ALGORITHMS §5, distributed reading): ``checkout(n, owner)`` hands out n slots that no other
-outstanding lease holds; ``commit(lease, ...)`` overwrites exactly those slots and releases them. A lease whose
-owner died is reclaimed when it expires, or as soon as the same owner (a restarted rank) checks out again.
+``Bank`` leases slots (docs/algorithms.md §5, distributed reading): ``checkout(n, owner)`` hands out n slots that
+no other outstanding lease holds; ``commit(lease, ...)`` overwrites exactly those slots and releases them. A lease
+whose owner died is reclaimed when it expires, or as soon as the same owner (a restarted rank) checks out again.
 
 ``ReplayBuffer`` (M-EBM, Improved CD) samples chain starts, re-initialising each with probability ρ, and takes new
 samples back. The Ray actor in ``bank_actor.py`` wraps either one.
@@ -13,126 +11,9 @@ samples back. The Ray actor in ``bank_actor.py`` wraps either one.
 
 from __future__ import annotations
 
-import itertools
-import time
-from dataclasses import dataclass
-
 import numpy as np
-import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.ipc as ipc
 
-from .storage import fs_and_path
-
-SNAPSHOT_PREFIX = "bank_step_"
-
-
-def snapshot_name(step: int) -> str:
-    return f"{SNAPSHOT_PREFIX}{step:010d}.arrow"
-
-
-class SlotStore:
-    """N slots of named float32 fields (e.g. z1, z2, x) with write step and write count per slot."""
-
-    def __init__(self, size: int, shapes: dict[str, tuple[int, ...]]):
-        self.size, self.shapes = size, {k: tuple(v) for k, v in shapes.items()}
-        self.arrays = {k: np.zeros((size, *shape), dtype=np.float32) for k, shape in self.shapes.items()}
-        self.written_step = np.full(size, -1, dtype=np.int64)  # training step of the last write, -1 = never
-        self.writes = np.zeros(size, dtype=np.int64)
-        self.step = 0  # latest training step seen in a write
-
-    def write(self, idx: np.ndarray, step: int, **fields: np.ndarray) -> None:
-        missing = set(self.shapes) - set(fields)
-        if missing:
-            raise ValueError(f"write is missing fields {sorted(missing)}")
-        for k, v in fields.items():
-            self.arrays[k][idx] = v
-        self.written_step[idx] = step
-        self.writes[idx] += 1
-        self.step = max(self.step, step)
-
-    def read(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: a[idx] for k, a in self.arrays.items()}
-
-    def stats(self) -> dict[str, float]:
-        filled = self.written_step >= 0
-        age = (self.step - self.written_step[filled]).mean() if filled.any() else 0.0
-        return {
-            "filled_fraction": float(filled.mean()),
-            "mean_slot_age_steps": float(age),
-            "mean_writes_per_slot": float(self.writes.mean()),
-        }
-
-    # -- snapshots ------------------------------------------------------------------------------------------
-
-    def snapshot(self, directory: str, step: int) -> str:
-        """Write every slot to ``directory/bank_step_<step>.arrow`` (atomically: temp file, then move)."""
-        fs, base = fs_and_path(directory)
-        fs.create_dir(base, recursive=True)
-        cols = {
-            k: pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), int(np.prod(a.shape[1:])))
-            for k, a in self.arrays.items()
-        }
-        cols["written_step"] = pa.array(self.written_step)
-        cols["writes"] = pa.array(self.writes)
-        meta = {
-            "step": str(step),
-            "size": str(self.size),
-            **{f"shape:{k}": ",".join(map(str, s)) for k, s in self.shapes.items()},
-        }
-        table = pa.table(cols).replace_schema_metadata(meta)
-        path, tmp = f"{base}/{snapshot_name(step)}", f"{base}/.{snapshot_name(step)}.tmp"
-        with fs.open_output_stream(tmp) as out, ipc.new_file(out, table.schema) as writer:
-            writer.write_table(table)
-        fs.move(tmp, path)
-        return path
-
-    @classmethod
-    def load(cls, path: str) -> tuple[SlotStore, int]:
-        """The store saved at ``path`` and the step it was tagged with."""
-        fs, p = fs_and_path(path)
-        with fs.open_input_file(p) as f:
-            table = ipc.open_file(f).read_all()
-        meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
-        shapes = {k[6:]: tuple(int(x) for x in v.split(",") if x) for k, v in meta.items() if k.startswith("shape:")}
-        store = cls(int(meta["size"]), shapes)
-        for k, shape in shapes.items():
-            flat = table.column(k).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            store.arrays[k][:] = flat.reshape(store.size, *shape)
-        store.written_step[:] = table.column("written_step").to_numpy()
-        store.writes[:] = table.column("writes").to_numpy()
-        step = int(meta["step"])
-        store.step = step
-        return store, step
-
-
-def list_snapshots(directory: str) -> dict[int, str]:
-    """{step: path} of the snapshots in ``directory`` (empty if it does not exist)."""
-    fs, base = fs_and_path(directory)
-    if fs.get_file_info(base).type == pafs.FileType.NotFound:
-        return {}
-    infos = fs.get_file_info(pafs.FileSelector(base))
-    found = {}
-    for info in infos:
-        name = info.base_name
-        if name.startswith(SNAPSHOT_PREFIX) and name.endswith(".arrow"):
-            found[int(name[len(SNAPSHOT_PREFIX) : -6])] = info.path if "://" not in directory else f"{directory}/{name}"
-    return found
-
-
-def prune_snapshots(directory: str, keep_steps: set[int]) -> None:
-    fs, _ = fs_and_path(directory)
-    for step, path in list_snapshots(directory).items():
-        if step not in keep_steps:
-            fs.delete_file(fs_and_path(path)[1])
-
-
-@dataclass
-class Lease:
-    lease_id: int
-    owner: str
-    idx: np.ndarray
-    expires_at: float
+from .slot_store import LeaseTable, SlotStore, draw_free, list_snapshots, prune_snapshots
 
 
 class Bank:
@@ -141,50 +22,27 @@ class Bank:
     def __init__(self, size: int, shapes: dict[str, tuple[int, ...]], seed: int = 0, lease_timeout_s: float = 600.0):
         self.store = SlotStore(size, shapes)
         self.rng = np.random.default_rng(seed)
-        self.lease_timeout_s = lease_timeout_s
-        self.leases: dict[int, Lease] = {}
-        self.leased = np.zeros(size, dtype=bool)
-        self._ids = itertools.count(1)
+        self.table = LeaseTable(size, lease_timeout_s)
         self.seq = 0  # a counter over checkouts and commits, for ordering tests and diagnostics
-        self.reclaimed = 0
-        self.rejected_commits = 0
 
     @property
     def size(self) -> int:
         return self.store.size
 
-    def _release(self, lease: Lease) -> None:
-        self.leased[lease.idx] = False
-        del self.leases[lease.lease_id]
-
-    def _reclaim(self, owner: str) -> None:
-        now = time.monotonic()
-        for lease in list(self.leases.values()):
-            if lease.owner == owner or lease.expires_at < now:
-                self._release(lease)
-                self.reclaimed += 1
-
     def checkout(self, n: int, owner: str) -> dict:
         """n distinct slots no other lease holds, with their data; the owner's older leases are dropped."""
-        self._reclaim(owner)
-        free = np.flatnonzero(~self.leased)
-        if len(free) < n:
-            raise RuntimeError(f"bank has {len(free)} free slots, {n} requested ({len(self.leases)} leases out)")
-        idx = np.sort(self.rng.choice(free, size=n, replace=False))
-        lease = Lease(next(self._ids), owner, idx, time.monotonic() + self.lease_timeout_s)
-        self.leases[lease.lease_id] = lease
-        self.leased[idx] = True
+        self.table.reclaim(owner)
+        idx = draw_free(self.rng, self.table, np.arange(self.size), n, "bank")
+        lease = self.table.grant(owner, idx)
         self.seq += 1
         return {"lease": lease.lease_id, "idx": idx, "seq": self.seq, **self.store.read(idx)}
 
     def commit(self, lease_id: int, step: int, **fields: np.ndarray) -> dict:
         """Overwrite exactly the leased slots and release them; a reclaimed lease's commit is refused."""
-        lease = self.leases.get(lease_id)
+        lease = self.table.take(lease_id)
         if lease is None:
-            self.rejected_commits += 1
             return {"ok": False, "seq": self.seq}
         self.store.write(lease.idx, step, **fields)
-        self._release(lease)
         self.seq += 1
         return {"ok": True, "seq": self.seq}
 
@@ -197,62 +55,129 @@ class Bank:
         return bool((self.store.written_step >= 0).all())
 
     def stats(self) -> dict[str, float]:
-        return {
-            **self.store.stats(),
-            "leases_out": len(self.leases),
-            "reclaimed_leases": self.reclaimed,
-            "rejected_commits": self.rejected_commits,
-        }
+        return {**self.store.stats(), **self.table.stats()}
 
     def load_store(self, store: SlotStore) -> None:
         """Replace the contents (restore); outstanding leases are void."""
         self.store = store
-        self.leases.clear()
-        self.leased[:] = False
+        self.table.clear()
+
+
+WRITE_POLICIES = ("in_place", "fifo", "random")
 
 
 class ReplayBuffer:
-    """Replay buffer of chain states with re-initialisation probability ρ (M-EBM ρ = 5%, Improved CD 0.1%).
+    """Replay buffer of N chain states with re-initialisation probability ρ (M-EBM ρ = 5%, Improved CD 0.1%).
 
-    New samples are pushed in ring order until full, then overwrite uniformly random slots. ``sample`` returns
-    buffer states and a mask of which chains the caller must re-initialise from its initial distribution
-    (the buffer does not know p0, which may live on a GPU).
+    ``sample(n, owner)`` leases n distinct filled slots (distinct across all outstanding leases, so concurrent
+    ranks never draw the same chain) and marks each for re-initialisation with probability ρ — the caller draws
+    those from its initial distribution (the buffer does not know p0, which may live on a GPU). While fewer
+    than n slots are filled, every chain is marked. ``push(lease, step, x)`` writes the chain ends back:
+
+    - ``in_place`` (M-EBM / JEM code): into the slots they were drawn from, so the buffer holds N persistent
+      chains; chains drawn from an unfilled buffer are appended instead;
+    - ``fifo`` (Improved CD code): at the ring position, overwriting the oldest entry;
+    - ``random``: ring order until full, then uniformly random slots (chains collapse onto few lineages).
+
+    Each slot carries a lineage id: a re-initialised chain gets a new one, a continued chain keeps its source's.
     """
 
-    def __init__(self, size: int, shapes: dict[str, tuple[int, ...]], reinit_prob: float, seed: int = 0):
+    def __init__(
+        self,
+        size: int,
+        shapes: dict[str, tuple[int, ...]],
+        reinit_prob: float,
+        seed: int = 0,
+        write_policy: str = "in_place",
+        lease_timeout_s: float = 600.0,
+    ):
+        if write_policy not in WRITE_POLICIES:
+            raise ValueError(f"unknown replay write policy {write_policy!r}; choose one of {', '.join(WRITE_POLICIES)}")
         self.store = SlotStore(size, shapes)
-        self.reinit_prob = reinit_prob
+        self.store.counters = {"pushed": 0, "next_lineage": 0}
+        self.reinit_prob, self.write_policy = reinit_prob, write_policy
         self.rng = np.random.default_rng(seed)
-        self.count = 0  # entries pushed so far (filled = min(count, size))
+        self.table = LeaseTable(size, lease_timeout_s)
 
     @property
     def size(self) -> int:
         return self.store.size
 
-    def sample(self, n: int) -> dict:
-        filled = min(self.count, self.size)
-        reinit = self.rng.random(n) < self.reinit_prob
-        if filled == 0:
-            reinit[:] = True
-            idx = np.zeros(n, dtype=np.int64)
-        else:
-            idx = self.rng.integers(0, filled, size=n)
-        return {"idx": idx, "reinit": reinit, **self.store.read(idx)}
+    @property
+    def count(self) -> int:
+        """Entries written so far (fills and pushes); filled slots = min(count, size)."""
+        return self.store.counters["pushed"]
 
-    def push(self, step: int, **fields: np.ndarray) -> None:
+    def filled(self) -> int:
+        return min(self.count, self.size)
+
+    def fill(self, start: int, step: int = 0, **fields: np.ndarray) -> None:
+        """Pre-fill slots [start, start + len) with fresh chains (M-EBM: N draws from p0), each its own lineage."""
         n = len(next(iter(fields.values())))
-        ring = np.arange(self.count, self.count + n) % self.size
-        full = self.count + np.arange(n) >= self.size
-        idx = np.where(full, self.rng.integers(0, self.size, size=n), ring)
-        self.store.write(idx, step, **fields)
-        self.count += n
+        idx = np.arange(start, start + n)
+        self.store.write(idx, step, lineage=self._new_lineages(n), **fields)
+        self.store.counters["pushed"] = max(self.count, start + n)
+
+    def sample(self, n: int, owner: str = "rank0", extra: int = 0) -> dict:
+        """Lease n chain starts; ``extra`` further filled states (read-only, e.g. Improved CD's entropy reference)."""
+        self.table.reclaim(owner)
+        filled = self.filled()
+        reinit = self.rng.random(n) < self.reinit_prob
+        if filled < n:
+            idx = np.full(n, -1, dtype=np.int64)  # nothing to continue yet: fresh chains, appended when pushed
+            reinit[:] = True
+            lease = self.table.grant(owner, np.zeros(0, dtype=np.int64), {"src": idx, "reinit": reinit})
+            data = {k: np.zeros((n, *shape), np.float32) for k, shape in self.store.shapes.items()}
+        else:
+            idx = self.rng.permutation(draw_free(self.rng, self.table, np.arange(filled), n, "replay buffer"))
+            lease = self.table.grant(owner, idx, {"src": idx, "reinit": reinit})
+            data = self.store.read(idx)
+        out = {"lease": lease.lease_id, "idx": idx, "reinit": reinit, "filled": filled, **data}
+        if extra:
+            ref = self.rng.integers(0, max(filled, 1), size=extra) if filled else np.zeros(0, dtype=np.int64)
+            out["reference"] = self.store.read(ref)
+        return out
+
+    def push(self, lease_id: int, step: int, **fields: np.ndarray) -> bool:
+        """Write a lease's chain ends back by the write policy; False if the lease was reclaimed meanwhile."""
+        lease = self.table.take(lease_id)
+        if lease is None:
+            return False
+        src, reinit = lease.extra["src"], lease.extra["reinit"]
+        n = len(src)
+        lineage = self.store.lineage[np.maximum(src, 0)].copy()
+        fresh = reinit | (src < 0)
+        lineage[fresh] = self._new_lineages(int(fresh.sum()))
+        count = self.count
+        ring = np.arange(count, count + n) % self.size
+        if self.write_policy == "in_place":
+            dest = np.where(src >= 0, src, ring)
+            appended = int((src < 0).sum())
+        elif self.write_policy == "fifo":
+            dest, appended = ring, n
+        else:
+            full = count + np.arange(n) >= self.size
+            dest, appended = np.where(full, self.rng.integers(0, self.size, size=n), ring), n
+        self.store.write(dest, step, lineage=lineage, **fields)
+        self.store.counters["pushed"] = count + appended
+        return True
+
+    def _new_lineages(self, n: int) -> np.ndarray:
+        first = self.store.counters["next_lineage"]
+        self.store.counters["next_lineage"] = first + n
+        return np.arange(first, first + n, dtype=np.int64)
 
     def stats(self) -> dict[str, float]:
-        return {**self.store.stats(), "pushed": self.count}
+        filled = self.store.written_step >= 0
+        lineages = len(np.unique(self.store.lineage[filled])) if filled.any() else 0
+        return {**self.store.stats(), **self.table.stats(), "pushed": self.count, "distinct_lineages": lineages}
 
     def load_store(self, store: SlotStore) -> None:
         self.store = store
-        self.count = int((store.written_step >= 0).sum())
+        written = int((store.written_step >= 0).sum())
+        store.counters.setdefault("pushed", written)
+        store.counters.setdefault("next_lineage", int(store.lineage.max()) + 1 if written else 0)
+        self.table.clear()
 
 
 class BankService:
@@ -272,11 +197,14 @@ class BankService:
         lease_timeout_s: float = 600.0,
         reinit_prob: float = 0.0,
         keep: int = 3,
+        write_policy: str = "in_place",
     ):
         if kind == "bank":
             self.core = Bank(size, shapes, seed=seed, lease_timeout_s=lease_timeout_s)
         elif kind == "replay":
-            self.core = ReplayBuffer(size, shapes, reinit_prob=reinit_prob, seed=seed)
+            self.core = ReplayBuffer(
+                size, shapes, reinit_prob, seed=seed, write_policy=write_policy, lease_timeout_s=lease_timeout_s
+            )
         else:
             raise ValueError(f"unknown bank kind {kind!r}")
         self.kind, self.snapshot_dir, self.keep = kind, snapshot_dir, keep
@@ -295,11 +223,11 @@ class BankService:
         self.core.fill(start, step, **fields)
 
     # Replay mode
-    def sample(self, n: int) -> dict:
-        return self.core.sample(n)
+    def sample(self, n: int, owner: str, extra: int = 0) -> dict:
+        return self.core.sample(n, owner, extra)
 
-    def push(self, step: int, fields: dict) -> None:
-        self.core.push(step, **fields)
+    def push(self, lease_id: int, step: int, fields: dict) -> bool:
+        return self.core.push(lease_id, step, **fields)
 
     # Both
     def stats(self) -> dict:
@@ -349,11 +277,11 @@ class LocalBankClient:
     def fill(self, start: int, step: int, **fields) -> None:
         self.service.fill(start, step, as_numpy(fields))
 
-    def sample(self, n: int):
-        return self.service.sample(n)
+    def sample(self, n: int, extra: int = 0):
+        return self.service.sample(n, self.owner, extra)
 
-    def push(self, step: int, **fields) -> None:
-        self.service.push(step, as_numpy(fields))
+    def push(self, lease_id: int, step: int, **fields) -> bool:
+        return self.service.push(lease_id, step, as_numpy(fields))
 
     def stats(self) -> dict:
         return self.service.stats()

@@ -43,10 +43,11 @@ def create_bank_actor(
     lease_timeout_s: float = 600.0,
     reinit_prob: float = 0.0,
     keep: int = 3,
+    write_policy: str = "in_place",
 ):
     """Create (or find) the named bank actor; owned by the calling driver, so it lives as long as the run."""
     return BankActor.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote(
-        kind, size, shapes, snapshot_dir, seed, lease_timeout_s, reinit_prob, keep
+        kind, size, shapes, snapshot_dir, seed, lease_timeout_s, reinit_prob, keep, write_policy
     )
 
 
@@ -68,11 +69,11 @@ class ActorBankClient:
     def fill(self, start: int, step: int, **fields) -> None:
         ray.get(self.actor.fill.remote(start, step, as_numpy(fields)))
 
-    def sample(self, n: int):
-        return ray.get(self.actor.sample.remote(n))
+    def sample(self, n: int, extra: int = 0):
+        return ray.get(self.actor.sample.remote(n, self.owner, extra))
 
-    def push(self, step: int, **fields) -> None:
-        ray.get(self.actor.push.remote(step, as_numpy(fields)))
+    def push(self, lease_id: int, step: int, **fields) -> bool:
+        return ray.get(self.actor.push.remote(lease_id, step, as_numpy(fields)))
 
     def stats(self) -> dict:
         return ray.get(self.actor.stats.remote())

@@ -189,11 +189,14 @@ def cmd_eval(args) -> int:
             continue
         base = load_config_of(ckpt)
         cfg = base.replace(**dict(parse_override(o) for o in args.set)) if args.set else base
-        result = evaluate_checkpoint(ckpt, spaces(cfg), args.n or cfg.eval.num_samples, seed=args.seed)
+        result = evaluate_checkpoint(
+            ckpt, spaces(cfg), args.n or cfg.eval.num_samples, seed=args.seed, use_ema=args.ema, protocol=args.protocol
+        )
         record(run_location, result)
         print(
             f"[eval] {result['stage']} step {result['step']}: FID {result['fid']:.4g}  KID {result['kid']:.4g}  "
-            f"({result['num_samples']} samples, {result['features']} features)",
+            f"({result['num_samples']} samples, {result['features']} features, {result['weights']} weights, "
+            f"{result['protocol']} samples)",
             flush=True,
         )
     return 0
@@ -219,14 +222,14 @@ def cmd_sample(args) -> int:
     from .sampling import Sampler, default_device, save_grid
 
     device = default_device(args.device)
-    sampler = Sampler(args.checkpoint, device=device, use_ema=args.ema)
+    sampler = Sampler(args.checkpoint, device=device, use_ema=args.ema, protocol=args.protocol)
     out = save_grid(sampler.sample(args.n, seed=args.seed), args.out, sampler.cfg)
-    print(f"wrote {args.n} {sampler.stage} samples to {out}")
+    print(f"wrote {args.n} {sampler.stage} samples ({sampler.weights} weights, {sampler.protocol}) to {out}")
     return 0
 
 
 def cmd_enfe(args) -> int:
-    """Equivalent NFE of a checkpoint's sampler (ALGORITHMS §7); prints one JSON line."""
+    """Equivalent NFE of a checkpoint's sampler (docs/algorithms.md §7); prints one JSON line."""
     import json
 
     from .enfe import measure_enfe
@@ -270,6 +273,18 @@ def cmd_presets(args) -> int:
     for name in preset_names():
         print(name)
     return 0
+
+
+def add_sampler_args(p: argparse.ArgumentParser) -> None:
+    """Which weights and (baselines) which samples: defaults from eval.use_ema and <stage>.eval_protocol."""
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--ema", dest="ema", action="store_true", default=None, help="sample with the EMA weights")
+    weights.add_argument("--raw", dest="ema", action="store_false", help="sample with the raw weights")
+    p.add_argument(
+        "--protocol",
+        choices=["buffer", "fresh"],
+        help="baselines: the replay buffer's chains at the checkpoint, or fresh chains from chain_init",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. eval.features=classifier")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="re-evaluate checkpoints that have a result")
+    add_sampler_args(p)
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(fn=cmd_eval)
 
@@ -335,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ema", action="store_true", help="use the EMA weights")
+    add_sampler_args(p)
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(fn=cmd_sample)
 

@@ -214,6 +214,14 @@ def validate(cfg: Config) -> None:
             f"{cfg.stage1.batch_size} (each step leases a batch of distinct slots)"
         )
     data = cfg.data
+    if data.dataset == "toy2d" and cfg.network.generator.kind != "resnet":
+        raise ConfigError("config key 'network.generator.kind' must be 'resnet' for toy2d (an MLP generator is used)")
+    heads = cfg.network.unet.num_head_channels
+    if heads and any(cfg.network.unet.channels * m % heads for m in cfg.network.unet.channel_mult):
+        raise ConfigError(
+            f"config key 'network.unet.num_head_channels' = {heads} must divide every level's width "
+            f"(network.unet.channels * channel_mult)"
+        )
     if data.dataset != "toy2d":
         if not _is_pow2(data.resolution):
             raise ConfigError(f"config key 'data.resolution' = {data.resolution} must be a power of two")
@@ -240,6 +248,15 @@ def _validate_replay_ebms(cfg: Config) -> None:
         sec = getattr(cfg, name)
         if len(sec.adam_betas) != 2:
             raise ConfigError(f"config key '{name}.adam_betas' = {list(sec.adam_betas)} must hold two numbers")
+        for key in ("augment_crop_area", "augment_crop_ratio"):
+            pair = getattr(sec, key)
+            if len(pair) != 2 or pair[0] > pair[1] or pair[0] <= 0:
+                raise ConfigError(f"config key '{name}.{key}' = {list(pair)} must be [min, max] with 0 < min <= max")
+        if sec.buffer_size < sec.batch_size:
+            raise ConfigError(
+                f"config key '{name}.buffer_size' = {sec.buffer_size} must be >= {name}.batch_size = "
+                f"{sec.batch_size} (each step leases a batch of distinct chains)"
+            )
         if sec.sample_augment_every and not sec.augment:
             raise ConfigError(
                 f"config key '{name}.sample_augment_every' = {sec.sample_augment_every} needs {name}.augment"

@@ -52,12 +52,16 @@ class DataSection:
 
 @dataclass(frozen=True)
 class UNetSection:
-    channels: int = knob(32, lo=8)
-    channel_mult: tuple[int, ...] = knob((1, 2, 2), lo=1)
-    num_res_blocks: int = knob(1, lo=1)
-    attn_resolutions: tuple[int, ...] = knob((8,), lo=1)
-    num_heads: int = knob(4, lo=1)
-    dropout: float = knob(0.0, lo=0.0, hi=0.9)
+    """The diffusion denoiser D (and a UNet-bodied G1): Improved DDPM's UNet, ADM's with its two options."""
+
+    channels: int = knob(32, lo=8, doc="base width C; level l has C * channel_mult[l] channels")
+    channel_mult: tuple[int, ...] = knob((1, 2, 2), lo=1, doc="width multiplier per resolution level")
+    num_res_blocks: int = knob(1, lo=1, doc="residual blocks per level (the decoder has one more)")
+    attn_resolutions: tuple[int, ...] = knob((8,), lo=1, doc="resolutions (px) with self-attention")
+    num_heads: int = knob(4, lo=1, doc="attention heads, unless num_head_channels > 0")
+    num_head_channels: int = knob(0, lo=0, doc="channels per attention head (ADM: 64); 0 = use num_heads")
+    resblock_updown: bool = knob(False, doc="resample inside residual blocks (ADM / BigGAN) instead of conv layers")
+    dropout: float = knob(0.0, lo=0.0, hi=0.9, doc="dropout in the residual blocks (training only)")
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,14 @@ class EnergySection:
 
 @dataclass(frozen=True)
 class GeneratorSection:
-    z_dim: int = knob(64, lo=1)
-    width: int = knob(64, lo=4, doc="channels of the SN-GAN generator (hidden units for MLPs)")
+    kind: str = knob(
+        "resnet",
+        choices=("resnet", "unet"),
+        doc="G1: the SN-GAN generator (CIFAR-10), or the diffusion model's UNet body on an image-shaped z1 "
+        "(HDEBM's 64/128 px G1; network.unet sets its structure)",
+    )
+    z_dim: int = knob(64, lo=1, doc="length of z1 for kind resnet (kind unet: z1 has the image's shape)")
+    width: int = knob(64, lo=4, doc="SN-GAN generator: channels at 4x4 (halved per block above 32 px); MLP units")
     out_scale: float = knob(2.0, lo=0.0, lo_open=True, doc="tanh output is multiplied by this (Hat EBM: 2)")
 
 
@@ -118,6 +128,9 @@ class DistillSection:
     report_every: int = knob(100, lo=1)
     checkpoint_every: int = knob(300, lo=1)
     eval_batch: int = knob(256, lo=1, doc="images used to measure student-vs-teacher MSE after each stage")
+    student_dropout: float = knob(
+        0.0, lo=0.0, hi=0.9, doc="dropout of the students (Salimans & Ho's code: 0; the teacher keeps unet.dropout)"
+    )
 
 
 @dataclass(frozen=True)
@@ -180,10 +193,14 @@ class SGLDSection:
     step_size: float = knob(1.0, lo=0.0, lo_open=True, doc="alpha: drift alpha * grad E")
     noise_std: float = knob(0.001, lo=0.0, doc="sigma")
     drift_clip: float = knob(0.0, lo=0.0, doc="per-sample L2 bound on the drift; 0 = off")
-    clamp: bool = knob(False, doc="clamp the chains to the data range [-1, 1] after every step (Improved CD)")
+    clamp: bool = knob(False, doc="clamp the chains to the data range [-1, 1] after every step (M-EBM, Improved CD)")
+    grad_clamp: float = knob(
+        0.0, lo=0.0, doc="clamp each element of grad E to [-grad_clamp, grad_clamp] before the step; 0 = off (M-EBM: 1)"
+    )
 
 
 AUGMENTS = ("color", "flip", "crop", "rescale", "blur", "jitter")
+STAGE_NAMES = ("diffusion", "distill", "stage1", "stage2", "mebm", "mjem", "icd")
 
 
 @dataclass(frozen=True)
@@ -192,8 +209,22 @@ class ReplayEBMSection:
 
     steps: int = knob(2000, lo=1)
     batch_size: int = knob(64, lo=1)
-    sgld: SGLDSection = SGLDSection()
+    # M-EBM's code clamps every gradient element to [-1, 1] and the chains to [-1, 1].
+    sgld: SGLDSection = SGLDSection(grad_clamp=1.0, clamp=True)
     chain_init: str = knob("p0", choices=("p0", "uniform"), doc="p0 = N(mu, Sigma) of the data, or U[-1, 1]")
+    buffer_write: str = knob(
+        "in_place",
+        choices=("in_place", "fifo", "random"),
+        doc="where chain ends go back: the slots they came from (M-EBM/JEM code: N persistent chains), the oldest "
+        "entry (Improved CD code's ring), or random slots",
+    )
+    buffer_prefill: bool = knob(True, doc="fill the buffer with buffer_size draws from chain_init before training")
+    eval_protocol: str = knob(
+        "buffer",
+        choices=("buffer", "fresh"),
+        doc="what FID scores: the replay buffer's persistent chains at the checkpoint (M-EBM's reported FID), or "
+        "fresh chains of sample_steps from chain_init",
+    )
     sample_steps: int = knob(0, lo=0, doc="SGLD steps when sampling a checkpoint; 0 = sgld.steps (K)")
     sample_augment_every: int = knob(0, lo=0, doc="sampling: an augmentation transition every this many steps")
     augment: tuple[str, ...] = knob((), choices=AUGMENTS, doc="augmentations (images: color flip crop rescale blur)")
@@ -204,6 +235,20 @@ class ReplayEBMSection:
     energy_l2: float = knob(0.1, lo=0.0, doc="alpha_reg: weight of E(x+)^2 + E(x-)^2")
     p0_max_full_dim: int = knob(4096, lo=1, doc="full covariance up to this many dimensions, low rank above")
     p0_rank: int = knob(512, lo=1, doc="principal directions of the low-rank p0")
+    p0_cov_jitter: float = knob(1e-4, lo=0.0, doc="added to p0's covariance diagonal (M-EBM's code: 1e-4)")
+    p0_clamp: bool = knob(True, doc="clamp p0 draws to [-1, 1] (M-EBM's code)")
+    augment_crop_area: tuple[float, ...] = knob(
+        (0.08, 1.0), lo=0.0, hi=1.0, doc="rescale: area of the random resized crop, a fraction of the image (min, max)"
+    )
+    augment_crop_ratio: tuple[float, ...] = knob(
+        (0.75, 4 / 3), lo=0.0, lo_open=True, doc="rescale: aspect ratio range of the random resized crop"
+    )
+    augment_color_strength: float = knob(
+        0.8, lo=0.0, hi=1.0, doc="color: brightness, contrast and saturation factors drawn from 1 +- this"
+    )
+    augment_hue: float = knob(0.4, lo=0.0, hi=0.5, doc="color: hue rotation of up to this many turns (RGB only)")
+    augment_color_prob: float = knob(0.8, lo=0.0, hi=1.0, doc="color: share of images jittered")
+    augment_grayscale_prob: float = knob(0.2, lo=0.0, hi=1.0, doc="color: share of images turned grey afterwards")
     lr: float = knob(1e-4, lo=0.0, lo_open=True)
     adam_betas: tuple[float, ...] = knob((0.9, 0.999), lo=0.0, hi=0.99999, doc="Adam (beta1, beta2)")
     lr_schedule: str = knob("constant", choices=("constant", "cosine"))
@@ -241,10 +286,14 @@ class ICDSection(ReplayEBMSection):
 
     sgld: SGLDSection = SGLDSection(steps=40, step_size=400.0, noise_std=0.002, clamp=True)
     chain_init: str = knob("uniform", choices=("p0", "uniform"))
+    buffer_write: str = knob("fifo", choices=("in_place", "fifo", "random"))
+    buffer_prefill: bool = knob(False)
+    eval_protocol: str = knob("fresh", choices=("buffer", "fresh"))
     multiscale: bool = knob(True, doc="energy = sum at full, half and quarter resolution (images)")
     sample_steps: int = knob(200, lo=0)
     sample_augment_every: int = knob(20, lo=0)
-    augment: tuple[str, ...] = knob(("color", "flip", "rescale", "blur"), choices=AUGMENTS, doc="at chain starts")
+    # The code's CIFAR-10 transition: random resized crop, flip, colour jitter + random grayscale (blur: other data).
+    augment: tuple[str, ...] = knob(("rescale", "flip", "color"), choices=AUGMENTS, doc="at chain starts")
     reinit_prob: float = knob(0.001, lo=0.0, hi=1.0)
     energy_l2: float = knob(1.0, lo=0.0)
     lr: float = knob(2e-4, lo=0.0, lo_open=True)
@@ -272,9 +321,15 @@ class EvalSection:
     actors: int = knob(0, lo=0, doc="eval actors scoring checkpoints while training runs (0 = none)")
     cpus_per_actor: float = knob(1.0, lo=0.0)
     gpus_per_actor: float = knob(0.0, lo=0.0, doc="a GPU share each eval actor reserves beyond the workers'")
+    use_ema: tuple[str, ...] = knob(
+        ("stage1", "stage2", "icd"),
+        choices=STAGE_NAMES,
+        doc="stages whose checkpoints are sampled with their EMA weights (Hat EBM and Improved CD evaluate the "
+        "EMA; M-EBM / JEM have none); the others with the raw weights",
+    )
     stages: tuple[str, ...] = knob(
         ("stage1", "stage2", "mebm", "mjem", "icd"),
-        choices=("diffusion", "distill", "stage1", "stage2", "mebm", "mjem", "icd"),
+        choices=STAGE_NAMES,
         doc="stages whose checkpoints the eval actors score",
     )
     image_grid: int = knob(64, lo=0, doc="samples in the fixed-latent TensorBoard grids at each checkpoint (0 = none)")

@@ -1,4 +1,4 @@
-"""Truncated diffusion (ALGORITHMS §3) and progressive distillation (§4), pure torch.
+"""Truncated diffusion (docs/algorithms.md §3) and progressive distillation (§4), pure torch.
 
 The discrete cosine schedule of Improved DDPM with x0-prediction; training draws t only from {1, ..., T'};
 deterministic DDIM runs from T' down to 0. A "denoiser" is any callable ``D(x_t, t) -> x0_hat`` with t a
@@ -75,7 +75,7 @@ def noise_to_truncation(schedule: CosineSchedule, x: torch.Tensor, noise: torch.
 
 
 def one_step_denoise(denoiser, schedule: CosineSchedule, x: torch.Tensor, z2: torch.Tensor, t_trunc: int):
-    """G2(x, z2) = D(α_{T'}·x + σ_{T'}·z2, T') for the distilled one-step D (ALGORITHMS §2)."""
+    """G2(x, z2) = D(α_{T'}·x + σ_{T'}·z2, T') for the distilled one-step D (docs/algorithms.md §2)."""
     x_t = noise_to_truncation(schedule, x, z2, t_trunc)
     return denoiser(x_t, _times(t_trunc, x).float())
 
@@ -96,7 +96,7 @@ def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def loss_weight(schedule: CosineSchedule, t: torch.Tensor, weighting: str = "sqrt_snr", sigma_data: float = 0.5):
     """Per-sample weight of the x0 MSE at integer times t.
 
-    - ``sqrt_snr``: w = exp(λ_t / 2) = α_t / σ_t, HDEBM's weighting (ALGORITHMS §3).
+    - ``sqrt_snr``: w = exp(λ_t / 2) = α_t / σ_t, HDEBM's weighting (docs/algorithms.md §3).
     - ``edm``: w = 1 / c_out(t)² = (α_t²σ_d² + σ_t²) / (σ_t²σ_d²) (Karras et al. 2022), for EDM-preconditioned
       denoisers (the toy MLP): it makes the network's own target unit-variance at every t. Divided by its mean
       over t ∈ {1..T} so the LR keeps the scale it has under ``sqrt_snr``.

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .diffusion import CosineSchedule, one_step_denoise
-from .loop import WorkerContext
+from .loop import WorkerContext, gather_across_ranks
 from .losses import ebm_loss
 from .optim import adam_with_schedule, ema_model, layerwise_clip_
 
@@ -19,6 +19,12 @@ class HatGenerator(nn.Module):
         super().__init__()
         self.g1, self.denoiser = g1, denoiser.requires_grad_(False)
         self.schedule, self.t_trunc = schedule, t_trunc
+
+    def train(self, mode: bool = True) -> HatGenerator:
+        """G1 follows ``mode``; G2's denoiser is a fixed function and stays in eval mode (no dropout)."""
+        super().train(mode)
+        self.denoiser.eval()
+        return self
 
     def g2(self, x: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         return one_step_denoise(self.denoiser, self.schedule, x, z2, self.t_trunc)
@@ -49,7 +55,7 @@ class EnergyTrainer:
         energy_l2: float = 0.0,
     ):
         self.net = net.to(ctx.device)
-        self.ddp = ctx.wrap(self.net)
+        self.ddp = ctx.wrap(self.net, "energy")
         self.opt, self.lr_sched = adam_with_schedule(
             self.net.parameters(), lr, schedule, warmup_steps, total_steps, betas
         )
@@ -73,7 +79,9 @@ class EnergyTrainer:
             energies, logits = self.ddp(torch.cat([x_pos, x_neg.detach(), labelled[0]]), with_logits=True)
         n = len(x_pos)
         e_pos, e_neg = energies[:n], energies[n : 2 * n]
-        loss, dropped = ebm_loss(e_pos, e_neg, self.temperature, self.mad_k)
+        # The MAD filter's median and MAD are over the global batch, not this rank's share of it.
+        batch_e_pos = gather_across_ranks(e_pos) if self.mad_k else None
+        loss, dropped = ebm_loss(e_pos, e_neg, self.temperature, self.mad_k, batch_e_pos)
         if self.energy_l2:  # M-EBM / Improved CD regulariser α (E(x⁺)² + E(x⁻)²)
             loss = loss + self.energy_l2 * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
         extra_metrics = {}

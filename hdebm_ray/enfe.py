@@ -1,4 +1,4 @@
-"""Equivalent NFE (HDEBM appendix D.2.1, ALGORITHMS §7): the cost of a stage's sampler in diffusion steps.
+"""Equivalent NFE (HDEBM appendix D.2.1, docs/algorithms.md §7): the cost of a stage's sampler in diffusion steps.
 
 ENFE = 1000 · (mean time of one sampler batch) / (mean time of one 1000-step diffusion batch), both on batches of
 32 with the checkpoint's own denoiser network as the diffusion model's network. A Stage 1 sampler with K Langevin
@@ -47,9 +47,9 @@ def measure_enfe(
     from .networks import sample_shape
     from .sampling import Sampler
 
-    sampler = Sampler(ckpt_dir, device=device)
+    sampler = Sampler(ckpt_dir, device=device, protocol="fresh")  # timing a sampler: chains, not a buffer
     dev, shape = sampler.device, sample_shape(sampler.cfg)
-    diffusion = Sampler(reference, device=device) if reference else sampler
+    diffusion = Sampler(reference, device=device, protocol="fresh") if reference else sampler
     if not hasattr(diffusion, "denoiser"):
         raise ConfigError(
             f"checkpoint {ckpt_dir} ({sampler.stage}) has no denoiser to time diffusion with: pass --reference DIR, "

@@ -1,4 +1,4 @@
-"""Feature extractors for FID / KID, chosen by ``eval.features`` (ALGORITHMS §9).
+"""Feature extractors for FID / KID, chosen by ``eval.features`` (docs/algorithms.md §9).
 
 Every extractor is a pair (``fn``, ``resize``) in clean-fid's own contract: ``resize`` maps one H×W×3 image in
 [0, 255] (numpy) to the extractor's input size, ``fn`` maps a float batch B×3×h×w in [0, 255] to B×D features.

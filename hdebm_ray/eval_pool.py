@@ -54,7 +54,9 @@ class EvalActor:
             time.sleep(0.05)
         with local_dir(checkpoint) as d:
             cfg = load_config_of(d)
-            result = evaluate_checkpoint(d, self.spaces(cfg), num_samples or cfg.eval.num_samples, seed)
+            result = evaluate_checkpoint(
+                d, self.spaces(cfg), num_samples or cfg.eval.num_samples, seed, origin=checkpoint
+            )
         return {**result, "checkpoint": checkpoint}
 
 

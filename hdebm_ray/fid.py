@@ -1,4 +1,4 @@
-"""FID and KID of a checkpoint's samples against the dataset (ALGORITHMS §9), on clean-fid's pipeline.
+"""FID and KID of a checkpoint's samples against the dataset (docs/algorithms.md §9), on clean-fid's pipeline.
 
 Images travel exactly as ``cleanfid.fid.compute_fid`` sends two folders: PNG files (samples are quantised to
 uint8, as any saved image is), clean-fid's loader and resizer for the extractor, the extractor, then clean-fid's
@@ -115,27 +115,35 @@ class FeatureSpaces:
         return self.spaces[key]
 
 
-def sample_checkpoint(ckpt_dir, n: int, batch: int, device, seed: int = 0):
-    """n samples from a checkpoint's own sampler (Langevin included), in batches; the generator's chain starts
-    G(z) for the same latents (None for the diffusion stages); and the checkpoint's metadata."""
+def sample_checkpoint(ckpt_dir, n: int, batch: int, device, seed: int = 0, **sampler_options):
+    """n samples from a checkpoint's own sampler (Langevin included), in batches (at most as many as it has
+    distinct samples: a replay buffer's size); the chain starts for the same draws (None for the diffusion stages);
+    the checkpoint's metadata; and the sampler (``weights``, ``protocol``). ``sampler_options`` go to ``Sampler``."""
     from .checkpoint import load_meta
     from .sampling import Sampler
 
-    sampler = Sampler(ckpt_dir, device=device)
+    sampler = Sampler(ckpt_dir, device=device, **sampler_options)
+    if sampler.max_samples is not None:
+        n = min(n, sampler.max_samples)
     final, starts = [], []
     for i in range(0, n, batch):
         x, start = sampler.sample_with_start(min(batch, n - i), seed=seed + i)
         final.append(x.cpu())
         if start is not None:
             starts.append(start.cpu())
-    return torch.cat(final), (torch.cat(starts) if starts else None), load_meta(ckpt_dir)
+    return torch.cat(final), (torch.cat(starts) if starts else None), load_meta(ckpt_dir), sampler
 
 
-def evaluate_checkpoint(ckpt_dir: str | Path, space: FeatureSpace, num_samples: int, seed: int = 0) -> dict:
+def evaluate_checkpoint(
+    ckpt_dir: str | Path, space: FeatureSpace, num_samples: int, seed: int = 0, **sampler_options
+) -> dict:
     """FID and KID of ``num_samples`` samples of the checkpoint against the dataset's reference features; for
     the EBM stages also of the chain starts alone, before Langevin: ``fid_generator`` (HDEBM: G(z), same latents)
-    or ``fid_init`` (baselines: the p0 / noise draws the chains start from)."""
-    samples, base, meta = sample_checkpoint(ckpt_dir, num_samples, space.cfg.eval.batch_size, space.device, seed)
+    or ``fid_init`` (baselines: the p0 / noise draws the chains start from). The result names the weights
+    (``raw`` / ``ema``) and, for the baselines, the protocol (``buffer`` / ``fresh``) that were scored."""
+    samples, base, meta, sampler = sample_checkpoint(
+        ckpt_dir, num_samples, space.cfg.eval.batch_size, space.device, seed, **sampler_options
+    )
     ref = space.reference()
     feats = space.of_samples(samples)
     if len(feats) < 2 or len(ref) < 2:
@@ -147,6 +155,8 @@ def evaluate_checkpoint(ckpt_dir: str | Path, space: FeatureSpace, num_samples: 
         "nimg": meta["nimg"],
         "features": space.cfg.eval.features,
         "num_samples": len(feats),
+        "weights": sampler.weights,
+        "protocol": sampler.protocol,
         "fid": frechet_distance(feats, ref),
         "kid": kernel_distance(feats, ref, space.cfg.eval.kid_subsets),
     }

@@ -1,4 +1,5 @@
-"""M-EBM's informative initialisation p0 = N(μ, Σ): one Gaussian fitted to the whole training set (ALGORITHMS §8).
+"""M-EBM's informative initialisation p0 = N(μ, Σ): one Gaussian fitted to the whole training set
+(docs/algorithms.md §8).
 
 Σ is kept as a factor: Σ = F·Fᵀ + diag(d). Up to ``max_full_dim`` dimensions F is the Cholesky factor of the full
 sample covariance (d = 0 apart from a tiny jitter). Above it the full matrix would not fit (128×128×3 images:
@@ -49,8 +50,11 @@ class GaussianInit:
         return cls(state["mean"], state["factor"], state["diag"], tuple(int(s) for s in state["shape"]))
 
 
-def fit_gaussian(x: torch.Tensor, max_full_dim: int = 4096, rank: int = 512, seed: int = 0) -> GaussianInit:
-    """Fit N(μ, Σ) to samples ``x`` (N×...); full covariance up to ``max_full_dim`` dimensions, else low rank."""
+def fit_gaussian(
+    x: torch.Tensor, max_full_dim: int = 4096, rank: int = 512, seed: int = 0, cov_jitter: float = 0.0
+) -> GaussianInit:
+    """Fit N(μ, Σ + cov_jitter·I) to samples ``x`` (N×...); full covariance up to ``max_full_dim`` dimensions, else
+    low rank (the jitter then goes to the diagonal). M-EBM's code adds 1e-4·I."""
     n = x.shape[0]
     if n < 2:
         raise ValueError("fitting p0 needs at least 2 samples")
@@ -62,7 +66,7 @@ def fit_gaussian(x: torch.Tensor, max_full_dim: int = 4096, rank: int = 512, see
     if dim <= max_full_dim:
         cov = centred.T @ centred / (n - 1)
         # A jitter relative to the average variance keeps Cholesky defined when N < D or pixels are constant.
-        jitter = 1e-6 * float(variance.mean().clamp_min(1e-12))
+        jitter = cov_jitter + 1e-6 * float(variance.mean().clamp_min(1e-12))
         factor = torch.linalg.cholesky(cov + jitter * torch.eye(dim, dtype=cov.dtype))
         diag = torch.zeros(dim, dtype=cov.dtype)
     else:
@@ -70,17 +74,19 @@ def fit_gaussian(x: torch.Tensor, max_full_dim: int = 4096, rank: int = 512, see
         torch.manual_seed(seed)  # svd_lowrank's random projection
         _, s, v = torch.svd_lowrank(centred, q=q, niter=4)
         factor = v * (s / (n - 1) ** 0.5)
-        diag = (variance - factor.pow(2).sum(1)).clamp_min(1e-12)
+        diag = (variance - factor.pow(2).sum(1)).clamp_min(1e-12) + cov_jitter
     return GaussianInit(mean, factor, diag, tuple(x.shape[1:]))
 
 
-def cached_gaussian(dataset, cache_dir: str | Path, name: str, max_full_dim: int, rank: int) -> GaussianInit:
+def cached_gaussian(
+    dataset, cache_dir: str | Path, name: str, max_full_dim: int, rank: int, cov_jitter: float = 0.0
+) -> GaussianInit:
     """p0 of a whole dataset of (image, label) items, fitted once and cached as ``<cache_dir>/<name>.pt``."""
     path = Path(cache_dir) / f"{name}.pt"
     if path.is_file():
         return GaussianInit.from_state_dict(torch.load(path, weights_only=True))
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    p0 = fit_gaussian(images, max_full_dim, rank)
+    p0 = fit_gaussian(images, max_full_dim, rank, cov_jitter=cov_jitter)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(p0.state_dict(), tmp)

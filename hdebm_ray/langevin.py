@@ -1,4 +1,4 @@
-"""Langevin / SGLD samplers shared by HDEBM Stage 1, Stage 2 and the baselines (ALGORITHMS §5, §6, §8).
+"""Langevin / SGLD samplers shared by HDEBM Stage 1, Stage 2 and the baselines (docs/algorithms.md §5, §6, §8).
 
 One update rule serves all of them:
 
@@ -55,8 +55,13 @@ class StepStats:
         return {"drift_norm": self.drift_norm / n, "clip_fraction": self.clip_fraction / n}
 
 
-def langevin_update(x, grad, drift_coef: float, noise_std: float, drift_clip: float = 0.0, stats=None):
-    """One step x − clip(c·grad) + s·ξ; the clip bounds each sample's drift to L2 norm ``drift_clip``."""
+def langevin_update(
+    x, grad, drift_coef: float, noise_std: float, drift_clip: float = 0.0, stats=None, grad_clamp: float = 0.0
+):
+    """One step x − clip(c·grad) + s·ξ; the clip bounds each sample's drift to L2 norm ``drift_clip``;
+    ``grad_clamp`` first clamps each gradient element to [−grad_clamp, grad_clamp] (M-EBM's code: 1)."""
+    if grad_clamp > 0:
+        grad = grad.clamp(-grad_clamp, grad_clamp)
     drift = drift_coef * grad
     norms = drift.flatten(1).norm(dim=1)
     clipped = torch.zeros_like(norms, dtype=torch.bool)
@@ -87,12 +92,14 @@ def sample_langevin(
     drift_clip: float = 0.0,
     stats=None,
     bounds: tuple[float, float] | None = None,
+    grad_clamp: float = 0.0,
 ):
     """``steps`` updates of ``langevin_update`` from x0 on the energy ``energy_fn`` (already divided by T);
-    ``bounds`` clamps the chain after every step (Improved CD keeps its chains in the data range)."""
+    ``bounds`` clamps the chain after every step (M-EBM and Improved CD keep their chains in the data range)."""
     x = x0.detach()
     for _ in range(steps):
-        x = langevin_update(x, energy_grad(energy_fn, x), drift_coef, noise_std, drift_clip, stats).detach()
+        grad = energy_grad(energy_fn, x)
+        x = langevin_update(x, grad, drift_coef, noise_std, drift_clip, stats, grad_clamp).detach()
         if bounds is not None:
             x = x.clamp(*bounds)
     return x
@@ -143,9 +150,10 @@ def sample_joint(
 ):
     """HDEBM Stage 2 (Eq. 13–15): Langevin on (Y, z1, z2) for U(G(z1, z2) + Y); returns (Y, z1, z2, G(z1, z2)).
 
-    Every ``y_steps_per_latent_step``-th step moves all three from the same gradient (the latent gradients pass
-    through G); the other steps move Y only, against G at the current latents. Only Y's drift is clipped, as in
-    Hat EBM. ``latent_prior`` adds the N(0, I) prior, U = H/T + ‖z‖²/2, whose gradient is not divided by T.
+    Every step moves Y against G at the current latents (Eq. 13). Every ``y_steps_per_latent_step``-th step then
+    moves the latents too, with their gradients taken through G at the NEW residual, G(z1_k, z2_k) + Y_{k+1}
+    (Eq. 14–15), and G is re-evaluated at the new latents. Only Y's drift is clipped, as in Hat EBM.
+    ``latent_prior`` adds the N(0, I) prior, U = H/T + ‖z‖²/2, whose gradient is not divided by T.
     """
     cy, sy = hill_coefficients(y_step_size, temperature)
     c1, s1 = hill_coefficients(z1_step_size, temperature)
@@ -157,19 +165,16 @@ def sample_joint(
             x_gen = generator(z1, z2)
         y = torch.zeros_like(x_gen)
         for k in range(steps):
+            y = langevin_update(y, energy_grad(lambda v, b=x_gen: energy(b + v), y), cy, sy, drift_clip, stats)
+            y = y.detach()
             if k % y_steps_per_latent_step == 0:
                 z1.requires_grad_(True)
                 z2.requires_grad_(True)
-                y.requires_grad_(True)
-                g_y, g_z1, g_z2 = torch.autograd.grad(
-                    energy(generator(z1, z2) + y).sum(), (y, z1, z2), allow_unused=True, materialize_grads=True
+                g_z1, g_z2 = torch.autograd.grad(
+                    energy(generator(z1, z2) + y).sum(), (z1, z2), allow_unused=True, materialize_grads=True
                 )
                 z1 = langevin_update(z1, g_z1 + prior * z1, c1, s1).detach()
                 z2 = langevin_update(z2, g_z2 + prior * z2, c2, s2).detach()
-                y = langevin_update(y, g_y, cy, sy, drift_clip, stats).detach()
                 with torch.no_grad():
                     x_gen = generator(z1, z2)
-            else:
-                y = langevin_update(y, energy_grad(lambda v, b=x_gen: energy(b + v), y), cy, sy, drift_clip, stats)
-                y = y.detach()
     return y, z1, z2, x_gen

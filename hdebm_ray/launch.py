@@ -210,7 +210,7 @@ def write_sample_grid(cfg: Config, checkpoint: str, out: str, n: int = 64) -> st
 
         out_dir, name = path.rsplit("/", 1)
         with local_dir(ckpt) as d, staged_output(out_dir) as local_out:
-            sampler = Sampler(d, device=default_device())
+            sampler = Sampler(d, device=default_device(), origin=ckpt)
             save_grid(sampler.sample(n), local_out / name, sampler.cfg)
         return path
 
@@ -273,6 +273,8 @@ def print_eval_table(run_location: str) -> None:
         return
     print(f"[eval] {len(results)} checkpoint(s) scored ({results[0]['features']} features):", flush=True)
     for r in sorted(results, key=lambda r: (PIPELINE.index(r["stage"]) if r["stage"] in PIPELINE else 99, r["step"])):
+        scored = f" [{r.get('weights', 'raw')} weights, {r.get('protocol', 'fresh')}]"
         print(
-            f"  {r['stage']:>9} step {r['step']:>7}: FID {r['fid']:.4g}  KID {r['kid']:.4g}{start_note(r)}", flush=True
+            f"  {r['stage']:>9} step {r['step']:>7}: FID {r['fid']:.4g}  KID {r['kid']:.4g}{start_note(r)}{scored}",
+            flush=True,
         )

@@ -26,12 +26,20 @@ class WorkerContext:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    wrap: Callable[[nn.Module], nn.Module] = lambda m: m
+    wrap_fn: Callable[[nn.Module], nn.Module] = lambda m: m
     bank: Any = None  # a bank client (bank.LocalBankClient or bank_actor.ActorBankClient) for stages that use one
+    # every module the stage trained through ``wrap``, by name: compared across ranks at each checkpoint
+    replicated: dict[str, nn.Module] = field(default_factory=dict)
 
     @property
     def is_chief(self) -> bool:
         return self.rank == 0
+
+    def wrap(self, module: nn.Module, name: str | None = None) -> nn.Module:
+        """``module`` wrapped for data-parallel training (DDP under Ray Train), and remembered for the replica
+        check at every checkpoint."""
+        self.replicated[name or f"{type(module).__name__} #{len(self.replicated)}"] = module
+        return self.wrap_fn(module)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -97,6 +105,16 @@ def status(line: str) -> None:
     sys.stdout.flush()
 
 
+def gather_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` (same shape on each, detached), concatenated in rank order; ``t`` itself in one process."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t.detach()
+    t = t.detach().contiguous()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
@@ -144,6 +162,9 @@ def run_loop(stage: Stage, start_step: int, report: ReportFn) -> None:
             metrics.update(stage.tick_metrics(done))
             with_ckpt = done % stage.checkpoint_every == 0 or done == stage.total_steps
             if with_ckpt:
+                ctx = getattr(stage, "ctx", None)
+                for name, module in (ctx.replicated if ctx is not None else {}).items():
+                    check_replicas_agree(module, f"{stage.name}'s {name}")
                 stage.before_checkpoint(done)
             report(done, metrics, with_ckpt)
             sums, counts, count, tick_start = {}, {}, 0, time.perf_counter()

@@ -1,21 +1,34 @@
 """Losses shared by the EBM algorithms: the contrastive-divergence EBM loss with the MAD filter, HDEBM's
-generator regression onto banked Langevin samples, and Improved CD's KL term (ALGORITHMS §1, §5, §8)."""
+generator regression onto banked Langevin samples, and Improved CD's KL term (docs/algorithms.md §1, §5, §8)."""
 
 from __future__ import annotations
 
 import torch
 
 
-def mad_keep_mask(energies: torch.Tensor, k: float) -> torch.Tensor:
-    """Keep data whose energy is not below median − k·MAD (HDEBM D.3.1); never applied to samples."""
-    med = energies.median()
-    mad = (energies - med).abs().median()
+def mad_keep_mask(energies: torch.Tensor, k: float, batch_energies: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep data whose energy is not below median − k·MAD (HDEBM D.3.1); never applied to samples. The median
+    and MAD are those of ``batch_energies`` (the global batch, when a batch is split over ranks), else of
+    ``energies`` themselves."""
+    stats_of = energies if batch_energies is None else batch_energies
+    med = stats_of.median()
+    mad = (stats_of - med).abs().median()
     return energies >= med - k * mad
 
 
-def ebm_loss(e_pos: torch.Tensor, e_neg: torch.Tensor, temperature: float, mad_k: float | None = None):
-    """mean U(x⁺) − mean U(x⁻) with U = H / T, optionally MAD-filtering the data; returns (loss, n_dropped)."""
-    keep = mad_keep_mask(e_pos.detach(), mad_k) if mad_k else torch.ones_like(e_pos, dtype=torch.bool)
+def ebm_loss(
+    e_pos: torch.Tensor,
+    e_neg: torch.Tensor,
+    temperature: float,
+    mad_k: float | None = None,
+    batch_e_pos: torch.Tensor | None = None,
+):
+    """mean U(x⁺) − mean U(x⁻) with U = H / T, optionally MAD-filtering the data against the statistics of
+    ``batch_e_pos`` (every rank's data energies; default: this rank's); returns (loss, n_dropped)."""
+    if mad_k:
+        keep = mad_keep_mask(e_pos.detach(), mad_k, batch_e_pos)
+    else:
+        keep = torch.ones_like(e_pos, dtype=torch.bool)
     loss = (e_pos[keep].mean() - e_neg.mean()) / temperature
     return loss, int((~keep).sum())
 

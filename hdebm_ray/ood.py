@@ -55,7 +55,7 @@ def ood_auroc(ckpt_dir, in_spec: str | None, out_spec: str, n: int = 2000, batch
     """AUROC of the checkpoint's energy separating ``out_spec`` from ``in_spec`` (default: its own dataset)."""
     from .sampling import Sampler
 
-    sampler = Sampler(ckpt_dir, device=device)
+    sampler = Sampler(ckpt_dir, device=device, protocol="fresh")  # only its energy is used
     if not hasattr(sampler, "energy"):
         raise ConfigError(f"checkpoint {ckpt_dir} is of stage {sampler.stage!r}, which has no energy")
     in_spec = in_spec or sampler.cfg.data.dataset

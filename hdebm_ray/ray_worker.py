@@ -43,7 +43,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         rank=rank,
         world_size=world,
         device=ray.train.torch.get_device(),
-        wrap=lambda m: ray.train.torch.prepare_model(m),
+        wrap_fn=lambda m: ray.train.torch.prepare_model(m),
     )
     if loop_config.get("bank_name"):
         ctx.bank = ActorBankClient(loop_config["bank_name"], owner=f"rank{rank}")

@@ -3,10 +3,14 @@
 - ``diffusion`` / ``distill``: a truncated diffusion cannot start from pure noise; its sampler maps x_T' to x_0.
   We show what it does to data: x ~ data, x_T' = α_T'·x + σ_T'·z, then N0 DDIM steps (diffusion) or the one
   distilled step (distill) — the "re-imagination" G2 performs inside HDEBM.
-- ``stage1``: fresh z1, z2, X = G(z1, z2) + Y_K after K Langevin steps on Y (the training sampler, ALGORITHMS §7).
+- ``stage1``: fresh z1, z2, X = G(z1, z2) + Y_K after K Langevin steps on Y (the training sampler,
+  docs/algorithms.md §7).
 - ``stage2``: the joint sampler on (Y, z1, z2) of Stage 2.
-- ``mebm`` / ``mjem`` / ``icd``: ``<stage>.sample_steps`` SGLD steps from the stage's chain_init (p0 = N(μ, Σ)
-  or U[-1, 1]), with Improved CD's augmentation transitions every ``sample_augment_every`` steps.
+- ``mebm`` / ``mjem`` / ``icd``, two protocols (``<stage>.eval_protocol``): ``fresh``, ``sample_steps`` SGLD
+  steps from the stage's chain_init (p0 = N(μ, Σ) or U[-1, 1]) with Improved CD's augmentation transitions every
+  ``sample_augment_every`` steps; or ``buffer``, the replay buffer's persistent chains as they were at the
+  checkpoint (the snapshot ``<stage dir>/bank/bank_step_<step>.arrow`` next to it), as M-EBM reports its FID.
+Weights: raw or EMA (``eval.use_ema`` names the stages sampled with EMA weights); ``Sampler.weights`` says which.
 Samples are clipped to [-1, 1]; ``images.save_grid`` writes them (toy2d as a scatter plot).
 """
 
@@ -24,6 +28,7 @@ from .ebm import HatGenerator
 from .images import save_grid  # noqa: F401 - sampling's public API: sample, then save
 from .langevin import sample_joint
 from .networks import build_denoiser, build_energy, build_generator, sample_shape
+from .slot_store import SlotStore, snapshot_name
 from .stages import BASELINES
 from .stages.hdebm_common import latents
 from .stages.hdebm_stage1 import sample_stage1
@@ -37,12 +42,29 @@ def default_device(name: str | None = None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-class Sampler:
-    """``sample(n, seed)`` for the stage a checkpoint belongs to; ``base(n, seed)`` is the chain start G(z)."""
+# The components each stage trains with an EMA copy (G1 is frozen in Stage 2: its raw weights are its EMA).
+EMA_COMPONENTS = {"stage1": ("energy", "generator"), "stage2": ("energy",), **{b: ("energy",) for b in BASELINES}}
+PROTOCOLS = ("buffer", "fresh")
 
-    def __init__(self, ckpt_dir: str | Path, device="cpu", use_ema: bool = False):
+
+def buffer_snapshot_location(checkpoint: str | Path, step: int) -> str:
+    """Where a replay-buffer stage's snapshot of ``step`` lies: ``bank/`` beside the checkpoint directory."""
+    parent = str(checkpoint).rstrip("/").rsplit("/", 1)[0]
+    return f"{parent}/bank/{snapshot_name(step)}"
+
+
+class Sampler:
+    """``sample(n, seed)`` for the stage a checkpoint belongs to; ``base(n, seed)`` is the chain start G(z).
+
+    ``use_ema``: True / False, or None for ``eval.use_ema``'s choice for this stage (raw weights where the
+    checkpoint has no EMA). ``protocol`` (baselines): ``buffer`` or ``fresh``, None for ``<stage>.eval_protocol``.
+    ``origin``: where the checkpoint lives, if ``ckpt_dir`` is a local copy (the buffer snapshot is beside it).
+    """
+
+    def __init__(self, ckpt_dir: str | Path, device="cpu", use_ema: bool | None = None, protocol=None, origin=None):
         self.cfg: Config = load_config_of(ckpt_dir)
-        self.stage = load_meta(ckpt_dir)["stage"]
+        meta = load_meta(ckpt_dir)
+        self.stage = meta["stage"]
         self.device = torch.device(device)
         names = {
             "diffusion": ["denoiser"],
@@ -54,17 +76,19 @@ class Sampler:
         if self.stage not in names:
             raise ValueError(f"checkpoint '{ckpt_dir}' is of stage {self.stage!r}, which has no sampler")
         states = load_states(ckpt_dir, names[self.stage], map_location=self.device)
-        ema_names = [f"{n}_ema" for n in ("energy", "generator") if n in names[self.stage]]
-        if use_ema:
-            ema = load_states(ckpt_dir, ema_names, map_location=self.device)
-            for n in ema_names:  # AveragedModel state: "module.<key>" plus n_averaged
-                states[n[:-4]] = {k[7:]: v for k, v in ema[n].items() if k.startswith("module.")}
+        self.weights = self._load_ema(ckpt_dir, states, use_ema)
+        self.protocol = "fresh"
         if self.stage in BASELINES:  # an energy and where its chains start, no denoiser
-            self.init = ChainInit.from_state_dict(sample_shape(self.cfg), states["chain_init"])
+            section = getattr(self.cfg, self.stage)
+            self.init = ChainInit.from_state_dict(sample_shape(self.cfg), states["chain_init"], section.p0_clamp)
             classes = num_classes(self.cfg) if self.stage == "mjem" else 0
-            multiscale = getattr(self.cfg, self.stage).multiscale
-            self.energy = build_energy(self.cfg, classes, multiscale).to(self.device).eval()
+            self.energy = build_energy(self.cfg, classes, section.multiscale).to(self.device).eval()
             self.energy.load_state_dict(states["energy"])
+            self.protocol = protocol or section.eval_protocol
+            if self.protocol not in PROTOCOLS:
+                raise ValueError(f"unknown sampling protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+            if self.protocol == "buffer":
+                self._load_buffer(buffer_snapshot_location(origin or ckpt_dir, int(meta["step"])))
             return
         d = self.cfg.diffusion
         self.schedule = CosineSchedule(d.T, d.cosine_s)
@@ -76,6 +100,44 @@ class Sampler:
             self.hat = HatGenerator(g1, self.denoiser, self.schedule, d.T_trunc)
             self.energy = build_energy(self.cfg).to(self.device).eval()
             self.energy.load_state_dict(states["energy"])
+
+    def _load_ema(self, ckpt_dir, states: dict, use_ema: bool | None) -> str:
+        """Swap in the EMA weights where wanted and saved; returns which weights the sampler uses."""
+        wanted = self.stage in self.cfg.eval.use_ema if use_ema is None else use_ema
+        if not wanted:
+            return "raw"
+        components = EMA_COMPONENTS.get(self.stage, ())
+        present = [c for c in components if (Path(ckpt_dir) / f"{c}_ema.pt").is_file()]
+        if len(present) < len(components) or not components:
+            if use_ema:  # asked for explicitly: say why it cannot be done
+                raise FileNotFoundError(
+                    f"checkpoint '{ckpt_dir}' ({self.stage}) has no EMA weights"
+                    + (" (its stage keeps none)" if not components else f" ({self.stage}.ema_halflife_kimg = 0?)")
+                )
+            return "raw"
+        ema = load_states(ckpt_dir, [f"{c}_ema" for c in components], map_location=self.device)
+        for c in components:  # AveragedModel state: "module.<key>" plus n_averaged
+            states[c] = {k[7:]: v for k, v in ema[f"{c}_ema"].items() if k.startswith("module.")}
+        return "ema"
+
+    def _load_buffer(self, location: str) -> None:
+        from . import storage
+
+        if not storage.exists(location):
+            raise FileNotFoundError(
+                f"no replay buffer snapshot at {location} for this {self.stage} checkpoint (sample with the fresh "
+                "protocol instead: --protocol fresh)"
+            )
+        store, _ = SlotStore.load(location)
+        filled = store.written_step >= 0
+        self.buffer = torch.from_numpy(store.arrays["x"][filled])
+        # A fixed order over the slots: consecutive seeds read consecutive, distinct slots.
+        self.buffer_order = torch.randperm(len(self.buffer), generator=torch.Generator().manual_seed(self.cfg.run.seed))
+
+    @property
+    def max_samples(self) -> int | None:
+        """How many distinct samples there are (the buffer's size), None when unbounded."""
+        return len(self.buffer) if self.protocol == "buffer" else None
 
     def _latents(self, n: int, seed: int):
         g = torch.Generator(device=self.device).manual_seed(seed)
@@ -95,6 +157,10 @@ class Sampler:
         if self.stage in BASELINES:
             torch.manual_seed(seed)
             gen = torch.Generator(device=self.device).manual_seed(seed)
+            if self.protocol == "buffer":  # the chains as training left them; starts: p0 draws of the same count
+                slots = self.buffer_order[(torch.arange(n) + seed) % len(self.buffer)]
+                x0 = self.init.sample(n, generator=gen, device=self.device)
+                return self.buffer[slots].to(self.device).clamp(-1, 1), x0.clamp(-1, 1)
             section = getattr(self.cfg, self.stage)
             x0, x = sample_replay_ebm(self.energy, self.init, section, n, gen, self.device)
             return x.clamp(-1, 1), x0.clamp(-1, 1)

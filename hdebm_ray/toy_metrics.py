@@ -1,4 +1,4 @@
-"""Mode coverage and sample quality on 2-D toy mixtures (ALGORITHMS §10).
+"""Mode coverage and sample quality on 2-D toy mixtures (docs/algorithms.md §10).
 
 A mode is covered when at least ``min_count`` samples lie within ``k·σ`` of its centre; "high quality" samples
 lie within ``k·σ`` of any centre.

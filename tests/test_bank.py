@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import ray
 
-from hdebm_ray.bank import Bank, ReplayBuffer, SlotStore, list_snapshots
+from hdebm_ray.bank import Bank, ReplayBuffer
 from hdebm_ray.bank_actor import create_bank_actor
+from hdebm_ray.slot_store import SlotStore, list_snapshots
 
 SHAPES = {"z1": (4,), "x": (1, 3, 3)}
 
@@ -74,19 +75,74 @@ def test_snapshot_restores_bit_identically(tmp_path):
 def test_replay_reinit_count_lies_in_binomial_bound():
     n, rho = 20000, 0.05
     buf = ReplayBuffer(1000, SHAPES, reinit_prob=rho, seed=3)
-    buf.push(0, **_fields(1000, 1.0))
-    count = int(buf.sample(n)["reinit"].sum())
+    buf.fill(0, 0, **_fields(1000, 1.0))
+    # 20 leases of all 1000 slots (each call drops the owner's previous lease)
+    count = sum(int(buf.sample(1000)["reinit"].sum()) for _ in range(n // 1000))
     assert abs(count - n * rho) <= 4 * math.sqrt(n * rho * (1 - rho))
     empty = ReplayBuffer(10, SHAPES, reinit_prob=rho)
-    assert empty.sample(5)["reinit"].all()  # nothing to replay yet: every chain starts from p0
+    assert empty.sample(5)["reinit"].all()  # nothing to replay yet: every chain starts from chain_init
 
 
-def test_replay_push_fills_ring_then_replaces():
-    buf = ReplayBuffer(10, SHAPES, reinit_prob=0.0, seed=0)
-    buf.push(1, **_fields(6, 1.0))
-    buf.push(2, **_fields(6, 2.0))
-    x = buf.store.arrays["x"][:, 0, 0, 0]
-    assert (x[:6] == 1).all() and (x[6:] == 2).all() and buf.count == 12
+def _run_chains(buf: ReplayBuffer, steps: int, batch: int, owners: int = 2) -> None:
+    """``steps`` rounds of ``owners`` concurrent leases (as ranks take them), each chain end = its start + 1."""
+    for step in range(steps):
+        leases = [buf.sample(batch, owner=f"rank{r}") for r in range(owners)]
+        for lease in leases:
+            x = np.where(lease["reinit"][:, None, None, None], 0.0, lease["x"] + 1.0).astype(np.float32)
+            assert buf.push(lease["lease"], step + 1, z1=lease["z1"], x=x)
+
+
+def test_in_place_write_back_keeps_every_chain_a_distinct_lineage():
+    # M-EBM / JEM: N persistent chains. With rho = 0 no lineage may be lost over many steps, and every chain end
+    # goes back into the slot it came from: each slot's x counts how often that chain was continued.
+    n, batch = 256, 16
+    buf = ReplayBuffer(n, SHAPES, reinit_prob=0.0, seed=1, write_policy="in_place")
+    buf.fill(0, 0, **_fields(n, 0.0))
+    _run_chains(buf, 400, batch)
+    assert len(np.unique(buf.store.lineage)) == n and buf.stats()["distinct_lineages"] == n
+    assert np.array_equal(buf.store.arrays["x"][:, 0, 0, 0], buf.store.writes - 1)  # fill + one per continuation
+    assert buf.store.writes.sum() == n + 400 * 2 * batch
+
+
+def test_random_overwrite_collapses_lineages_and_fifo_overwrites_the_oldest():
+    # What the buffer did before it had a write policy: chain ends into random slots. The persistent chains
+    # collapse onto few lineages (with rho = 0 a lost lineage never comes back).
+    n, batch = 256, 16
+    buf = ReplayBuffer(n, SHAPES, reinit_prob=0.0, seed=1, write_policy="random")
+    buf.fill(0, 0, **_fields(n, 0.0))
+    _run_chains(buf, 400, batch)
+    assert buf.stats()["distinct_lineages"] < n // 4
+    # Improved CD's ring: starts empty (fresh chains, appended), then each push replaces the oldest entries.
+    fifo = ReplayBuffer(10, SHAPES, reinit_prob=0.0, seed=0, write_policy="fifo")
+    first = fifo.sample(6)
+    assert first["reinit"].all() and first["filled"] == 0
+    fifo.push(first["lease"], 1, **_fields(6, 1.0))
+    second = fifo.sample(6)  # 6 of the 6 filled slots
+    assert sorted(second["idx"].tolist()) == list(range(6))
+    fifo.push(second["lease"], 2, **_fields(6, 2.0))
+    x = fifo.store.arrays["x"][:, 0, 0, 0]
+    assert (x[[0, 1]] == 2).all() and (x[2:6] == 1).all() and (x[6:] == 2).all() and fifo.count == 12
+
+
+def test_concurrent_replay_leases_hold_distinct_chains_and_stale_pushes_are_refused():
+    buf = ReplayBuffer(64, SHAPES, reinit_prob=0.0, seed=2)
+    buf.fill(0, 0, **_fields(64, 0.0))
+    a, b = buf.sample(32, owner="rank0"), buf.sample(32, owner="rank1")
+    assert not set(a["idx"].tolist()) & set(b["idx"].tolist())
+    again = buf.sample(8, owner="rank0")  # rank 0 restarted: its old lease is void
+    assert not buf.push(a["lease"], 1, **_fields(32, 5.0))
+    assert buf.push(again["lease"], 1, **_fields(8, 5.0)) and buf.push(b["lease"], 1, **_fields(32, 5.0))
+
+
+def test_replay_snapshot_keeps_lineages_and_ring_position(tmp_path):
+    buf = ReplayBuffer(32, SHAPES, reinit_prob=0.5, seed=4, write_policy="fifo")
+    _run_chains(buf, 5, 8)
+    path = buf.store.snapshot(str(tmp_path), 5)
+    restored = ReplayBuffer(32, SHAPES, reinit_prob=0.5, seed=4, write_policy="fifo")
+    restored.load_store(SlotStore.load(path)[0])
+    assert restored.count == buf.count == 80
+    assert np.array_equal(restored.store.lineage, buf.store.lineage)
+    assert restored.store.counters["next_lineage"] == buf.store.counters["next_lineage"]
 
 
 # -- the real actor --------------------------------------------------------------------------------------------

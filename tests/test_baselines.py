@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from hdebm_ray.augment import augment, blur, color, crop, flip, rescale
+from hdebm_ray.augment import AugmentOptions, augment, blur, color, crop, flip, rescale
 from hdebm_ray.config import ConfigError, check_stage, load_config
 from hdebm_ray.langevin import langevin_step_with_graph
 from hdebm_ray.loop import WorkerContext
@@ -44,7 +44,7 @@ def test_rescale_zooms_in_and_keeps_shape():
     torch.manual_seed(0)
     x = torch.zeros(32, 1, 16, 16)
     x[:, :, 6:10, 6:10] = 1.0  # a 4x4 square in the centre: a zoom-in makes it larger, never smaller
-    out = rescale(x)
+    out = rescale(x, AugmentOptions(crop_area=(0.49, 1.0), crop_ratio=(1.0, 1.0)))  # windows of 70-100% of the side
     assert out.shape == x.shape
     assert bool(((out > 0.5).flatten(1).sum(1) >= 16).all())
 
@@ -72,7 +72,7 @@ def test_color_draws_per_image_and_stays_in_range():
 def test_jitter_adds_noise_of_the_configured_std():
     torch.manual_seed(0)
     x = torch.zeros(20000, 2)
-    assert abs(augment(x, ("jitter",), jitter_std=0.05).std().item() - 0.05) < 0.002
+    assert abs(augment(x, ("jitter",), AugmentOptions(jitter_std=0.05)).std().item() - 0.05) < 0.002
 
 
 def test_image_augments_on_toy2d_are_refused_naming_the_key(tmp_path):

@@ -1,4 +1,4 @@
-"""Truncated diffusion and distillation against closed forms (ALGORITHMS §3, §4, §10)."""
+"""Truncated diffusion and distillation against closed forms (docs/algorithms.md §3, §4, §10)."""
 
 from __future__ import annotations
 

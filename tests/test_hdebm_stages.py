@@ -7,7 +7,6 @@ import pytest
 import torch
 from helpers import TINY, small_digits_overrides
 
-from hdebm_ray.bank import list_snapshots
 from hdebm_ray.checkpoint import load_meta
 from hdebm_ray.cli import main as cli_main
 from hdebm_ray.config import ConfigError, load_config
@@ -16,6 +15,7 @@ from hdebm_ray.images import save_grid
 from hdebm_ray.ood import auroc, energies, ood_auroc, source_images
 from hdebm_ray.runner import run_in_process
 from hdebm_ray.sampling import Sampler
+from hdebm_ray.slot_store import list_snapshots
 
 
 def test_all_stages_in_process_with_bank_snapshots_and_samplers(tmp_path):

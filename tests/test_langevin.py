@@ -1,4 +1,4 @@
-"""Langevin against closed forms (ALGORITHMS §10): exact discretised stationary moments, the drift clip, and
+"""Langevin against closed forms (docs/algorithms.md §10): exact discretised stationary moments, the drift clip, and
 Stage 2's latent steps reaching z through G."""
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hdebm_ray.config import load_config
@@ -58,3 +59,27 @@ def test_multiscale_energy_is_sum_of_three_scales():
     parts = [net(torch.nn.functional.avg_pool2d(x, 2**k) if k else x) for k, net in enumerate(ms.nets)]
     assert torch.allclose(ms(x), sum(parts))
     assert isinstance(ms.nets[2], ResNetEnergy)
+
+
+# Parameter counts of the reference architectures for each GPU preset's settings: Hat EBM's nets.py (EBMSNGAN32
+# at ngf 512, EBMSNGAN64 at ngf 1024, the small EBMSNGAN128; GenSNGAN32 at ngf 256 without batch norm), counted
+# layer by layer; the UNets built from openai/improved-diffusion (CIFAR-10) and openai/guided-diffusion (ADM, 64
+# and 128 px, x0 output) and counted.
+REFERENCE_PARAMETERS = {
+    "cifar10": {"denoiser": 52_542_979, "energy": 16_798_208, "generator": 4_273_155},
+    "celeba64": {"denoiser": 295_131_267, "energy": 19_542_720, "generator": 295_131_267},
+    "imagenet128": {"denoiser": 105_195_139, "energy": 38_419_136, "generator": 105_195_139},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(REFERENCE_PARAMETERS))
+def test_preset_networks_have_the_reference_architectures_parameter_counts(preset):
+    from hdebm_ray.networks import build_denoiser, build_energy, build_generator
+
+    cfg = load_config(preset)
+    with torch.device("meta"):  # sizes only: no memory for ~300M parameters
+        nets = {"denoiser": build_denoiser(cfg), "energy": build_energy(cfg), "generator": build_generator(cfg)}
+    for role, net in nets.items():
+        count = sum(p.numel() for p in net.parameters())
+        expected = REFERENCE_PARAMETERS[preset][role]
+        assert abs(count - expected) <= 0.01 * expected, (preset, role, count, expected)

@@ -11,7 +11,7 @@ from ..config import Config, ConfigError
 from .classifier_energy import ClassifierEnergy
 from .mlp import MLPDenoiser, MLPEnergy, MLPGenerator
 from .sngan import MultiScaleEnergy, ResNetEnergy, ResNetGenerator
-from .unet import UNet
+from .unet import UNet, UNetGenerator
 
 TOY_DIM = 2
 
@@ -36,7 +36,11 @@ def build_denoiser(cfg: Config) -> nn.Module:
 
             alpha_bar = CosineSchedule(cfg.diffusion.T, cfg.diffusion.cosine_s).alpha_bar
         return MLPDenoiser(dim=TOY_DIM, hidden=n.mlp.hidden, depth=n.mlp.depth, alpha_bar=alpha_bar)
-    u = n.unet
+    return build_unet(cfg, cfg.network.unet.dropout)
+
+
+def build_unet(cfg: Config, dropout: float) -> UNet:
+    u = cfg.network.unet
     return UNet(
         in_channels=cfg.data.channels,
         resolution=cfg.data.resolution,
@@ -45,8 +49,17 @@ def build_denoiser(cfg: Config) -> nn.Module:
         num_res_blocks=u.num_res_blocks,
         attn_resolutions=u.attn_resolutions,
         num_heads=u.num_heads,
-        dropout=u.dropout,
+        num_head_channels=u.num_head_channels,
+        resblock_updown=u.resblock_updown,
+        dropout=dropout,
     )
+
+
+def latent_shape(cfg: Config) -> tuple[int, ...]:
+    """Shape of one z1: a vector of ``z_dim`` (SN-GAN / MLP generator) or an image (UNet-bodied G1)."""
+    if cfg.network.generator.kind == "unet":
+        return sample_shape(cfg)
+    return (cfg.network.generator.z_dim,)
 
 
 def build_energy(cfg: Config, num_classes: int = 0, multiscale: bool = False) -> nn.Module:
@@ -78,6 +91,8 @@ def build_generator(cfg: Config) -> nn.Module:
         return MLPGenerator(
             dim=TOY_DIM, z_dim=g.z_dim, hidden=g.width, depth=cfg.network.mlp.depth, out_scale=g.out_scale
         )
+    if g.kind == "unet":  # trained by regression onto banked samples: no dropout in the map from z1
+        return UNetGenerator(build_unet(cfg, dropout=0.0), g.out_scale)
     return ResNetGenerator(
         out_channels=cfg.data.channels,
         resolution=cfg.data.resolution,

@@ -1,4 +1,4 @@
-"""Stage "diffusion": train the truncated x0-predicting diffusion model D (ALGORITHMS §3)."""
+"""Stage "diffusion": train the truncated x0-predicting diffusion model D (docs/algorithms.md §3)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class DiffusionStage(StageBase):
         self.images_per_step = d.batch_size
         self.schedule = CosineSchedule(d.T, d.cosine_s)
         self.model = build_denoiser(cfg).to(ctx.device)
-        self.ddp = ctx.wrap(self.model)
+        self.ddp = ctx.wrap(self.model, "denoiser")
         self.opt, self.lr_sched = adam_with_schedule(
             self.model.parameters(), d.lr, d.lr_schedule, d.warmup_steps, d.steps
         )

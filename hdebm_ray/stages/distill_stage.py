@@ -1,4 +1,4 @@
-"""Stage "distill": progressive distillation of the truncated DDIM sampler down to one step (ALGORITHMS §4).
+"""Stage "distill": progressive distillation of the truncated DDIM sampler down to one step (docs/algorithms.md §4).
 
 Sub-stage k trains a student on the N0 / 2^(k+1)-step grid so that one student step equals two teacher steps;
 the student starts as a copy of its teacher and then becomes the next teacher. At the end of every sub-stage
@@ -29,6 +29,13 @@ from ..networks import build_denoiser
 from ..optim import layerwise_clip_
 
 
+def set_dropout(module: torch.nn.Module, p: float) -> None:
+    """Every dropout layer of ``module`` to probability ``p`` (the distillation students train without dropout)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+
+
 def distill_total_steps(d) -> int:
     """Steps of the whole distillation: one round of ``steps_per_stage`` per halving of N0 down to one step."""
     return int(math.log2(d.n0_steps)) * d.steps_per_stage
@@ -50,9 +57,11 @@ class DistillStage(StageBase):
         teacher_state = load_states(init_dir, ["denoiser"])["denoiser"]
         self.teacher = build_denoiser(cfg).to(ctx.device)
         self.teacher.load_state_dict(teacher_state)
-        self.teacher.requires_grad_(False)
-        self.student = copy.deepcopy(self.teacher).requires_grad_(True)
-        self.ddp = ctx.wrap(self.student)
+        # The teacher is a fixed function: eval mode, or its dropout would make every target a random draw.
+        self.teacher.requires_grad_(False).eval()
+        self.student = copy.deepcopy(self.teacher).requires_grad_(True).train()
+        set_dropout(self.student, d.student_dropout)
+        self.ddp = ctx.wrap(self.student, "student")
         self.opt = torch.optim.Adam(self.student.parameters(), lr=d.lr)
         self.gaps: list[dict] = []
         self.batches = batch_stream(
@@ -108,6 +117,7 @@ class DistillStage(StageBase):
     def _finish_substage(self, n_student: int) -> dict[str, float]:
         t_trunc = self.cfg.diffusion.T_trunc
         x0 = self.eval_batch()
+        self.student.eval()  # measured as the fixed function it will be as the next teacher
         torch.manual_seed(1000 + n_student)
         step_gap = mean_over_ranks(distill_gap(self.student, self.teacher, self.schedule, x0, t_trunc, n_student))
         # Whole samplers from the same x_T': n_student student steps vs 2·n_student teacher steps.
@@ -118,6 +128,7 @@ class DistillStage(StageBase):
         self.gaps.append({"student_steps": n_student, "step_gap_mse": step_gap, "sampler_gap_mse": sampler_gap})
         # The student becomes the next teacher; the next student starts from it with a fresh optimiser.
         self.teacher.load_state_dict(self.student.state_dict())
+        self.student.train()
         self.opt = torch.optim.Adam(self.student.parameters(), lr=self.cfg.distill.lr)
         return {"Distill/step_gap_mse": step_gap, "Distill/sampler_gap_mse": sampler_gap}
 

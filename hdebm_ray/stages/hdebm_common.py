@@ -11,7 +11,7 @@ from ..data import batch_stream, build_dataset, toy2d_centres
 from ..diffusion import CosineSchedule
 from ..ebm import EnergyTrainer, HatGenerator
 from ..loop import WorkerContext
-from ..networks import build_denoiser, build_energy, build_generator
+from ..networks import build_denoiser, build_energy, build_generator, latent_shape
 from ..toy_metrics import mode_coverage
 
 TOY_EVAL_SAMPLES = 1000
@@ -73,8 +73,8 @@ def data_stream(cfg: Config, ctx: WorkerContext, batch_size: int, seed_offset: i
 
 
 def latents(cfg: Config, n: int, image_shape, device, generator: torch.Generator | None = None):
-    """Fresh z1 ~ N(0, I) of G1's latent size and z2 ~ N(0, I) of the image's shape."""
-    z1 = torch.randn(n, cfg.network.generator.z_dim, device=device, generator=generator)
+    """Fresh z1 ~ N(0, I) of G1's latent shape and z2 ~ N(0, I) of the image's shape."""
+    z1 = torch.randn(n, *latent_shape(cfg), device=device, generator=generator)
     z2 = torch.randn(n, *image_shape, device=device, generator=generator)
     return z1, z2
 

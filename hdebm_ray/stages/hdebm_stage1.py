@@ -1,4 +1,4 @@
-"""Stage "stage1": HDEBM Algorithm 1 — energy H and generator G1 with the shared bank (ALGORITHMS §5).
+"""Stage "stage1": HDEBM Algorithm 1 — energy H and generator G1 with the shared bank (docs/algorithms.md §5).
 
 Each step, on every rank's own batch: Langevin on the residual Y from Y_0 = 0 with the latents fixed, the EBM
 update of θ on (x⁺, X⁻ = G(z) + Y_K), then the generator update of φ on a leased batch of bank entries, whose
@@ -18,7 +18,7 @@ from ..ebm import HatGenerator
 from ..langevin import StepStats, sample_residual
 from ..loop import StageBase, WorkerContext, barrier, status
 from ..losses import generator_loss
-from ..networks import sample_shape
+from ..networks import latent_shape, sample_shape
 from ..optim import adam_with_schedule, ema_model, layerwise_clip_
 from .hdebm_common import (
     data_stream,
@@ -33,7 +33,7 @@ from .hdebm_common import (
 def bank_spec(cfg: Config) -> dict:
     """What the driver creates the bank with: N entries of (z1, z2, X⁻)."""
     shape = sample_shape(cfg)
-    shapes = {"z1": (cfg.network.generator.z_dim,), "z2": shape, "x": shape}
+    shapes = {"z1": latent_shape(cfg), "z2": shape, "x": shape}
     return {"kind": "bank", "size": cfg.stage1.bank_size, "shapes": shapes}
 
 
@@ -61,7 +61,7 @@ class Stage1(StageBase):
         self.local_batch = s.batch_size // ctx.world_size
         self.shape = sample_shape(cfg)
         self.hat = hat_generator(cfg, ctx, init_dir, with_g1=False)
-        self.g1_ddp = ctx.wrap(self.hat.g1)
+        self.g1_ddp = ctx.wrap(self.hat.g1, "generator")
         self.energy = energy_trainer(cfg, ctx, s, s.lr_energy, s.langevin.temperature)
         self.opt_g, self.sched_g = adam_with_schedule(
             self.hat.g1.parameters(), s.lr_generator, s.lr_schedule, s.warmup_steps, s.steps

@@ -1,4 +1,4 @@
-"""Stage "stage2": HDEBM Algorithm 2 — only H is trained; joint Langevin on (Y, z1, z2) (ALGORITHMS §6).
+"""Stage "stage2": HDEBM Algorithm 2 — only H is trained; joint Langevin on (Y, z1, z2) (docs/algorithms.md §6).
 
 Starts from Stage 1's H and frozen G = G2∘G1. Chains start from Y_0 = 0 and fresh latents; no bank.
 """

@@ -1,4 +1,4 @@
-"""Stage "icd": Improved Contrastive Divergence (Du et al., Algorithm 1; ALGORITHMS §8).
+"""Stage "icd": Improved Contrastive Divergence (Du et al., Algorithm 1; docs/algorithms.md §8).
 
 On top of the shared replay-buffer loop: chain starts pass through an augmentation transition (colour, flip,
 rescale, blur), the buffer resets 0.1% of the chains to U[-1, 1] noise, and the loss is L_CD + L_KL. For L_KL the
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
-from ..augment import augment
+from ..augment import AugmentOptions, augment
 from ..langevin import StepStats, langevin_step_with_graph
 from ..losses import kl_loss
 from .replay_ebm import DATA_RANGE, ReplayEBMStage, sgld_chain
@@ -37,12 +37,12 @@ class ICDStage(ReplayEBMStage):
         return self.s.entropy_reference if self.s.kl_weight else 0
 
     def start_transition(self, x0: torch.Tensor) -> torch.Tensor:
-        return augment(x0, self.s.augment, self.s.augment_jitter_std) if self.s.augment else x0
+        return augment(x0, self.s.augment, AugmentOptions.of(self.s)) if self.s.augment else x0
 
-    def negatives(self, x0, reference, step: int, stats: StepStats):
+    def negatives(self, x0, reference, filled: int, stats: StepStats):
         s, net = self.s, self.energy.net
         if not s.kl_weight:
-            return super().negatives(x0, reference, step, stats)
+            return super().negatives(x0, reference, filled, stats)
         x_prev = sgld_chain(net, x0, s.sgld, stats, steps=s.sgld.steps - 1)
         m = min(s.kl_samples, len(x0))
         x_hat = langevin_step_with_graph(net, x_prev[:m], s.sgld.step_size, s.sgld.noise_std)
@@ -50,7 +50,6 @@ class ICDStage(ReplayEBMStage):
             x_hat = x_hat.clamp(*DATA_RANGE)
         rest = sgld_chain(net, x_prev[m:], s.sgld, stats, steps=1) if m < len(x0) else x_prev[m:]
         # The NN entropy needs a buffer that holds more than the first steps' chains (the paper waits for 1000).
-        filled = min(step * s.batch_size, s.buffer_size)
         use_entropy = filled >= s.entropy_min_filled and len(reference) > 0
         return torch.cat([x_hat.detach(), rest]), (x_hat, reference if use_entropy else None)
 

@@ -1,4 +1,4 @@
-"""Stage "mjem": M-JEM (Yang & Ji, §4; ALGORITHMS §8), M-EBM on a classifier with a separate energy head.
+"""Stage "mjem": M-JEM (Yang & Ji, §4; docs/algorithms.md §8), M-EBM on a classifier with a separate energy head.
 
 Two mini-batches per step, as in the paper: the plain batch x⁺ for the maximum-likelihood (CD) term on the energy
 head, and a second, augmented labelled batch (``mjem.classifier_batch_size``, crop + flip by default) for the
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..augment import augment
+from ..augment import AugmentOptions, augment
 from ..config import Config, ConfigError
 from ..data import build_dataset, random_items, toy2d_centres
 from ..loop import WorkerContext
@@ -67,7 +67,7 @@ class MJEMStage(ReplayEBMStage):
 
     def update(self, x_pos, y_pos, x_neg, extra) -> dict[str, float]:
         x_cls, y_cls = next(self.labelled)
-        x_cls = augment(x_cls, self.s.augment, self.s.augment_jitter_std)
+        x_cls = augment(x_cls, self.s.augment, AugmentOptions.of(self.s))
         return self.energy.update(x_pos, x_neg, labelled=(x_cls, y_cls.long(), self.s.classifier_weight))
 
     def tick_metrics(self, step: int) -> dict[str, float]:

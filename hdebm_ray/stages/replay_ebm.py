@@ -1,4 +1,4 @@
-"""The replay-buffer EBMs of ALGORITHMS §8 on one loop: M-EBM ("mebm"), M-JEM ("mjem") and Improved CD ("icd").
+"""The replay-buffer EBMs of docs/algorithms.md §8 on one loop: M-EBM ("mebm"), M-JEM ("mjem") and Improved CD ("icd").
 
 Each step, on every rank's own batch: chain starts drawn from the replay buffer (the bank actor in replay mode),
 a fraction ρ of them re-initialised from the section's ``chain_init`` (p0 = N(μ, Σ) of the training set for
@@ -14,13 +14,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..augment import augment
+from ..augment import AugmentOptions, augment
 from ..config import Config, check_stage
 from ..data import build_dataset
 from ..fid import cache_dir
 from ..gaussian_init import GaussianInit, cached_gaussian
 from ..langevin import StepStats, frozen, sample_langevin
-from ..loop import StageBase, WorkerContext, barrier, check_replicas_agree, status
+from ..loop import StageBase, WorkerContext, barrier, status
 from ..networks import sample_shape
 from .hdebm_common import data_stream, energy_trainer, fixed_sample_grids, toy2d_tick_metrics
 
@@ -37,6 +37,7 @@ def replay_spec(stage_name: str):
             "size": s.buffer_size,
             "shapes": {"x": sample_shape(cfg)},
             "reinit_prob": s.reinit_prob,
+            "write_policy": s.buffer_write,
         }
 
     return spec
@@ -45,32 +46,42 @@ def replay_spec(stage_name: str):
 def fit_p0(cfg: Config, section) -> GaussianInit:
     d = cfg.data
     name = f"p0-{d.dataset}-{d.resolution}px-{d.channels}ch-full{section.p0_max_full_dim}-rank{section.p0_rank}"
+    if section.p0_cov_jitter:
+        name += f"-jitter{section.p0_cov_jitter:g}"
     return cached_gaussian(
-        build_dataset(cfg), cache_dir(cfg).parent / "p0", name, section.p0_max_full_dim, section.p0_rank
+        build_dataset(cfg),
+        cache_dir(cfg).parent / "p0",
+        name,
+        section.p0_max_full_dim,
+        section.p0_rank,
+        cov_jitter=section.p0_cov_jitter,
     )
 
 
 class ChainInit:
-    """Where fresh chains start: p0 = N(μ, Σ) fitted to the data (cached), or uniform noise on [-1, 1]."""
+    """Where fresh chains start: p0 = N(μ, Σ) fitted to the data (cached), or uniform noise on [-1, 1]; p0 draws
+    are clamped to the data range when ``clamp`` (M-EBM's code)."""
 
-    def __init__(self, shape: tuple[int, ...], p0: GaussianInit | None = None):
-        self.shape, self.p0 = shape, p0
+    def __init__(self, shape: tuple[int, ...], p0: GaussianInit | None = None, clamp: bool = False):
+        self.shape, self.p0, self.clamp = shape, p0, clamp
 
     @classmethod
     def for_section(cls, cfg: Config, section) -> ChainInit:
-        return cls(sample_shape(cfg), fit_p0(cfg, section) if section.chain_init == "p0" else None)
+        p0 = fit_p0(cfg, section) if section.chain_init == "p0" else None
+        return cls(sample_shape(cfg), p0, section.p0_clamp)
 
     def sample(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         if self.p0 is not None:
-            return self.p0.sample(n, generator=generator, device=device)
+            x = self.p0.sample(n, generator=generator, device=device)
+            return x.clamp(*DATA_RANGE) if self.clamp else x
         return torch.rand(n, *self.shape, generator=generator, device=device) * 2 - 1
 
     def state_dict(self) -> dict:
         return self.p0.state_dict() if self.p0 is not None else {}
 
     @classmethod
-    def from_state_dict(cls, shape: tuple[int, ...], state: dict) -> ChainInit:
-        return cls(shape, GaussianInit.from_state_dict(state) if state else None)
+    def from_state_dict(cls, shape: tuple[int, ...], state: dict, clamp: bool = False) -> ChainInit:
+        return cls(shape, GaussianInit.from_state_dict(state) if state else None, clamp)
 
 
 def sgld_chain(energy, x0: torch.Tensor, sgld, stats=None, steps: int | None = None) -> torch.Tensor:
@@ -78,7 +89,9 @@ def sgld_chain(energy, x0: torch.Tensor, sgld, stats=None, steps: int | None = N
     with frozen(energy):
         k = sgld.steps if steps is None else steps
         bounds = DATA_RANGE if sgld.clamp else None
-        return sample_langevin(energy, x0, k, sgld.step_size, sgld.noise_std, sgld.drift_clip, stats, bounds)
+        return sample_langevin(
+            energy, x0, k, sgld.step_size, sgld.noise_std, sgld.drift_clip, stats, bounds, sgld.grad_clamp
+        )
 
 
 def sample_replay_ebm(energy, init: ChainInit, section, n: int, generator=None, device=None):
@@ -93,7 +106,7 @@ def sample_replay_ebm(energy, init: ChainInit, section, n: int, generator=None, 
     x, done = x0, 0
     while done < steps:
         if section.sample_augment_every:
-            x = augment(x, section.augment, section.augment_jitter_std)
+            x = augment(x, section.augment, AugmentOptions.of(section))
         x = sgld_chain(energy, x, section.sgld, steps=min(every, steps - done))
         done += every
     return x0, x
@@ -133,33 +146,48 @@ class ReplayEBMStage(StageBase):
         return 0
 
     def on_start(self, start_step: int) -> None:
-        if self.ctx.is_chief and start_step > 0 and self.bank.restore(start_step) is None:
-            status(f"[{self.name}] no buffer snapshot for step {start_step}; chains restart from chain_init")
+        if self.ctx.is_chief:
+            if start_step == 0:
+                if self.s.buffer_prefill:
+                    self.prefill_buffer()
+            elif self.bank.restore(start_step) is None:
+                status(f"[{self.name}] no buffer snapshot for step {start_step}; chains restart from chain_init")
+                if self.s.buffer_prefill:
+                    self.prefill_buffer()
         barrier()
 
+    @torch.no_grad()
+    def prefill_buffer(self, batch: int = 1024) -> None:
+        """N fresh chains from chain_init before training (M-EBM / JEM code), each its own lineage."""
+        gen = torch.Generator(device=self.ctx.device).manual_seed(self.cfg.run.seed + 19)
+        for start in range(0, self.s.buffer_size, batch):
+            n = min(batch, self.s.buffer_size - start)
+            self.bank.fill(start, 0, x=self.init.sample(n, generator=gen, device=self.ctx.device))
+
     def before_checkpoint(self, step: int) -> None:
-        check_replicas_agree(self.energy.net, f"{self.name}'s energy")
         barrier()  # every rank's push of this step has landed
         if self.ctx.is_chief:
             self.bank.snapshot(step)
 
     def chain_starts(self, n: int, extra: int = 0):
-        """n buffer states, the chains the buffer marks for re-initialisation drawn from chain_init, and that
-        mask; plus ``extra`` further buffer states (Improved CD's entropy reference) from the same call."""
-        drawn = self.bank.sample(n + extra)
+        """A lease of n buffer chains (the ones the buffer marks for re-initialisation drawn from chain_init),
+        the mask, ``extra`` further buffer states (Improved CD's entropy reference) from the same call, and how
+        many slots the buffer had filled."""
+        drawn = self.bank.sample(n, extra)
         dev = self.ctx.device
-        x = torch.from_numpy(np.array(drawn["x"])).to(dev)
-        x0, reference = x[:n], x[n:]
-        reinit = torch.from_numpy(np.array(drawn["reinit"][:n])).to(dev)
+        x0 = torch.from_numpy(np.array(drawn["x"])).to(dev)
+        reference = torch.from_numpy(np.array(drawn["reference"]["x"])).to(dev) if extra else x0[:0]
+        reinit = torch.from_numpy(np.array(drawn["reinit"])).to(dev)
         if reinit.any():
             x0[reinit] = self.init.sample(int(reinit.sum()), device=dev)
-        return x0, reinit, reference
+        return drawn["lease"], x0, reinit, reference, drawn["filled"]
 
     def start_transition(self, x0: torch.Tensor) -> torch.Tensor:
         return x0
 
-    def negatives(self, x0: torch.Tensor, reference: torch.Tensor, step: int, stats: StepStats):
-        """x⁻ after K SGLD steps, and what ``update`` needs besides (Improved CD: the graph-carrying last step)."""
+    def negatives(self, x0: torch.Tensor, reference: torch.Tensor, filled: int, stats: StepStats):
+        """x⁻ after K SGLD steps, and what ``update`` needs besides (Improved CD: the graph-carrying last step);
+        ``filled``: how many slots the buffer held when the chains were drawn."""
         return sgld_chain(self.energy.net, x0, self.s.sgld, stats), None
 
     def update(self, x_pos, y_pos, x_neg, extra) -> dict[str, float]:
@@ -170,15 +198,16 @@ class ReplayEBMStage(StageBase):
 
     def train_step(self, step: int) -> dict[str, float]:
         x_pos, y_pos = next(self.batches)
-        x0, reinit, reference = self.chain_starts(len(x_pos), self.entropy_reference_size())
+        lease, x0, reinit, reference, filled = self.chain_starts(len(x_pos), self.entropy_reference_size())
         x0 = self.start_transition(x0)
         stats = StepStats()
-        x_neg, extra = self.negatives(x0, reference, step, stats)
+        x_neg, extra = self.negatives(x0, reference, filled, stats)
         metrics = self.update(x_pos, y_pos, x_neg, extra)
-        self.bank.push(step + 1, x=x_neg)
+        pushed = self.bank.push(lease, step + 1, x=x_neg)
         metrics.update(
             {
                 "Bank/reinit_fraction": reinit.float().mean().item(),
+                "Bank/commit_ok": float(pushed),
                 "Langevin/chain_move": (x_neg - x0).flatten(1).norm(dim=1).mean().item(),
                 **{f"Langevin/{k}": v for k, v in stats.means().items()},
             }
@@ -200,4 +229,4 @@ class ReplayEBMStage(StageBase):
 
     def load_state_dict(self, states: dict[str, dict]) -> None:
         self.energy.load_state_dict(states, "energy")
-        self.init = ChainInit.from_state_dict(sample_shape(self.cfg), states["chain_init"])
+        self.init = ChainInit.from_state_dict(sample_shape(self.cfg), states["chain_init"], self.s.p0_clamp)
