@@ -72,7 +72,8 @@ class ReplayBuffer:
     ``sample(n, owner)`` leases n distinct filled slots (distinct across all outstanding leases, so concurrent
     ranks never draw the same chain) and marks each for re-initialisation with probability ρ — the caller draws
     those from its initial distribution (the buffer does not know p0, which may live on a GPU). While fewer
-    than n slots are filled, every chain is marked. ``push(lease, step, x)`` writes the chain ends back:
+    than n slots are filled, every chain is marked (and any chain no free slot is left for).
+    ``push(lease, step, x)`` writes the chain ends back:
 
     - ``in_place`` (M-EBM / JEM code): into the slots they were drawn from, so the buffer holds N persistent
       chains; chains drawn from an unfilled buffer are appended instead;
@@ -123,15 +124,18 @@ class ReplayBuffer:
         self.table.reclaim(owner)
         filled = self.filled()
         reinit = self.rng.random(n) < self.reinit_prob
-        if filled < n:
-            idx = np.full(n, -1, dtype=np.int64)  # nothing to continue yet: fresh chains, appended when pushed
-            reinit[:] = True
-            lease = self.table.grant(owner, np.zeros(0, dtype=np.int64), {"src": idx, "reinit": reinit})
-            data = {k: np.zeros((n, *shape), np.float32) for k, shape in self.store.shapes.items()}
-        else:
-            idx = self.rng.permutation(draw_free(self.rng, self.table, np.arange(filled), n, "replay buffer"))
-            lease = self.table.grant(owner, idx, {"src": idx, "reinit": reinit})
-            data = self.store.read(idx)
+        idx = np.full(n, -1, dtype=np.int64)  # -1: a fresh chain, appended when pushed
+        if filled >= n:  # until the buffer holds a batch every chain starts fresh (Improved CD's code)
+            free = self.table.free(np.arange(filled))
+            # Other ranks' leases can leave fewer free chains than asked for while a ring fills: the rest start fresh.
+            take = min(n, len(free))
+            idx[:take] = self.rng.choice(free, size=take, replace=False)
+        reinit |= idx < 0
+        held = idx[idx >= 0]
+        lease = self.table.grant(owner, held, {"src": idx, "reinit": reinit})
+        data = {k: np.zeros((n, *shape), np.float32) for k, shape in self.store.shapes.items()}
+        for k, v in self.store.read(held).items():
+            data[k][idx >= 0] = v
         out = {"lease": lease.lease_id, "idx": idx, "reinit": reinit, "filled": filled, **data}
         if extra:
             ref = self.rng.integers(0, max(filled, 1), size=extra) if filled else np.zeros(0, dtype=np.int64)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import storage
 from .checkpoint import load_config_of, load_meta, load_states
 from .config import Config
 from .data import build_dataset, random_images
@@ -121,8 +122,6 @@ class Sampler:
         return "ema"
 
     def _load_buffer(self, location: str) -> None:
-        from . import storage
-
         if not storage.exists(location):
             raise FileNotFoundError(
                 f"no replay buffer snapshot at {location} for this {self.stage} checkpoint (sample with the fresh "

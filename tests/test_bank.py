@@ -132,6 +132,12 @@ def test_concurrent_replay_leases_hold_distinct_chains_and_stale_pushes_are_refu
     again = buf.sample(8, owner="rank0")  # rank 0 restarted: its old lease is void
     assert not buf.push(a["lease"], 1, **_fields(32, 5.0))
     assert buf.push(again["lease"], 1, **_fields(8, 5.0)) and buf.push(b["lease"], 1, **_fields(32, 5.0))
+    # a ring still filling: another rank holds every filled chain, so this lease's chains all start fresh
+    ring = ReplayBuffer(64, SHAPES, reinit_prob=0.0, seed=2, write_policy="fifo")
+    ring.fill(0, 0, **_fields(16, 0.0))
+    held, starved = ring.sample(16, owner="rank0"), ring.sample(16, owner="rank1")
+    assert not held["reinit"].any() and starved["reinit"].all() and (starved["idx"] == -1).all()
+    assert ring.push(starved["lease"], 1, **_fields(16, 1.0)) and ring.count == 32
 
 
 def test_replay_snapshot_keeps_lineages_and_ring_position(tmp_path):

@@ -135,6 +135,8 @@ def test_mebm_buffer_is_prefilled_and_keeps_its_persistent_chains(mebm_run):
     assert stats["distinct_lineages"] == cfg.mebm.buffer_size
     writes = stage.bank.service.core.store.writes
     assert writes.sum() == cfg.mebm.buffer_size + cfg.mebm.steps * cfg.mebm.batch_size
+    # and the buffer's counters reach TensorBoard at every report tick
+    assert stage.tick_metrics(cfg.mebm.steps)["Bank/distinct_lineages"] == cfg.mebm.buffer_size
 
 
 def test_baseline_fid_protocols_buffer_and_fresh(mebm_run, tmp_path):

@@ -147,13 +147,11 @@ class ReplayEBMStage(StageBase):
 
     def on_start(self, start_step: int) -> None:
         if self.ctx.is_chief:
-            if start_step == 0:
-                if self.s.buffer_prefill:
-                    self.prefill_buffer()
-            elif self.bank.restore(start_step) is None:
+            restored = start_step > 0 and self.bank.restore(start_step) is not None
+            if start_step > 0 and not restored:
                 status(f"[{self.name}] no buffer snapshot for step {start_step}; chains restart from chain_init")
-                if self.s.buffer_prefill:
-                    self.prefill_buffer()
+            if not restored and self.s.buffer_prefill:
+                self.prefill_buffer()
         barrier()
 
     @torch.no_grad()
@@ -219,7 +217,11 @@ class ReplayEBMStage(StageBase):
         return sample_replay_ebm(net, self.init, self.s, n, generator, self.ctx.device)
 
     def tick_metrics(self, step: int) -> dict[str, float]:
-        return toy2d_tick_metrics(self.cfg, self.ctx, lambda n: self.sample(n)[1])
+        metrics = toy2d_tick_metrics(self.cfg, self.ctx, lambda n: self.sample(n)[1])
+        if self.ctx.is_chief:  # the buffer's own counters: fill, slot age, persistent lineages, refused pushes
+            stats = self.bank.stats()
+            metrics.update({f"Bank/{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float))})
+        return metrics
 
     def tick_images(self, step: int) -> dict[str, torch.Tensor]:
         return fixed_sample_grids(self.cfg, self.ctx, self.sample, "Samples/init")
