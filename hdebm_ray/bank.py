@@ -63,7 +63,7 @@ class Bank:
         self.table.clear()
 
 
-WRITE_POLICIES = ("in_place", "fifo", "random")
+WRITE_POLICIES = ("in_place", "fifo", "reservoir", "random")
 
 
 class ReplayBuffer:
@@ -77,7 +77,9 @@ class ReplayBuffer:
 
     - ``in_place`` (M-EBM / JEM code): into the slots they were drawn from, so the buffer holds N persistent
       chains; chains drawn from an unfilled buffer are appended instead;
-    - ``fifo`` (Improved CD code): at the ring position, overwriting the oldest entry;
+    - ``reservoir`` (Improved CD code's default ReservoirBuffer): appended until full, then each new chain end
+      replaces a random slot with probability size / (ends pushed so far): a uniform sample of every end;
+    - ``fifo`` (Improved CD code's ReplayBuffer, ``--reservoir=False``): at the ring position, over the oldest;
     - ``random``: ring order until full, then uniformly random slots (chains collapse onto few lineages).
 
     Each slot carries a lineage id: a re-initialised chain gets a new one, a continued chain keeps its source's.
@@ -125,7 +127,9 @@ class ReplayBuffer:
         filled = self.filled()
         reinit = self.rng.random(n) < self.reinit_prob
         idx = np.full(n, -1, dtype=np.int64)  # -1: a fresh chain, appended when pushed
-        if filled >= n:  # until the buffer holds a batch every chain starts fresh (Improved CD's code)
+        # Until the buffer holds a batch every chain starts fresh (Improved CD's code); an in-place buffer waits
+        # until it is full (not pre-filled: fresh chains fill it), or its chains would never grow past a batch.
+        if filled >= (self.size if self.write_policy == "in_place" else n):
             free = self.table.free(np.arange(filled))
             # Other ranks' leases can leave fewer free chains than asked for while a ring fills: the rest start fresh.
             take = min(n, len(free))
@@ -148,23 +152,46 @@ class ReplayBuffer:
         if lease is None:
             return False
         src, reinit = lease.extra["src"], lease.extra["reinit"]
-        n = len(src)
+        n, count = len(src), self.count
         lineage = self.store.lineage[np.maximum(src, 0)].copy()
         fresh = reinit | (src < 0)
         lineage[fresh] = self._new_lineages(int(fresh.sum()))
-        count = self.count
-        ring = np.arange(count, count + n) % self.size
         if self.write_policy == "in_place":
-            dest = np.where(src >= 0, src, ring)
-            appended = int((src < 0).sum())
+            dest = src.copy()
+            dest[src < 0] = self._slots_for_new_chains(int((src < 0).sum()), exclude=src[src >= 0])
+            appended = int(((dest >= count) & (src < 0)).sum())  # new slots filled (unfilled ones come first)
         elif self.write_policy == "fifo":
-            dest, appended = ring, n
+            dest, appended = (count + np.arange(n)) % self.size, n
+        elif self.write_policy == "reservoir":
+            # Classic reservoir sampling over every chain end ever pushed: the i-th replaces a random slot with
+            # probability size / i (Improved CD's ReservoirBuffer), so the buffer is a uniform sample of them all.
+            seen = count + np.arange(n)
+            slot = np.where(seen < self.size, seen, self.rng.integers(0, seen + 1))
+            dest, appended = np.where(slot < self.size, slot, -1), n
         else:
             full = count + np.arange(n) >= self.size
-            dest, appended = np.where(full, self.rng.integers(0, self.size, size=n), ring), n
-        self.store.write(dest, step, lineage=lineage, **fields)
+            dest, appended = (
+                np.where(full, self.rng.integers(0, self.size, size=n), (count + np.arange(n)) % self.size),
+                n,
+            )
+        kept = dest >= 0
+        self.store.write(dest[kept], step, lineage=lineage[kept], **{k: v[kept] for k, v in fields.items()})
         self.store.counters["pushed"] = count + appended
         return True
+
+    def _slots_for_new_chains(self, k: int, exclude: np.ndarray) -> np.ndarray:
+        """In-place buffer: where k chains that came from no slot go — the unfilled slots first, then free
+        (unleased) slots other than ``exclude``; -1 (dropped) if every slot is out."""
+        dest = np.full(k, -1, dtype=np.int64)
+        unfilled = np.arange(self.count, self.size)[:k]
+        dest[: len(unfilled)] = unfilled
+        rest = k - len(unfilled)
+        if rest:
+            taken = np.concatenate([exclude, unfilled])
+            candidates = self.table.free(np.setdiff1d(np.arange(self.size), taken))
+            pick = self.rng.choice(candidates, size=min(rest, len(candidates)), replace=False)
+            dest[len(unfilled) : len(unfilled) + len(pick)] = pick
+        return dest
 
     def _new_lineages(self, n: int) -> np.ndarray:
         first = self.store.counters["next_lineage"]

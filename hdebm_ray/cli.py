@@ -184,7 +184,8 @@ def cmd_eval(args) -> int:
     spaces = FeatureSpaces(default_device(args.device))
     for ckpt in todo:
         run_location = str(Path(ckpt).resolve().parent.parent)
-        if not args.force and str(ckpt) in evaluated(run_location):
+        weights = None if args.ema is None else ("ema" if args.ema else "raw")
+        if not args.force and str(ckpt) in evaluated(run_location, args.protocol, weights):
             print(f"[eval] {ckpt}: already evaluated (see {run_location}/eval.jsonl; --force to redo)")
             continue
         base = load_config_of(ckpt)

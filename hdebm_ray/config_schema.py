@@ -214,9 +214,9 @@ class ReplayEBMSection:
     chain_init: str = knob("p0", choices=("p0", "uniform"), doc="p0 = N(mu, Sigma) of the data, or U[-1, 1]")
     buffer_write: str = knob(
         "in_place",
-        choices=("in_place", "fifo", "random"),
-        doc="where chain ends go back: the slots they came from (M-EBM/JEM code: N persistent chains), the oldest "
-        "entry (Improved CD code's ring), or random slots",
+        choices=("in_place", "reservoir", "fifo", "random"),
+        doc="where chain ends go: back into the slots they came from (M-EBM/JEM code: N persistent chains), a "
+        "reservoir sample of all ends (Improved CD code), a ring over the oldest, or random slots",
     )
     buffer_prefill: bool = knob(True, doc="fill the buffer with buffer_size draws from chain_init before training")
     eval_protocol: str = knob(
@@ -286,7 +286,7 @@ class ICDSection(ReplayEBMSection):
 
     sgld: SGLDSection = SGLDSection(steps=40, step_size=400.0, noise_std=0.002, clamp=True)
     chain_init: str = knob("uniform", choices=("p0", "uniform"))
-    buffer_write: str = knob("fifo", choices=("in_place", "fifo", "random"))
+    buffer_write: str = knob("reservoir", choices=("in_place", "reservoir", "fifo", "random"))
     buffer_prefill: bool = knob(False)
     eval_protocol: str = knob("fresh", choices=("buffer", "fresh"))
     multiscale: bool = knob(True, doc="energy = sum at full, half and quarter resolution (images)")

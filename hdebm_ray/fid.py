@@ -157,6 +157,8 @@ def evaluate_checkpoint(
         "num_samples": len(feats),
         "weights": sampler.weights,
         "protocol": sampler.protocol,
+        # False when weights / protocol were chosen by hand: logged under their own TensorBoard tags
+        "default_sampler": all(sampler_options.get(k) is None for k in ("use_ema", "protocol")),
         "fid": frechet_distance(feats, ref),
         "kid": kernel_distance(feats, ref, space.cfg.eval.kid_subsets),
     }
@@ -198,9 +200,10 @@ def record(run_location: str, result: dict) -> None:
     # events go to a local directory (uploaded afterwards when the run lives under a URI)
     with staged_output(f"{run_location}/tb/{result['stage']}") as local:
         with SummaryWriter(log_dir=str(local), filename_suffix=".eval") as writer:
+            suffix = "" if result.get("default_sampler", True) else f"_{result['protocol']}_{result['weights']}"
             for key in ("fid", "kid", "fid_generator", "kid_generator", "fid_init", "kid_init"):
                 if key in result:
-                    writer.add_scalar(f"Eval/{key}", result[key], result["nimg"])
+                    writer.add_scalar(f"Eval/{key}{suffix}", result[key], result["nimg"])
 
 
 def read_results(run_location: str) -> list[dict]:
@@ -213,9 +216,14 @@ def read_results(run_location: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
-def evaluated(run_location: str) -> set[str]:
-    """Checkpoint paths that already have a result in ``<run>/eval.jsonl``."""
-    return {r["checkpoint"] for r in read_results(run_location)}
+def evaluated(run_location: str, protocol: str | None = None, weights: str | None = None) -> set[str]:
+    """Checkpoint paths that already have a result in ``<run>/eval.jsonl`` (with that protocol / those weights,
+    when given)."""
+    return {
+        r["checkpoint"]
+        for r in read_results(run_location)
+        if protocol in (None, r.get("protocol")) and weights in (None, r.get("weights"))
+    }
 
 
 def run_checkpoints(run_location: str, stages=None) -> list[str]:

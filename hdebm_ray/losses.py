@@ -25,12 +25,17 @@ def ebm_loss(
 ):
     """mean U(x⁺) − mean U(x⁻) with U = H / T, optionally MAD-filtering the data against the statistics of
     ``batch_e_pos`` (every rank's data energies; default: this rank's); returns (loss, n_dropped)."""
-    if mad_k:
-        keep = mad_keep_mask(e_pos.detach(), mad_k, batch_e_pos)
+    if not mad_k:
+        return (e_pos.mean() - e_neg.mean()) / temperature, 0
+    keep = mad_keep_mask(e_pos.detach(), mad_k, batch_e_pos)
+    if batch_e_pos is None:
+        data_term = e_pos[keep].mean()
     else:
-        keep = torch.ones_like(e_pos, dtype=torch.bool)
-    loss = (e_pos[keep].mean() - e_neg.mean()) / temperature
-    return loss, int((~keep).sum())
+        # The mean over the global batch's kept data: DDP averages the ranks' gradients, so each rank weights its
+        # kept energies by world size / global kept count (a rank whose whole share is filtered adds 0, not NaN).
+        kept = mad_keep_mask(batch_e_pos, mad_k, batch_e_pos).sum().clamp_min(1)
+        data_term = e_pos[keep].sum() * (len(batch_e_pos) / len(e_pos)) / kept
+    return (data_term - e_neg.mean()) / temperature, int((~keep).sum())
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

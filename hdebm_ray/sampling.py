@@ -88,8 +88,9 @@ class Sampler:
             self.protocol = protocol or section.eval_protocol
             if self.protocol not in PROTOCOLS:
                 raise ValueError(f"unknown sampling protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-            if self.protocol == "buffer":
+            if self.protocol == "buffer":  # the samples are the chains themselves: no weights are involved
                 self._load_buffer(buffer_snapshot_location(origin or ckpt_dir, int(meta["step"])))
+                self.weights = "none"
             return
         d = self.cfg.diffusion
         self.schedule = CosineSchedule(d.T, d.cosine_s)

@@ -124,6 +124,26 @@ def test_random_overwrite_collapses_lineages_and_fifo_overwrites_the_oldest():
     assert (x[[0, 1]] == 2).all() and (x[2:6] == 1).all() and (x[6:] == 2).all() and fifo.count == 12
 
 
+def test_reservoir_keeps_a_uniform_sample_of_every_chain_end_pushed():
+    # Improved CD's ReservoirBuffer: after 10x its size in pushes, the 100 slots hold a uniform sample of all 1000
+    # ends, so about half come from the first 500 (a ring would hold the last 100 only).
+    buf = ReplayBuffer(100, SHAPES, reinit_prob=0.0, seed=5, write_policy="reservoir")
+    for step in range(100):
+        lease = buf.sample(10)
+        assert buf.push(lease["lease"], step, **_fields(10, float(step)))
+    from_first_half = int((buf.store.arrays["x"][:, 0, 0, 0] < 50).sum())
+    assert buf.count == 1000 and 30 <= from_first_half <= 70, from_first_half
+
+
+def test_in_place_buffer_without_prefill_fills_with_fresh_chains_before_continuing_any():
+    buf = ReplayBuffer(64, SHAPES, reinit_prob=0.0, seed=6, write_policy="in_place")
+    for step in range(4):  # 4 x 16 fresh chains fill the 64 slots, each once
+        lease = buf.sample(16)
+        assert lease["reinit"].all() and buf.push(lease["lease"], step, **_fields(16, float(step)))
+    assert buf.filled() == 64 and (buf.store.writes == 1).all()
+    assert not buf.sample(16)["reinit"].any()  # full: from now on the chains persist
+
+
 def test_concurrent_replay_leases_hold_distinct_chains_and_stale_pushes_are_refused():
     buf = ReplayBuffer(64, SHAPES, reinit_prob=0.0, seed=2)
     buf.fill(0, 0, **_fields(64, 0.0))

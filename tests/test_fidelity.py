@@ -104,7 +104,7 @@ def test_mebm_defaults_follow_the_official_code_and_the_clamps_bound_each_step()
         s = getattr(cfg, name)
         assert (s.sgld.grad_clamp, s.sgld.clamp, s.p0_cov_jitter, s.p0_clamp) == (1.0, True, 1e-4, True)
         assert (s.buffer_write, s.buffer_prefill, s.eval_protocol) == ("in_place", True, "buffer")
-    assert (cfg.icd.buffer_write, cfg.icd.buffer_prefill, cfg.icd.eval_protocol) == ("fifo", False, "fresh")
+    assert (cfg.icd.buffer_write, cfg.icd.buffer_prefill, cfg.icd.eval_protocol) == ("reservoir", False, "fresh")
     # E(x) = 1000 * sum(x): every gradient element is 1000, clamped to 1, so alpha = 0.3 moves each pixel by 0.3
     x0 = torch.full((5, 1, 4, 4), 0.5)
     out = sample_langevin(lambda x: 1000 * x.flatten(1).sum(1), x0, 1, 0.3, 0.0, grad_clamp=1.0)
@@ -144,7 +144,7 @@ def test_baseline_fid_protocols_buffer_and_fresh(mebm_run, tmp_path):
     location = buffer_snapshot_location(ckpt, cfg.mebm.steps)
     snapshot = SlotStore.load(location)[0].arrays["x"]
     buffer = Sampler(ckpt)  # the default for M-EBM: the paper's buffer FID
-    assert buffer.protocol == "buffer" and buffer.weights == "raw" and buffer.max_samples == cfg.mebm.buffer_size
+    assert buffer.protocol == "buffer" and buffer.weights == "none" and buffer.max_samples == cfg.mebm.buffer_size
     x, starts = buffer.sample_with_start(cfg.mebm.buffer_size)
     flat = {tuple(np.round(r, 5)) for r in snapshot.reshape(len(snapshot), -1)}
     assert {tuple(np.round(r, 5)) for r in x.flatten(1).numpy()} == flat  # exactly the buffer's chains, each once
@@ -152,8 +152,10 @@ def test_baseline_fid_protocols_buffer_and_fresh(mebm_run, tmp_path):
     assert fresh.protocol == "fresh" and not torch.allclose(fresh.sample(8), x[:8])
     space = FeatureSpace(cfg)
     result = evaluate_checkpoint(ckpt, space, 1000)
-    assert (result["protocol"], result["weights"], result["num_samples"]) == ("buffer", "raw", cfg.mebm.buffer_size)
-    assert evaluate_checkpoint(ckpt, space, 16, protocol="fresh")["protocol"] == "fresh"
+    assert (result["protocol"], result["weights"], result["num_samples"]) == ("buffer", "none", cfg.mebm.buffer_size)
+    assert result["default_sampler"]
+    fresh_result = evaluate_checkpoint(ckpt, space, 16, protocol="fresh")
+    assert (fresh_result["protocol"], fresh_result["weights"], fresh_result["default_sampler"]) == ("fresh", "raw", False)
     moved = tmp_path / "elsewhere" / "checkpoint_x"  # a checkpoint away from its run has no snapshot beside it
     moved.parent.mkdir()
     import shutil
@@ -234,6 +236,19 @@ def _spawn(target, tmp_path, *args):
 
 def test_mad_filter_uses_the_median_and_mad_of_the_global_batch(tmp_path):
     assert _spawn(_mad_rank, tmp_path) == {0: 0, 1: 8}
+
+
+def test_global_mad_filter_averages_over_the_kept_global_batch_even_when_a_share_is_all_dropped():
+    from hdebm_ray.losses import ebm_loss
+
+    near_zero = 0.01 * torch.arange(12.0)
+    outliers = torch.full((4,), -10.0)
+    batch = torch.cat([outliers, near_zero])  # 4 ranks of 4: this rank holds the 4 outliers
+    loss, dropped = ebm_loss(outliers.clone().requires_grad_(True), torch.zeros(4), 1.0, 6.0, batch)
+    assert dropped == 4 and torch.isfinite(loss) and float(loss) == 0.0  # nothing kept here: adds 0, not NaN
+    # a rank's share weighted by world size / global kept count: the ranks' mean is the kept global mean
+    shares = [ebm_loss(near_zero[i : i + 4], torch.zeros(4), 1.0, 6.0, batch)[0] for i in (0, 4, 8)]
+    assert math.isclose(float(sum(shares) / 4), float(near_zero.mean()), rel_tol=1e-6)
 
 
 # -- 9. Improved CD's augmentation strengths are the code's and config keys ------------------------------------

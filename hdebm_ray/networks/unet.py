@@ -43,8 +43,7 @@ class ResBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, resample: str | None = None):
         super().__init__()
-        self.in_norm = nn.Sequential(group_norm(c_in), nn.SiLU())
-        self.in_conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.in_layers = nn.Sequential(group_norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1))
         self.resample = resample
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * c_out))
         self.out_norm = group_norm(c_out)
@@ -61,7 +60,8 @@ class ResBlock(nn.Module):
         return x
 
     def forward(self, x, emb):
-        h = self.in_conv(self._resample(self.in_norm(x)))
+        # ADM resamples between the activation and the conv (Improved DDPM's blocks never resample).
+        h = self.in_layers[2](self._resample(self.in_layers[1](self.in_layers[0](x))))
         x = self._resample(x)
         scale, shift = self.emb_layers(emb)[:, :, None, None].chunk(2, dim=1)
         h = self.out_norm(h) * (1 + scale) + shift

@@ -36,8 +36,13 @@ class ICDStage(ReplayEBMStage):
     def entropy_reference_size(self) -> int:
         return self.s.entropy_reference if self.s.kl_weight else 0
 
-    def start_transition(self, x0: torch.Tensor) -> torch.Tensor:
-        return augment(x0, self.s.augment, AugmentOptions.of(self.s)) if self.s.augment else x0
+    def start_transition(self, x0: torch.Tensor, reinit: torch.Tensor) -> torch.Tensor:
+        """The augmentation transition on the chains drawn from the buffer; fresh noise stays as drawn (its code
+        augments in the buffer's sampler only)."""
+        if not self.s.augment:
+            return x0
+        augmented = augment(x0, self.s.augment, AugmentOptions.of(self.s))
+        return torch.where(reinit.reshape(-1, *([1] * (x0.dim() - 1))), x0, augmented)
 
     def negatives(self, x0, reference, filled: int, stats: StepStats):
         s, net = self.s, self.energy.net

@@ -180,7 +180,8 @@ class ReplayEBMStage(StageBase):
             x0[reinit] = self.init.sample(int(reinit.sum()), device=dev)
         return drawn["lease"], x0, reinit, reference, drawn["filled"]
 
-    def start_transition(self, x0: torch.Tensor) -> torch.Tensor:
+    def start_transition(self, x0: torch.Tensor, reinit: torch.Tensor) -> torch.Tensor:
+        """The chain starts before SGLD (``reinit``: the ones drawn fresh from chain_init)."""
         return x0
 
     def negatives(self, x0: torch.Tensor, reference: torch.Tensor, filled: int, stats: StepStats):
@@ -197,7 +198,7 @@ class ReplayEBMStage(StageBase):
     def train_step(self, step: int) -> dict[str, float]:
         x_pos, y_pos = next(self.batches)
         lease, x0, reinit, reference, filled = self.chain_starts(len(x_pos), self.entropy_reference_size())
-        x0 = self.start_transition(x0)
+        x0 = self.start_transition(x0, reinit)
         stats = StepStats()
         x_neg, extra = self.negatives(x0, reference, filled, stats)
         metrics = self.update(x_pos, y_pos, x_neg, extra)
