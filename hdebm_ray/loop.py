@@ -47,8 +47,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def distributed() -> bool:
+    """Whether this process is one of several ranks of an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def mean_over_ranks(value: float) -> float:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if distributed():
         t = torch.tensor([value], dtype=torch.float64)
         if dist.get_backend() == "nccl":
             t = t.cuda()
@@ -107,7 +112,7 @@ def status(line: str) -> None:
 
 def gather_across_ranks(t: torch.Tensor) -> torch.Tensor:
     """Every rank's ``t`` (same shape on each, detached), concatenated in rank order; ``t`` itself in one process."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not distributed():
         return t.detach()
     t = t.detach().contiguous()
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
@@ -116,14 +121,14 @@ def gather_across_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if distributed():
         dist.barrier()
 
 
 def check_replicas_agree(module: nn.Module, what: str) -> None:
     """Raise if the DDP ranks' copies of ``module`` differ: a gradient that bypassed DDP's all-reduce (e.g. one
     reaching θ through a sampler rather than DDP's forward) would let them drift apart silently."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not distributed():
         return
     with torch.no_grad():
         local = torch.stack([p.double().sum() for p in module.parameters()]).sum().reshape(1)

@@ -155,7 +155,11 @@ def test_baseline_fid_protocols_buffer_and_fresh(mebm_run, tmp_path):
     assert (result["protocol"], result["weights"], result["num_samples"]) == ("buffer", "none", cfg.mebm.buffer_size)
     assert result["default_sampler"]
     fresh_result = evaluate_checkpoint(ckpt, space, 16, protocol="fresh")
-    assert (fresh_result["protocol"], fresh_result["weights"], fresh_result["default_sampler"]) == ("fresh", "raw", False)
+    assert (fresh_result["protocol"], fresh_result["weights"], fresh_result["default_sampler"]) == (
+        "fresh",
+        "raw",
+        False,
+    )
     moved = tmp_path / "elsewhere" / "checkpoint_x"  # a checkpoint away from its run has no snapshot beside it
     moved.parent.mkdir()
     import shutil
