@@ -22,7 +22,7 @@ import torch
 from common import machine, untrained_distilled, write_results
 
 from hdebm_ray.config import load_config
-from hdebm_ray.loop import WorkerContext
+from hdebm_ray.contracts import WorkerContext
 from hdebm_ray.runner import local_bank
 from hdebm_ray.stages import BANK_SPECS, build_stage
 
@@ -47,7 +47,7 @@ def ray_step_seconds(cfg, init_dir) -> tuple[float, float]:
     """Median seconds per step of the same stage in a 1-worker TorchTrainer, and its exposed bank time."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from hdebm_ray.launch import fit_stage
+    from hdebm_ray.distributed.driver import fit_stage
     from hdebm_ray.storage import run_dir
 
     fit_stage(cfg, "stage1", str(init_dir))
@@ -65,7 +65,7 @@ def actor_round_trip_seconds(cfg, n: int, rounds: int = 50) -> float:
     """Median driver-side round trip of checkout(n) + commit(n entries) against a real bank actor."""
     import ray
 
-    from hdebm_ray.bank_actor import create_bank_actor
+    from hdebm_ray.distributed.bank_actor import create_bank_actor
 
     spec = BANK_SPECS["stage1"](cfg)
     actor = create_bank_actor("bank-benchmark", **spec, snapshot_dir=None)
@@ -110,7 +110,7 @@ def main() -> None:
 
     import ray
 
-    from hdebm_ray.launch import init_ray
+    from hdebm_ray.distributed.driver import init_ray
 
     init_ray(cfg)
     ray_s, ray_bank_s = ray_step_seconds(cfg, ck)

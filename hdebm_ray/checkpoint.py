@@ -7,6 +7,7 @@ one cannot run code, and it stays readable without this package's classes.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +51,31 @@ def load_states(directory: str | Path, names: list[str] | None = None, map_locat
             f"checkpoint '{d}' has no {missing[0]}.pt (has {sorted(p.name for p in d.glob('*.pt'))})"
         )
     return {n: torch.load(d / f"{n}.pt", map_location=map_location, weights_only=True) for n in names}
+
+
+def checkpoint_meta(stage, step: int, resumed_from_step: int = 0, metrics: dict | None = None) -> dict:
+    return {
+        "metrics": {k: float(v) for k, v in (metrics or {}).items()},  # the report this checkpoint rode on
+        "stage": stage.name,
+        "step": step,
+        "nimg": step * stage.images_per_step,
+        "resumed_from_step": resumed_from_step,
+        "total_steps": stage.total_steps,
+        "done": step >= stage.total_steps,
+        "summary": stage.summary(),
+        "saved_at": time.time(),
+    }
+
+
+def restore(stage, ckpt_dir, device) -> dict:
+    """Load a checkpoint into a stage; returns its metadata (``meta["step"]`` is where to continue)."""
+    stage.load_state_dict(load_states(ckpt_dir, map_location=device))
+    meta = load_meta(ckpt_dir)
+    stage.load_summary(meta.get("summary", {}))
+    return meta
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The checkpoint of ``out_dir`` with the highest step, None if it has none."""
+    ckpts = sorted(out_dir.glob("checkpoint_*"), key=lambda p: load_meta(p)["step"])
+    return ckpts[-1] if ckpts else None

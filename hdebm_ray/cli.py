@@ -10,7 +10,9 @@ import argparse
 import dataclasses
 import sys
 
-from .config import ConfigError, check_stage, load_config, parse_override, preset_names
+from .cli_inference import add_inference_commands
+from .config import ConfigError, check_stage, load_config, preset_names
+from .config_show import add_config_parser
 from .data import DatasetError
 from .eval_features import EvalError
 
@@ -47,7 +49,7 @@ def prepare_run(cfg) -> None:
 
 
 def cmd_pipeline(args) -> int:
-    from .launch import init_ray, run_pipeline
+    from .distributed.driver import init_ray, run_pipeline
     from .stages import PIPELINE
     from .storage import run_dir
 
@@ -75,7 +77,7 @@ def cmd_pipeline(args) -> int:
 
 def resolve_init_from(cfg, stage: str, given: str | None) -> str | None:
     """The checkpoint a stage starts from: --init-from, else the previous stage of the same run."""
-    from .launch import read_pipeline_state
+    from .distributed.driver import read_pipeline_state
     from .stages import INIT_FROM
 
     parent = INIT_FROM.get(stage)
@@ -91,7 +93,7 @@ def resolve_init_from(cfg, stage: str, given: str | None) -> str | None:
 
 
 def cmd_train(args) -> int:
-    from .launch import fit_stage, init_ray, print_eval_table, running_eval_pool
+    from .distributed.driver import fit_stage, init_ray, print_eval_table, running_eval_pool
     from .storage import run_dir
 
     cfg = resolve(args)
@@ -111,8 +113,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .tune_run import SweepOptions
-    from .tune_space import load_space
+    from .distributed.search_space import load_space
+    from .distributed.sweep import SweepOptions
 
     overrides = list(args.set)
     for flag, key in (("workers_per_trial", "ray.num_workers"), ("cpus_per_worker", "ray.cpus_per_worker")):
@@ -141,8 +143,8 @@ def cmd_tune(args) -> int:
         return 0
     check_stage(cfg, space.stage)
     init_from = resolve_init_from(cfg, space.stage, args.init_from)
-    from .launch import init_ray
-    from .tune_run import run_sweep
+    from .distributed.driver import init_ray
+    from .distributed.sweep import run_sweep
 
     prepare_run(cfg)
     init_ray(cfg)
@@ -158,139 +160,15 @@ def cmd_tune(args) -> int:
     return 0
 
 
-def checkpoints_to_evaluate(args) -> list[str]:
-    """Absolute checkpoint paths: the keys the eval pool writes to eval.jsonl, so neither scores one twice."""
-    from pathlib import Path
-
-    from .fid import run_checkpoints
-
-    if args.checkpoint:
-        return [str(Path(args.checkpoint).resolve())]
-    found = run_checkpoints(str(Path(args.run).resolve()))
-    if not found:
-        raise ConfigError(f"--run {args.run}: no checkpoints (expected <run>/<stage>/checkpoint_*/meta.json)")
-    return found
-
-
-def cmd_eval(args) -> int:
-    """FID / KID of one checkpoint, or of every checkpoint of a run not evaluated yet (results kept per run)."""
-    from pathlib import Path
-
-    from .checkpoint import load_config_of
-    from .fid import FeatureSpaces, evaluate_checkpoint, evaluated, record
-    from .sampling import default_device
-
-    todo = checkpoints_to_evaluate(args)
-    spaces = FeatureSpaces(default_device(args.device))
-    for ckpt in todo:
-        run_location = str(Path(ckpt).resolve().parent.parent)
-        weights = None if args.ema is None else ("ema" if args.ema else "raw")
-        if not args.force and str(ckpt) in evaluated(run_location, args.protocol, weights):
-            print(f"[eval] {ckpt}: already evaluated (see {run_location}/eval.jsonl; --force to redo)")
-            continue
-        base = load_config_of(ckpt)
-        cfg = base.replace(**dict(parse_override(o) for o in args.set)) if args.set else base
-        result = evaluate_checkpoint(
-            ckpt, spaces(cfg), args.n or cfg.eval.num_samples, seed=args.seed, use_ema=args.ema, protocol=args.protocol
-        )
-        record(run_location, result)
-        print(
-            f"[eval] {result['stage']} step {result['step']}: FID {result['fid']:.4g}  KID {result['kid']:.4g}  "
-            f"({result['num_samples']} samples, {result['features']} features, {result['weights']} weights, "
-            f"{result['protocol']} samples)",
-            flush=True,
-        )
-    return 0
-
-
-def cmd_dataset_convert(args) -> int:
-    from .data import write_parquet_shards
-
-    overrides = [f"data.dataset={args.source}", f"data.path={args.input or ''}"]
-    if args.resolution:
-        overrides.append(f"data.resolution={args.resolution}")
-    if args.channels:
-        overrides.append(f"data.channels={args.channels}")
-    cfg = load_config(None, None, overrides)
-    from .data import build_dataset
-
-    paths = write_parquet_shards(build_dataset(cfg), args.out, args.shard_size)
-    print(f"wrote {len(paths)} shard(s) to {args.out}")
-    return 0
-
-
-def cmd_sample(args) -> int:
-    from .sampling import Sampler, default_device, save_grid
-
-    device = default_device(args.device)
-    sampler = Sampler(args.checkpoint, device=device, use_ema=args.ema, protocol=args.protocol)
-    out = save_grid(sampler.sample(args.n, seed=args.seed), args.out, sampler.cfg)
-    print(f"wrote {args.n} {sampler.stage} samples ({sampler.weights} weights, {sampler.protocol}) to {out}")
-    return 0
-
-
-def cmd_enfe(args) -> int:
-    """Equivalent NFE of a checkpoint's sampler (docs/algorithms.md §7); prints one JSON line."""
-    import json
-
-    from .enfe import measure_enfe
-    from .sampling import default_device
-
-    device = default_device(args.device)
-    result = measure_enfe(
-        args.checkpoint,
-        args.batches,
-        args.batch_size,
-        args.diffusion_batches,
-        device,
-        diffusion_steps_timed=args.diffusion_steps_timed,
-        reference=args.reference,
-    )
-    print(
-        f"[enfe] {result['stage']}: {result['sample_batch_s'] * 1e3:.1f} ms per batch of {args.batch_size} vs "
-        f"{result['diffusion_batch_s'] * 1e3:.1f} ms per {result['diffusion_steps']}-step diffusion batch "
-        f"-> ENFE {result['enfe']:.1f}",
-        flush=True,
-    )
-    print(json.dumps(result))
-    return 0
-
-
-def cmd_ood(args) -> int:
-    """AUROC of a checkpoint's energy as an out-of-distribution score; prints one JSON line."""
-    import json
-
-    from .ood import ood_auroc
-    from .sampling import default_device
-
-    device = default_device(args.device)
-    result = ood_auroc(args.checkpoint, args.in_source, args.out_source, args.n, device=device)
-    print(f"[ood] {result['stage']}: {result['in']} vs {result['out']}: AUROC {result['auroc']:.4f}", flush=True)
-    print(json.dumps(result))
-    return 0
-
-
 def cmd_presets(args) -> int:
     for name in preset_names():
         print(name)
     return 0
 
 
-def add_sampler_args(p: argparse.ArgumentParser) -> None:
-    """Which weights and (baselines) which samples: defaults from eval.use_ema and <stage>.eval_protocol."""
-    weights = p.add_mutually_exclusive_group()
-    weights.add_argument("--ema", dest="ema", action="store_true", default=None, help="sample with the EMA weights")
-    weights.add_argument("--raw", dest="ema", action="store_false", help="sample with the raw weights")
-    p.add_argument(
-        "--protocol",
-        choices=["buffer", "fresh"],
-        help="baselines: the replay buffer's chains at the checkpoint, or fresh chains from chain_init",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from .distributed.sweep import SCHEDULERS, SEARCHERS
     from .stages import STAGES
-    from .tune_run import SCHEDULERS, SEARCHERS
 
     parser = argparse.ArgumentParser(prog="hdebm-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -324,64 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same --name")
     p.set_defaults(fn=cmd_tune)
 
-    p = sub.add_parser("eval", help="FID / KID of a checkpoint (or of every checkpoint of a run)")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint", help="one checkpoint directory")
-    which.add_argument("--run", help="a run directory: every checkpoint not evaluated yet")
-    p.add_argument("--n", type=int, help="samples per checkpoint (default eval.num_samples)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. eval.features=classifier")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="re-evaluate checkpoints that have a result")
-    add_sampler_args(p)
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    p.set_defaults(fn=cmd_eval)
-
-    p = sub.add_parser("dataset", help="dataset tools")
-    dsub = p.add_subparsers(dest="dataset_command", required=True)
-    c = dsub.add_parser("convert", help="write parquet shards of encoded images")
-    c.add_argument("--source", required=True, choices=["digits", "cifar10", "image_folder", "parquet"])
-    c.add_argument("--in", dest="input", help="source folder (cifar10 root, image folder)")
-    c.add_argument("--out", required=True, help="output folder for shard-*.parquet")
-    c.add_argument("--resolution", type=int)
-    c.add_argument("--channels", type=int)
-    c.add_argument("--shard-size", type=int, default=10000)
-    c.set_defaults(fn=cmd_dataset_convert)
-
-    p = sub.add_parser("sample", help="draw samples from a checkpoint with its stage's sampler")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (checkpoint_*)")
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--seed", type=int, default=0)
-    add_sampler_args(p)
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    p.set_defaults(fn=cmd_sample)
-
-    p = sub.add_parser("enfe", help="equivalent NFE of a checkpoint's sampler against 1000-step diffusion")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--batches", type=int, default=100, help="sampler batches timed (the paper: 100)")
-    p.add_argument("--batch-size", type=int, default=32, help="the paper: 32")
-    p.add_argument("--diffusion-batches", type=int, help="1000-step diffusion batches timed (default: --batches)")
-    p.add_argument(
-        "--diffusion-steps-timed",
-        type=int,
-        help="time this many (a divisor of 1000) of each diffusion batch's steps and scale to 1000 (default: all)",
-    )
-    p.add_argument("--reference", help="checkpoint whose denoiser is timed (baselines have none of their own)")
-    p.add_argument("--device", help="default: cuda if available")
-    p.set_defaults(fn=cmd_enfe)
-
-    p = sub.add_parser("ood", help="AUROC of a checkpoint's energy as an out-of-distribution score")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--in", dest="in_source", help="in-distribution images (default: the checkpoint's dataset)")
-    p.add_argument(
-        "--out", dest="out_source", required=True, help="uniform, gaussian, constant, or a dataset (image_folder:PATH)"
-    )
-    p.add_argument("--n", type=int, default=2000, help="images per side")
-    p.add_argument("--device", help="default: cuda if available")
-    p.set_defaults(fn=cmd_ood)
+    add_inference_commands(sub)
 
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(fn=cmd_presets)
+    add_config_parser(sub)
     return parser
 
 

@@ -1,7 +1,9 @@
-"""The config schema: one frozen dataclass per section, each field with its allowed range.
+"""The config schema: one frozen dataclass per section, each field with its allowed range and a one-line doc.
 
-``knob`` attaches the range (``lo``/``hi``, ``lo_open``) or the ``choices`` and a one-line doc to a field;
-``config.py`` builds, checks and resolves configs against these declarations.
+``knob`` attaches the range (``lo``/``hi``, ``lo_open``) or the ``choices`` and the doc to a field; ``config.py``
+builds, checks and resolves configs against these declarations, and ``config_show.py`` lists them
+(``hdebm-ray config show``, docs/config.md). The EBM stages' shared optimiser and trainer keys are declared once,
+in ``EnergyOptimSection``; a section whose default differs redeclares the field with ``like`` (same range and doc).
 """
 
 from __future__ import annotations
@@ -15,38 +17,58 @@ def knob(default, *, lo=None, hi=None, lo_open=False, choices=None, doc=""):
     return field(default=default, metadata=meta)
 
 
+def like(base, name: str, default, doc: str | None = None):
+    """``base``'s field ``name`` with another default (and, if given, doc): the range is declared once."""
+    meta = dict(base.__dataclass_fields__[name].metadata)
+    if doc is not None:
+        meta["doc"] = doc
+    return field(default=default, metadata=meta)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sections
 
 
 @dataclass(frozen=True)
 class RunSection:
+    """The run: its name, where it is stored and its seed."""
+
     name: str = knob("hdebm", doc="run name; re-running with the same name resumes")
     storage_path: str = knob("runs", doc="local dir, NFS mount or s3:// / gs:// URI for checkpoints and logs")
     shared_storage: bool = knob(False, doc="assert that a local storage_path is mounted on every node")
-    seed: int = knob(0, lo=0)
+    seed: int = knob(0, lo=0, doc="base seed of the weights, data order, toy2d points and chain starts")
 
 
 @dataclass(frozen=True)
 class RaySection:
+    """The Ray cluster and the Ray Train worker group every stage runs on."""
+
     address: str = knob("", doc="'' = $RAY_ADDRESS if set, else an embedded local Ray; or 'auto' / ray://...")
     num_workers: int = knob(2, lo=1, doc="Ray Train workers (DDP ranks)")
-    use_gpu: bool = knob(False)
-    cpus_per_worker: float = knob(1.0, lo=0.0, lo_open=True)
+    use_gpu: bool = knob(False, doc="one GPU per Ray Train worker (nccl); false: CPU workers (gloo)")
+    cpus_per_worker: float = knob(1.0, lo=0.0, lo_open=True, doc="logical CPUs each Ray Train worker reserves")
     max_failures: int = knob(1, lo=-1, doc="worker-group restarts per stage; -1 = unlimited")
-    checkpoints_to_keep: int = knob(2, lo=1)
+    checkpoints_to_keep: int = knob(2, lo=1, doc="checkpoints Ray keeps per stage (bank snapshots: one more)")
 
 
 @dataclass(frozen=True)
 class DataSection:
-    dataset: str = knob("digits", choices=("digits", "toy2d", "cifar10", "image_folder", "parquet"))
+    """The training data: samples in [-1, 1], images of resolution x resolution pixels or toy2d points."""
+
+    dataset: str = knob(
+        "digits",
+        choices=("digits", "toy2d", "cifar10", "image_folder", "parquet"),
+        doc="scikit-learn's digits (offline), 2-D toy mixtures, CIFAR-10, or data.path's images / shards",
+    )
     path: str = knob("", doc="root folder (cifar10, image_folder) or folder of .parquet shards")
     resolution: int = knob(16, lo=8, hi=1024, doc="image side in pixels (power of two)")
-    channels: int = knob(1, choices=(1, 3))
+    channels: int = knob(1, choices=(1, 3), doc="1 = greyscale, 3 = RGB (images are converted)")
     download: bool = knob(True, doc="cifar10: let torchvision download into data.path")
-    toy2d_mixture: str = knob("grid", choices=("grid", "ring"))
+    toy2d_mixture: str = knob(
+        "grid", choices=("grid", "ring"), doc="toy2d modes: a 5x5 grid on [-0.8, 0.8]^2 or a ring of 8 at radius 0.8"
+    )
     toy2d_std: float = knob(0.04, lo=0.0, lo_open=True, doc="std of each toy2d mixture component")
-    toy2d_num_samples: int = knob(20000, lo=100)
+    toy2d_num_samples: int = knob(20000, lo=100, doc="points in the toy2d training set (drawn once from run.seed)")
     num_loader_workers: int = knob(0, lo=0, doc="DataLoader processes per Ray worker")
 
 
@@ -66,6 +88,8 @@ class UNetSection:
 
 @dataclass(frozen=True)
 class EnergySection:
+    """The energy network H (E of the baselines): SN-GAN ResNet on images, an MLP on toy2d."""
+
     width: int = knob(64, lo=4, doc="channels of the SN-GAN ResNet energy net (hidden units for MLPs)")
     multiscale: bool = knob(False, doc="sum of energies at full, half and quarter resolution")
     fourier_features: int = knob(0, lo=0, doc="toy2d MLPs: random Fourier input features (0 = raw coordinates)")
@@ -74,6 +98,8 @@ class EnergySection:
 
 @dataclass(frozen=True)
 class GeneratorSection:
+    """HDEBM's generator G1, mapping z1 to the image that the denoiser G2 then re-imagines."""
+
     kind: str = knob(
         "resnet",
         choices=("resnet", "unet"),
@@ -87,13 +113,17 @@ class GeneratorSection:
 
 @dataclass(frozen=True)
 class MLPSection:
+    """The toy2d networks (data.dataset = toy2d): MLPs in place of the image networks."""
+
     hidden: int = knob(128, lo=4, doc="hidden units of the toy2d MLP denoiser")
-    depth: int = knob(3, lo=1)
+    depth: int = knob(3, lo=1, doc="hidden layers of every toy2d MLP (denoiser, energy and generator)")
     precondition: bool = knob(True, doc="EDM-style skip/scale around the MLP denoiser (still predicts x0)")
 
 
 @dataclass(frozen=True)
 class NetworkSection:
+    """The networks' structure, shared by every stage that builds them."""
+
     unet: UNetSection = UNetSection()
     energy: EnergySection = EnergySection()
     generator: GeneratorSection = GeneratorSection()
@@ -102,17 +132,19 @@ class NetworkSection:
 
 @dataclass(frozen=True)
 class DiffusionSection:
-    T: int = knob(1000, lo=2, doc="diffusion length of the cosine schedule")
+    """Stage "diffusion": the truncated, x0-predicting diffusion model D on a cosine schedule."""
+
+    T: int = knob(1000, lo=2, doc="diffusion length of the cosine schedule (timesteps)")
     T_trunc: int = knob(256, lo=1, doc="truncation time T' (< T); training draws t from {1..T'}")
-    cosine_s: float = knob(0.008, lo=0.0)
-    steps: int = knob(2000, lo=1)
+    cosine_s: float = knob(0.008, lo=0.0, doc="offset s of the cosine schedule (Improved DDPM: 0.008)")
+    steps: int = knob(2000, lo=1, doc="training steps (optimiser updates) of D")
     batch_size: int = knob(64, lo=1, doc="global batch, split evenly over Ray workers")
-    lr: float = knob(2e-4, lo=0.0, lo_open=True)
+    lr: float = knob(2e-4, lo=0.0, lo_open=True, doc="Adam learning rate of D")
     lr_schedule: str = knob("constant", choices=("constant", "cosine"), doc="cosine decays the LR to 0 at `steps`")
     loss_weighting: str = knob(
         "sqrt_snr", choices=("sqrt_snr", "edm"), doc="sqrt_snr = exp(lambda/2) (paper); edm for preconditioned MLPs"
     )
-    warmup_steps: int = knob(0, lo=0)
+    warmup_steps: int = knob(0, lo=0, doc="steps of linear LR warm-up from 0")
     grad_clip: float = knob(0.0, lo=0.0, doc="layer-wise max grad norm; 0 = off")
     report_every: int = knob(100, lo=1, doc="steps between ray.train.report ticks")
     checkpoint_every: int = knob(500, lo=1, doc="steps between checkpoints (multiple of report_every)")
@@ -120,78 +152,89 @@ class DiffusionSection:
 
 @dataclass(frozen=True)
 class DistillSection:
+    """Stage "distill": progressive distillation of D's N0-step DDIM sampler down to one step (G2)."""
+
     n0_steps: int = knob(16, lo=1, doc="N0: DDIM steps of the first teacher (power of two dividing T')")
-    steps_per_stage: int = knob(300, lo=1)
-    batch_size: int = knob(64, lo=1)
-    lr: float = knob(5e-5, lo=0.0, lo_open=True)
-    grad_clip: float = knob(0.0, lo=0.0)
-    report_every: int = knob(100, lo=1)
-    checkpoint_every: int = knob(300, lo=1)
-    eval_batch: int = knob(256, lo=1, doc="images used to measure student-vs-teacher MSE after each stage")
+    steps_per_stage: int = knob(300, lo=1, doc="training steps per halving; the stage runs log2(N0) halvings")
+    batch_size: int = knob(64, lo=1, doc="global batch, split evenly over Ray workers")
+    lr: float = knob(5e-5, lo=0.0, lo_open=True, doc="Adam learning rate of each student (constant)")
+    grad_clip: float = knob(0.0, lo=0.0, doc="layer-wise max grad norm; 0 = off")
+    report_every: int = knob(100, lo=1, doc="steps between ray.train.report ticks")
+    checkpoint_every: int = knob(300, lo=1, doc="steps between checkpoints (multiple of report_every)")
+    eval_batch: int = knob(256, lo=1, doc="images per rank to measure student-vs-teacher MSE after each halving")
     student_dropout: float = knob(
         0.0, lo=0.0, hi=0.9, doc="dropout of the students (Salimans & Ho's code: 0; the teacher keeps unet.dropout)"
     )
 
 
 @dataclass(frozen=True)
+class EnergyOptimSection:
+    """What every EBM stage (stage1, stage2, mebm, mjem, icd) shares: its length, batch, report cadence and the
+    trainer of its energy net (LR schedule, clipping, data jitter, MAD filter, EMA). Stage 1 applies the schedule,
+    clipping and EMA to G1 as well."""
+
+    steps: int = knob(600, lo=1, doc="training steps (optimiser updates) of the stage")
+    batch_size: int = knob(64, lo=1, doc="global batch of data images, split evenly over Ray workers")
+    lr_schedule: str = knob(
+        "constant", choices=("constant", "cosine"), doc="cosine: decay to 0 at `steps` after warm-up"
+    )
+    warmup_steps: int = knob(0, lo=0, doc="steps of linear LR warm-up from 0")
+    grad_clip: float = knob(50.0, lo=0.0, doc="layer-wise max grad norm (each parameter tensor's L2 norm); 0 = off")
+    data_jitter: float = knob(1e-3, lo=0.0, doc="std of Gaussian noise added to the data x+ ([-1, 1] units); 0 = off")
+    mad_filter: bool = knob(False, doc="drop data with energy < median - mad_k * MAD of the global batch (ImageNet)")
+    mad_k: float = knob(6.0, lo=0.0, lo_open=True, doc="k of the MAD filter, in MADs below the median energy")
+    ema_halflife_kimg: float = knob(10.0, lo=0.0, doc="EMA half-life in kimg (thousands of images); 0 = no EMA")
+    report_every: int = knob(50, lo=1, doc="steps between ray.train.report ticks")
+    checkpoint_every: int = knob(200, lo=1, doc="steps between checkpoints (multiple of report_every)")
+
+
+@dataclass(frozen=True)
 class LangevinSection:
-    steps: int = knob(20, lo=1, doc="K")
+    """Stage 1's Langevin chain on the residual Y (Hill's convention: drift eps^2 / (2 T) * grad H, noise eps)."""
+
+    steps: int = knob(20, lo=1, doc="K: Langevin steps on Y per chain")
     step_size: float = knob(5e-4, lo=0.0, lo_open=True, doc="epsilon: drift eps^2/2 * grad U, noise eps")
     temperature: float = knob(1e-8, lo=0.0, lo_open=True, doc="T_mc: U = H / T_mc")
     drift_clip: float = knob(2.5, lo=0.0, doc="per-sample L2 bound on the drift; 0 = off")
 
 
 @dataclass(frozen=True)
-class Stage1Section:
-    steps: int = knob(600, lo=1)
-    batch_size: int = knob(64, lo=1)
+class Stage1Section(EnergyOptimSection):
+    """Stage "stage1" (HDEBM Algorithm 1): H and G1, Langevin on Y, G1 regressed onto the shared bank."""
+
     langevin: LangevinSection = LangevinSection()
     bank_size: int = knob(2048, lo=1, doc="N entries (z1, z2, X-) in the shared bank")
-    beta1: float = knob(1.0, lo=0.0)
-    beta2: float = knob(0.1, lo=0.0)
+    beta1: float = knob(1.0, lo=0.0, doc="G1's loss: weight of ||G2(G1(z1), z2) - X-||^2")
+    beta2: float = knob(0.1, lo=0.0, doc="G1's loss: weight of ||G1(z1) - X-||^2")
     gen_loss_scale: float = knob(1000.0, lo=0.0, lo_open=True, doc="Hat EBM multiplies the pixel MSE by 1000")
-    lr_energy: float = knob(1e-4, lo=0.0, lo_open=True)
-    lr_generator: float = knob(1e-4, lo=0.0, lo_open=True)
-    lr_schedule: str = knob("constant", choices=("constant", "cosine"))
-    warmup_steps: int = knob(0, lo=0)
-    grad_clip: float = knob(50.0, lo=0.0)
-    data_jitter: float = knob(1e-3, lo=0.0)
-    mad_filter: bool = knob(False, doc="drop data with energy < median - mad_k * MAD (ImageNet)")
-    mad_k: float = knob(6.0, lo=0.0, lo_open=True)
-    ema_halflife_kimg: float = knob(10.0, lo=0.0, doc="EMA half-life in thousands of images; 0 = off")
-    report_every: int = knob(50, lo=1)
-    checkpoint_every: int = knob(200, lo=1)
+    lr_energy: float = knob(1e-4, lo=0.0, lo_open=True, doc="Adam learning rate of H")
+    lr_generator: float = knob(1e-4, lo=0.0, lo_open=True, doc="Adam learning rate of G1")
 
 
 @dataclass(frozen=True)
-class Stage2Section:
-    steps: int = knob(300, lo=1)
-    batch_size: int = knob(64, lo=1)
-    langevin_steps: int = knob(20, lo=1, doc="K (Y-steps)")
-    y_step_size: float = knob(5e-4, lo=0.0, lo_open=True, doc="epsilon1")
-    z1_step_size: float = knob(5e-5, lo=0.0, lo_open=True, doc="epsilon2")
-    z2_step_size: float = knob(1e-3, lo=0.0, lo_open=True, doc="epsilon3")
-    y_steps_per_latent_step: int = knob(5, lo=1)
+class Stage2Section(EnergyOptimSection):
+    """Stage "stage2" (HDEBM Algorithm 2): H alone, joint Langevin on (Y, z1, z2) with G frozen."""
+
+    steps: int = like(EnergyOptimSection, "steps", 300)
+    langevin_steps: int = knob(20, lo=1, doc="K: Y-steps of the joint chain")
+    y_step_size: float = knob(5e-4, lo=0.0, lo_open=True, doc="epsilon1: Langevin step size on Y")
+    z1_step_size: float = knob(5e-5, lo=0.0, lo_open=True, doc="epsilon2: Langevin step size on z1")
+    z2_step_size: float = knob(1e-3, lo=0.0, lo_open=True, doc="epsilon3: Langevin step size on z2")
+    y_steps_per_latent_step: int = knob(5, lo=1, doc="the latents take a step every this many Y-steps")
     latent_prior: bool = knob(False, doc="add the N(0, I) prior gradient to the latent steps")
-    temperature: float = knob(1e-8, lo=0.0, lo_open=True)
-    drift_clip: float = knob(2.5, lo=0.0)
-    lr: float = knob(2e-5, lo=0.0, lo_open=True)
-    lr_schedule: str = knob("constant", choices=("constant", "cosine"))
-    warmup_steps: int = knob(0, lo=0)
-    grad_clip: float = knob(50.0, lo=0.0)
-    data_jitter: float = knob(1e-3, lo=0.0)
-    mad_filter: bool = knob(False)
-    mad_k: float = knob(6.0, lo=0.0, lo_open=True)
-    ema_halflife_kimg: float = knob(10.0, lo=0.0)
-    report_every: int = knob(50, lo=1)
-    checkpoint_every: int = knob(100, lo=1)
+    temperature: float = knob(1e-8, lo=0.0, lo_open=True, doc="T_mc: U = H / T_mc")
+    drift_clip: float = knob(2.5, lo=0.0, doc="per-sample L2 bound on Y's drift (not the latents'); 0 = off")
+    lr: float = knob(2e-5, lo=0.0, lo_open=True, doc="Adam learning rate of H (from Stage 1's H)")
+    checkpoint_every: int = like(EnergyOptimSection, "checkpoint_every", 100)
 
 
 @dataclass(frozen=True)
 class SGLDSection:
-    steps: int = knob(10, lo=1, doc="K")
+    """A baseline's SGLD chain: x <- x - alpha * grad E(x) + sigma * xi."""
+
+    steps: int = knob(10, lo=1, doc="K: SGLD steps per training chain")
     step_size: float = knob(1.0, lo=0.0, lo_open=True, doc="alpha: drift alpha * grad E")
-    noise_std: float = knob(0.001, lo=0.0, doc="sigma")
+    noise_std: float = knob(0.001, lo=0.0, doc="sigma: std of the noise per step (pixel units)")
     drift_clip: float = knob(0.0, lo=0.0, doc="per-sample L2 bound on the drift; 0 = off")
     clamp: bool = knob(False, doc="clamp the chains to the data range [-1, 1] after every step (M-EBM, Improved CD)")
     grad_clamp: float = knob(
@@ -204,11 +247,10 @@ STAGE_NAMES = ("diffusion", "distill", "stage1", "stage2", "mebm", "mjem", "icd"
 
 
 @dataclass(frozen=True)
-class ReplayEBMSection:
+class ReplayEBMSection(EnergyOptimSection):
     """What M-EBM, M-JEM and Improved CD share: SGLD chains kept in a replay buffer, the CD update."""
 
-    steps: int = knob(2000, lo=1)
-    batch_size: int = knob(64, lo=1)
+    steps: int = like(EnergyOptimSection, "steps", 2000)
     # M-EBM's code clamps every gradient element to [-1, 1] and the chains to [-1, 1].
     sgld: SGLDSection = SGLDSection(grad_clamp=1.0, clamp=True)
     chain_init: str = knob("p0", choices=("p0", "uniform"), doc="p0 = N(mu, Sigma) of the data, or U[-1, 1]")
@@ -226,11 +268,13 @@ class ReplayEBMSection:
         "fresh chains of sample_steps from chain_init",
     )
     sample_steps: int = knob(0, lo=0, doc="SGLD steps when sampling a checkpoint; 0 = sgld.steps (K)")
-    sample_augment_every: int = knob(0, lo=0, doc="sampling: an augmentation transition every this many steps")
-    augment: tuple[str, ...] = knob((), choices=AUGMENTS, doc="augmentations (images: color flip crop rescale blur)")
+    sample_augment_every: int = knob(0, lo=0, doc="sampling: augment every this many SGLD steps; 0 = never")
+    augment: tuple[str, ...] = knob(
+        (), choices=AUGMENTS, doc="augmentations of the sampling transitions (images: color flip crop rescale blur)"
+    )
     augment_jitter_std: float = knob(0.05, lo=0.0, doc="std of the 'jitter' augmentation (toy2d vectors)")
     multiscale: bool = knob(False, doc="this stage's energy sums full, half and quarter resolution (images)")
-    buffer_size: int = knob(10000, lo=1)
+    buffer_size: int = knob(10000, lo=1, doc="chains (slots) in the replay buffer")
     reinit_prob: float = knob(0.05, lo=0.0, hi=1.0, doc="rho: chains started from chain_init instead of the buffer")
     energy_l2: float = knob(0.1, lo=0.0, doc="alpha_reg: weight of E(x+)^2 + E(x-)^2")
     p0_max_full_dim: int = knob(4096, lo=1, doc="full covariance up to this many dimensions, low rank above")
@@ -249,17 +293,11 @@ class ReplayEBMSection:
     augment_hue: float = knob(0.4, lo=0.0, hi=0.5, doc="color: hue rotation of up to this many turns (RGB only)")
     augment_color_prob: float = knob(0.8, lo=0.0, hi=1.0, doc="color: share of images jittered")
     augment_grayscale_prob: float = knob(0.2, lo=0.0, hi=1.0, doc="color: share of images turned grey afterwards")
-    lr: float = knob(1e-4, lo=0.0, lo_open=True)
+    lr: float = knob(1e-4, lo=0.0, lo_open=True, doc="Adam learning rate of E")
     adam_betas: tuple[float, ...] = knob((0.9, 0.999), lo=0.0, hi=0.99999, doc="Adam (beta1, beta2)")
-    lr_schedule: str = knob("constant", choices=("constant", "cosine"))
-    warmup_steps: int = knob(0, lo=0)
-    grad_clip: float = knob(0.0, lo=0.0)
-    data_jitter: float = knob(0.0, lo=0.0)
-    mad_filter: bool = knob(False)
-    mad_k: float = knob(6.0, lo=0.0, lo_open=True)
-    ema_halflife_kimg: float = knob(10.0, lo=0.0)
-    report_every: int = knob(50, lo=1)
-    checkpoint_every: int = knob(500, lo=1)
+    grad_clip: float = like(EnergyOptimSection, "grad_clip", 0.0)
+    data_jitter: float = like(EnergyOptimSection, "data_jitter", 0.0)
+    checkpoint_every: int = like(EnergyOptimSection, "checkpoint_every", 500)
 
 
 @dataclass(frozen=True)
@@ -271,10 +309,15 @@ class MEBMSection(ReplayEBMSection):
 class MJEMSection(ReplayEBMSection):
     """M-JEM: M-EBM on a classifier's trunk with a separate energy head; cross-entropy on an augmented batch."""
 
-    augment: tuple[str, ...] = knob(("crop", "flip"), choices=AUGMENTS, doc="for the classifier's batch")
+    augment: tuple[str, ...] = like(
+        ReplayEBMSection, "augment", ("crop", "flip"), doc="augmentations of the classifier's batch (and of sampling)"
+    )
     classifier_batch_size: int = knob(128, lo=1, doc="global batch of the cross-entropy term")
-    classifier_weight: float = knob(1.0, lo=0.0)
+    classifier_weight: float = knob(1.0, lo=0.0, doc="weight of the cross-entropy term in the loss")
     num_classes: int = knob(0, lo=0, doc="0 = from the dataset (digits, cifar10: 10; toy2d: its modes)")
+
+
+_R = ReplayEBMSection  # short name for the redeclarations below
 
 
 @dataclass(frozen=True)
@@ -285,19 +328,24 @@ class ICDSection(ReplayEBMSection):
     [0, 1] is alpha = 400 here, noise 0.001 is sigma = 0.002."""
 
     sgld: SGLDSection = SGLDSection(steps=40, step_size=400.0, noise_std=0.002, clamp=True)
-    chain_init: str = knob("uniform", choices=("p0", "uniform"))
-    buffer_write: str = knob("reservoir", choices=("in_place", "reservoir", "fifo", "random"))
-    buffer_prefill: bool = knob(False)
-    eval_protocol: str = knob("fresh", choices=("buffer", "fresh"))
-    multiscale: bool = knob(True, doc="energy = sum at full, half and quarter resolution (images)")
-    sample_steps: int = knob(200, lo=0)
-    sample_augment_every: int = knob(20, lo=0)
+    chain_init: str = like(_R, "chain_init", "uniform")
+    buffer_write: str = like(_R, "buffer_write", "reservoir")
+    buffer_prefill: bool = like(_R, "buffer_prefill", False)
+    eval_protocol: str = like(_R, "eval_protocol", "fresh")
+    multiscale: bool = like(_R, "multiscale", True, doc="energy = sum at full, half and quarter resolution (images)")
+    sample_steps: int = like(_R, "sample_steps", 200)
+    sample_augment_every: int = like(_R, "sample_augment_every", 20)
     # The code's CIFAR-10 transition: random resized crop, flip, colour jitter + random grayscale (blur: other data).
-    augment: tuple[str, ...] = knob(("rescale", "flip", "color"), choices=AUGMENTS, doc="at chain starts")
-    reinit_prob: float = knob(0.001, lo=0.0, hi=1.0)
-    energy_l2: float = knob(1.0, lo=0.0)
-    lr: float = knob(2e-4, lo=0.0, lo_open=True)
-    adam_betas: tuple[float, ...] = knob((0.0, 0.9), lo=0.0, hi=0.99999)
+    augment: tuple[str, ...] = like(
+        _R,
+        "augment",
+        ("rescale", "flip", "color"),
+        doc="augmentations of the chains drawn from the buffer and of the sampling transitions",
+    )
+    reinit_prob: float = like(_R, "reinit_prob", 0.001)
+    energy_l2: float = like(_R, "energy_l2", 1.0)
+    lr: float = like(_R, "lr", 2e-4)
+    adam_betas: tuple[float, ...] = like(_R, "adam_betas", (0.0, 0.9))
     kl_weight: float = knob(1.0, lo=0.0, doc="weight of L_KL; 0 = plain CD")
     entropy_weight: float = knob(0.3, lo=0.0, doc="weight of the nearest-neighbour entropy inside L_KL")
     kl_samples: int = knob(128, lo=1, doc="chains per rank whose last step is recomputed with the graph")
@@ -307,6 +355,8 @@ class ICDSection(ReplayEBMSection):
 
 @dataclass(frozen=True)
 class EvalSection:
+    """FID / KID of checkpoints: feature space, sample counts and the eval actors that score during training."""
+
     features: str = knob(
         "inception",
         choices=("inception", "classifier", "torchscript", "raw"),
@@ -316,10 +366,10 @@ class EvalSection:
     torchscript_path: str = knob("", doc="eval.features = torchscript: the file")
     num_samples: int = knob(10000, lo=2, doc="generated samples per evaluation (the papers use 50000)")
     ref_samples: int = knob(0, lo=0, doc="dataset images for the reference statistics; 0 = all")
-    batch_size: int = knob(256, lo=1)
-    kid_subsets: int = knob(100, lo=1)
+    batch_size: int = knob(256, lo=1, doc="samples per sampler call and images per feature-extraction batch")
+    kid_subsets: int = knob(100, lo=1, doc="random subsets (up to 1000 samples each) averaged for KID")
     actors: int = knob(0, lo=0, doc="eval actors scoring checkpoints while training runs (0 = none)")
-    cpus_per_actor: float = knob(1.0, lo=0.0)
+    cpus_per_actor: float = knob(1.0, lo=0.0, doc="logical CPUs each eval actor reserves")
     gpus_per_actor: float = knob(0.0, lo=0.0, doc="a GPU share each eval actor reserves beyond the workers'")
     use_ema: tuple[str, ...] = knob(
         ("stage1", "stage2", "icd"),

@@ -29,6 +29,12 @@ class DatasetError(RuntimeError):
     """The dataset cannot be read; the message says which file or folder and what to do."""
 
 
+def cache_root(cfg: Config) -> Path:
+    """Where what is derived from a dataset is cached (FID reference features, the fitted p0): next to the data
+    (``data.path``), else ``~/.cache/hdebm_ray/<dataset>``."""
+    return Path(cfg.data.path) if cfg.data.path else Path.home() / ".cache" / "hdebm_ray" / cfg.data.dataset
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Image helpers
 
@@ -249,10 +255,13 @@ def batch_stream(
 # Conversion to parquet shards
 
 
-def write_parquet_shards(dataset: Dataset, out_dir: str, shard_size: int = 10000) -> list[Path]:
-    """Encode every (image in [-1, 1], label) of ``dataset`` as PNG bytes into numbered parquet shards."""
+def write_parquet_shards(dataset: Dataset, out_dir: str, shard_size: int = 10000, progress: bool = False) -> list[Path]:
+    """Encode every (image in [-1, 1], label) of ``dataset`` as PNG bytes into numbered parquet shards;
+    ``progress``: show progress over the images."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from .progress import progress as show_progress
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -266,7 +275,7 @@ def write_parquet_shards(dataset: Dataset, out_dir: str, shard_size: int = 10000
         images.clear()
         labels.clear()
 
-    for i in range(len(dataset)):
+    for i in show_progress(range(len(dataset)), desc="dataset convert", unit="images", enabled=progress):
         x, y = dataset[i]
         if x.dim() != 3:
             raise DatasetError("only image datasets can be converted to parquet shards")

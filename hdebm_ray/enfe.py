@@ -36,21 +36,24 @@ def measure_enfe(
     diffusion_steps_timed: int | None = None,
     timer=None,
     reference=None,
+    progress: bool = False,
 ) -> dict:
     """Time ``batches`` sampler batches and ``diffusion_batches`` (default: as many) 1000-step DDIM batches.
 
     ``diffusion_steps_timed`` (a divisor of 1000) times a DDIM chain of that many steps over the same range and
     scales it to 1000 steps: every step is one network call on the same batch, so the cost is linear in steps.
-    ``timer(fn, device) -> cost`` measures one batch (default: wall seconds, CUDA synchronised).
+    ``timer(fn, device) -> cost`` measures one batch (default: wall seconds, CUDA synchronised). ``progress``:
+    show progress over the timed batches (outside the timed calls).
     """
     from .config import ConfigError
     from .networks import sample_shape
+    from .progress import progress as show_progress
     from .sampling import Sampler
 
     sampler = Sampler(ckpt_dir, device=device, protocol="fresh")  # timing a sampler: chains, not a buffer
     dev, shape = sampler.device, sample_shape(sampler.cfg)
     diffusion = Sampler(reference, device=device, protocol="fresh") if reference else sampler
-    if not hasattr(diffusion, "denoiser"):
+    if diffusion.denoiser is None:
         raise ConfigError(
             f"checkpoint {ckpt_dir} ({sampler.stage}) has no denoiser to time diffusion with: pass --reference DIR, "
             "a diffusion or HDEBM checkpoint of the same data"
@@ -68,9 +71,15 @@ def measure_enfe(
         sampler.sample(batch_size, seed=10_000 + i)
         diffusion_batch(min(timed, 10 if steps % 10 == 0 else timed))
     timer = timer or _timed
-    sample_s = [timer(lambda i=i: sampler.sample(batch_size, seed=i), dev) for i in range(batches)]
+    sample_s = [
+        timer(lambda i=i: sampler.sample(batch_size, seed=i), dev)
+        for i in show_progress(range(batches), desc=f"enfe: {sampler.stage} sampler", unit="batches", enabled=progress)
+    ]
     scale = steps / timed
-    diffusion_s = [timer(lambda: diffusion_batch(timed), dev) * scale for _ in range(diffusion_batches or batches)]
+    diffusion_range = show_progress(
+        range(diffusion_batches or batches), desc=f"enfe: {timed}-step diffusion", unit="batches", enabled=progress
+    )
+    diffusion_s = [timer(lambda: diffusion_batch(timed), dev) * scale for _ in diffusion_range]
     mean_sample, mean_diffusion = sum(sample_s) / len(sample_s), sum(diffusion_s) / len(diffusion_s)
     return {
         "checkpoint": str(ckpt_dir),

@@ -106,9 +106,13 @@ def classifier_cache_path(cfg: Config, cache_dir: Path) -> Path:
     )
 
 
-def train_classifier(cfg: Config, epochs: int = 15, seed: int = 0) -> tuple[FeatureClassifier, float]:
-    """Fit the feature classifier on the dataset's labels; returns it and its held-out accuracy (last 10%)."""
+def train_classifier(
+    cfg: Config, epochs: int = 15, seed: int = 0, progress: bool = False
+) -> tuple[FeatureClassifier, float]:
+    """Fit the feature classifier on the dataset's labels; returns it and its held-out accuracy (last 10%).
+    ``progress``: show progress over the epochs."""
     from .data import build_dataset
+    from .progress import progress as show_progress
 
     ds = build_dataset(cfg)
     x = torch.stack([ds[i][0] for i in range(len(ds))])
@@ -122,7 +126,8 @@ def train_classifier(cfg: Config, epochs: int = 15, seed: int = 0) -> tuple[Feat
     torch.manual_seed(seed)
     net = FeatureClassifier(cfg.data.channels, cfg.data.resolution, int(y.max()) + 1)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    for _ in range(epochs):
+    desc = f"eval: training the {cfg.data.dataset} feature classifier"
+    for _ in show_progress(range(epochs), desc=desc, unit="epochs", enabled=progress):
         for idx in train[torch.randperm(len(train), generator=g)].split(64):
             loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
             opt.zero_grad()
@@ -133,15 +138,15 @@ def train_classifier(cfg: Config, epochs: int = 15, seed: int = 0) -> tuple[Feat
     return net.eval(), accuracy
 
 
-def classifier_extractor(cfg: Config, device: torch.device, cache_dir: Path):
-    """The cached feature classifier of this dataset (trained on first use)."""
+def classifier_extractor(cfg: Config, device: torch.device, cache_dir: Path, progress: bool = False):
+    """The cached feature classifier of this dataset (trained on first use, with ``progress`` shown or not)."""
     path = classifier_cache_path(cfg, cache_dir)
     if path.is_file():
         state = torch.load(path, map_location="cpu", weights_only=True)
         net = FeatureClassifier(cfg.data.channels, cfg.data.resolution, state["head.weight"].shape[0])
         net.load_state_dict(state)
     else:
-        net, accuracy = train_classifier(cfg)
+        net, accuracy = train_classifier(cfg, progress=progress)
         print(f"[eval] trained the {cfg.data.dataset} feature classifier: held-out accuracy {accuracy:.3f}", flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -160,7 +165,9 @@ def classifier_extractor(cfg: Config, device: torch.device, cache_dir: Path):
     return fn, native_resize
 
 
-def build_extractor(cfg: Config, device: torch.device, cache_dir: Path):
+def build_extractor(cfg: Config, device: torch.device, cache_dir: Path, progress: bool = False):
+    """``(fn, resize)`` for ``eval.features`` (``(None, None)`` for raw); ``progress``: show the classifier's
+    training if it is trained here."""
     kind = cfg.eval.features
     if kind == "raw":
         return None, None
@@ -169,5 +176,5 @@ def build_extractor(cfg: Config, device: torch.device, cache_dir: Path):
     if kind == "inception":
         return inception_extractor(device)
     if kind == "classifier":
-        return classifier_extractor(cfg, device, cache_dir)
+        return classifier_extractor(cfg, device, cache_dir, progress)
     return torchscript_extractor(cfg.eval.torchscript_path, device)

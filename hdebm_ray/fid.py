@@ -9,20 +9,22 @@ else ``~/.cache/hdebm_ray/<dataset>``), never inside the installed clean-fid pac
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .checkpoint import load_meta
 from .config import Config
+from .data import build_dataset, cache_root, random_images
 from .eval_features import EvalError, build_extractor
+from .progress import progress as show_progress
+from .sampling import Sampler
 
 
 def cache_dir(cfg: Config) -> Path:
-    base = Path(cfg.data.path) if cfg.data.path else Path.home() / ".cache" / "hdebm_ray" / cfg.data.dataset
-    return base / "fid_cache"
+    return cache_root(cfg) / "fid_cache"
 
 
 def write_png_folder(images: torch.Tensor, folder: str | Path) -> Path:
@@ -37,9 +39,15 @@ def write_png_folder(images: torch.Tensor, folder: str | Path) -> Path:
     return folder
 
 
-def folder_features(folder: str | Path, fn, resize, batch_size: int, device: torch.device) -> np.ndarray:
+def folder_features(
+    folder: str | Path, fn, resize, batch_size: int, device: torch.device, progress: str | None = None
+) -> np.ndarray:
+    """clean-fid's features of a folder of images. ``progress``: a label to show progress under (one clean-fid
+    call per batch of the same sorted file list: the same batches, so the same features), None for silence."""
     from cleanfid.fid import get_folder_features
 
+    if progress is not None:
+        return _folder_features_by_batch(folder, fn, resize, batch_size, device, progress)
     return get_folder_features(
         str(folder),
         fn,
@@ -50,6 +58,32 @@ def folder_features(folder: str | Path, fn, resize, batch_size: int, device: tor
         custom_fn_resize=resize,
         verbose=False,
     )
+
+
+def _folder_features_by_batch(folder, fn, resize, batch_size: int, device, desc: str) -> np.ndarray:
+    import os
+    from glob import glob
+
+    from cleanfid.fid import EXTENSIONS, get_files_features
+
+    fdir = str(folder)
+    files = sorted(f for ext in EXTENSIONS for f in glob(os.path.join(fdir, f"**/*.{ext}"), recursive=True))
+    batches = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
+    feats = [
+        get_files_features(
+            chunk,
+            fn,
+            num_workers=0,
+            batch_size=batch_size,
+            device=device,
+            mode="clean",
+            custom_fn_resize=resize,
+            fdir=fdir,
+            verbose=False,
+        )
+        for chunk in show_progress(batches, desc=desc, unit="batches", leave=False)
+    ]
+    return np.concatenate(feats)
 
 
 def frechet_distance(feats1: np.ndarray, feats2: np.ndarray) -> float:
@@ -65,26 +99,28 @@ def kernel_distance(feats1: np.ndarray, feats2: np.ndarray, num_subsets: int = 1
 
 
 class FeatureSpace:
-    """One extractor, built once (an eval actor keeps it across checkpoints)."""
+    """One extractor, built once (an eval actor keeps it across checkpoints).
 
-    def __init__(self, cfg: Config, device: torch.device | str = "cpu"):
+    ``progress``: show the feature classifier's training, if it is trained here (off in eval actors). The
+    ``progress`` of ``of_samples`` / ``of_folder`` / ``reference`` is a label to show extraction under (None: silent).
+    """
+
+    def __init__(self, cfg: Config, device: torch.device | str = "cpu", progress: bool = False):
         self.cfg, self.device = cfg, torch.device(device)
-        self.fn, self.resize = build_extractor(cfg, self.device, cache_dir(cfg))
+        self.fn, self.resize = build_extractor(cfg, self.device, cache_dir(cfg), progress=progress)
 
-    def of_samples(self, samples: torch.Tensor) -> np.ndarray:
+    def of_samples(self, samples: torch.Tensor, progress: str | None = None) -> np.ndarray:
         if self.fn is None:  # raw vectors (toy2d points, or flattened pixels)
             return samples.detach().cpu().flatten(1).double().numpy()
         with tempfile.TemporaryDirectory(prefix="hdebm-fid-") as tmp:
             write_png_folder(samples, tmp)
-            return self.of_folder(tmp)
+            return self.of_folder(tmp, progress)
 
-    def of_folder(self, folder: str | Path) -> np.ndarray:
-        return folder_features(folder, self.fn, self.resize, self.cfg.eval.batch_size, self.device)
+    def of_folder(self, folder: str | Path, progress: str | None = None) -> np.ndarray:
+        return folder_features(folder, self.fn, self.resize, self.cfg.eval.batch_size, self.device, progress)
 
-    def reference(self) -> np.ndarray:
+    def reference(self, progress: str | None = None) -> np.ndarray:
         """The dataset's features, cached as .npz (computed on first use)."""
-        from .data import build_dataset, random_images
-
         d = self.cfg.data
         name = (
             f"ref-{d.dataset}-{self.cfg.eval.features}-{d.resolution}px-{d.channels}ch-n{self.cfg.eval.ref_samples}.npz"
@@ -94,7 +130,7 @@ class FeatureSpace:
             return np.load(path)["features"]
         ds = build_dataset(self.cfg)
         n = len(ds) if self.cfg.eval.ref_samples <= 0 else min(len(ds), self.cfg.eval.ref_samples)
-        feats = self.of_samples(random_images(ds, n, seed=0))
+        feats = self.of_samples(random_images(ds, n, seed=0), progress)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, features=feats, mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
@@ -105,28 +141,28 @@ class FeatureSpace:
 class FeatureSpaces:
     """One ``FeatureSpace`` per dataset + eval settings, built on first use and kept across checkpoints."""
 
-    def __init__(self, device: torch.device | str = "cpu"):
-        self.device, self.spaces = device, {}
+    def __init__(self, device: torch.device | str = "cpu", progress: bool = False):
+        self.device, self.spaces, self.progress = device, {}, progress
 
     def __call__(self, cfg: Config) -> FeatureSpace:
         key = (cfg.data, cfg.eval)
         if key not in self.spaces:
-            self.spaces[key] = FeatureSpace(cfg, self.device)
+            self.spaces[key] = FeatureSpace(cfg, self.device, self.progress)
         return self.spaces[key]
 
 
-def sample_checkpoint(ckpt_dir, n: int, batch: int, device, seed: int = 0, **sampler_options):
+def sample_checkpoint(ckpt_dir, n: int, batch: int, device, seed: int = 0, progress: bool = False, **sampler_options):
     """n samples from a checkpoint's own sampler (Langevin included), in batches (at most as many as it has
     distinct samples: a replay buffer's size); the chain starts for the same draws (None for the diffusion stages);
-    the checkpoint's metadata; and the sampler (``weights``, ``protocol``). ``sampler_options`` go to ``Sampler``."""
-    from .checkpoint import load_meta
-    from .sampling import Sampler
-
+    the checkpoint's metadata; and the sampler (``weights``, ``protocol``). ``sampler_options`` go to ``Sampler``.
+    ``progress``: show progress over the batches (the CLI; eval actors stay silent)."""
     sampler = Sampler(ckpt_dir, device=device, **sampler_options)
     if sampler.max_samples is not None:
         n = min(n, sampler.max_samples)
     final, starts = [], []
-    for i in range(0, n, batch):
+    batches = range(0, n, batch)
+    desc = f"eval: sampling {sampler.stage} step {sampler.step}"
+    for i in show_progress(batches, desc=desc, unit="batches", enabled=progress, leave=False):
         x, start = sampler.sample_with_start(min(batch, n - i), seed=seed + i)
         final.append(x.cpu())
         if start is not None:
@@ -135,17 +171,23 @@ def sample_checkpoint(ckpt_dir, n: int, batch: int, device, seed: int = 0, **sam
 
 
 def evaluate_checkpoint(
-    ckpt_dir: str | Path, space: FeatureSpace, num_samples: int, seed: int = 0, **sampler_options
+    ckpt_dir: str | Path,
+    space: FeatureSpace,
+    num_samples: int,
+    seed: int = 0,
+    progress: bool = False,
+    **sampler_options,
 ) -> dict:
     """FID and KID of ``num_samples`` samples of the checkpoint against the dataset's reference features; for
     the EBM stages also of the chain starts alone, before Langevin: ``fid_generator`` (HDEBM: G(z), same latents)
     or ``fid_init`` (baselines: the p0 / noise draws the chains start from). The result names the weights
-    (``raw`` / ``ema``) and, for the baselines, the protocol (``buffer`` / ``fresh``) that were scored."""
+    (``raw`` / ``ema``) and, for the baselines, the protocol (``buffer`` / ``fresh``) that were scored.
+    ``progress``: show progress over the sampling and feature batches (the CLI; off in the eval actors)."""
     samples, base, meta, sampler = sample_checkpoint(
-        ckpt_dir, num_samples, space.cfg.eval.batch_size, space.device, seed, **sampler_options
+        ckpt_dir, num_samples, space.cfg.eval.batch_size, space.device, seed, progress, **sampler_options
     )
-    ref = space.reference()
-    feats = space.of_samples(samples)
+    ref = space.reference("eval: reference features" if progress else None)
+    feats = space.of_samples(samples, "eval: sample features" if progress else None)
     if len(feats) < 2 or len(ref) < 2:
         raise EvalError("FID needs at least 2 samples and 2 reference images")
     result = {
@@ -163,87 +205,8 @@ def evaluate_checkpoint(
         "kid": kernel_distance(feats, ref, space.cfg.eval.kid_subsets),
     }
     if base is not None:
-        base_feats = space.of_samples(base)
-        start = start_name(meta["stage"])
+        base_feats = space.of_samples(base, f"eval: {sampler.start_name} features" if progress else None)
+        start = sampler.start_name
         result[f"fid_{start}"] = frechet_distance(base_feats, ref)
         result[f"kid_{start}"] = kernel_distance(base_feats, ref, space.cfg.eval.kid_subsets)
     return result
-
-
-def start_name(stage: str) -> str:
-    """What an EBM stage's chains start from, as named in results: HDEBM's generator or a baseline's init."""
-    return "generator" if stage in ("stage1", "stage2") else "init"
-
-
-def start_note(result: dict) -> str:
-    """', generator alone FID x' (or 'chain init alone') for a result that has one, else ''."""
-    for start, label in (("generator", "generator alone"), ("init", "chain init alone")):
-        if f"fid_{start}" in result:
-            return f", {label} FID {result[f'fid_{start}']:.4g}"
-    return ""
-
-
-def append_jsonl(path: str | Path, record: dict) -> None:
-    from . import storage
-
-    text = storage.read_text(str(path)) if storage.exists(str(path)) else ""
-    storage.write_text(str(path), text + json.dumps(record, sort_keys=True) + "\n")
-
-
-def record(run_location: str, result: dict) -> None:
-    """Append to ``<run>/eval.jsonl`` and log ``Eval/fid`` / ``Eval/kid`` at the checkpoint's images seen."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    from .storage import staged_output
-
-    append_jsonl(f"{run_location}/eval.jsonl", result)
-    # events go to a local directory (uploaded afterwards when the run lives under a URI)
-    with staged_output(f"{run_location}/tb/{result['stage']}") as local:
-        with SummaryWriter(log_dir=str(local), filename_suffix=".eval") as writer:
-            suffix = "" if result.get("default_sampler", True) else f"_{result['protocol']}_{result['weights']}"
-            for key in ("fid", "kid", "fid_generator", "kid_generator", "fid_init", "kid_init"):
-                if key in result:
-                    writer.add_scalar(f"Eval/{key}{suffix}", result[key], result["nimg"])
-
-
-def read_results(run_location: str) -> list[dict]:
-    """Every result in ``<run>/eval.jsonl`` (empty if none)."""
-    from . import storage
-
-    path = f"{run_location}/eval.jsonl"
-    if not storage.exists(path):
-        return []
-    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
-
-
-def evaluated(run_location: str, protocol: str | None = None, weights: str | None = None) -> set[str]:
-    """Checkpoint paths that already have a result in ``<run>/eval.jsonl`` (with that protocol / those weights,
-    when given)."""
-    return {
-        r["checkpoint"]
-        for r in read_results(run_location)
-        if protocol in (None, r.get("protocol")) and weights in (None, r.get("weights"))
-    }
-
-
-def run_checkpoints(run_location: str, stages=None) -> list[str]:
-    """Every checkpoint of the given stages (default: all) under a run (local path or URI), oldest first per
-    stage; paths as the eval pool records them, so the pool and ``hdebm-ray eval`` agree on what is scored."""
-    import pyarrow.fs as pafs
-
-    from .storage import as_uri, fs_and_path
-
-    if stages is None:
-        fs, base = fs_and_path(run_location)
-        stages = sorted(
-            i.base_name for i in fs.get_file_info(pafs.FileSelector(base)) if i.type == pafs.FileType.Directory
-        )
-    found = []
-    for stage in stages:
-        fs, base = fs_and_path(f"{run_location}/{stage}")
-        if fs.get_file_info(base).type != pafs.FileType.Directory:
-            continue
-        dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(base)) if i.type == pafs.FileType.Directory]
-        ckpts = sorted(d for d in dirs if d.rsplit("/", 1)[-1].startswith("checkpoint_"))
-        found += [as_uri(d, run_location) for d in ckpts if fs.get_file_info(f"{d}/meta.json").is_file]
-    return found

@@ -6,11 +6,14 @@ sample covariance (d = 0 apart from a tiny jitter). Above it the full matrix wou
 49152² floats ≈ 10 GB), so F holds the top ``rank`` principal directions (randomised SVD of the centred data) and
 d the variance they leave unexplained per pixel: the approximation keeps every pixel's variance exactly and the
 strongest correlations, and drops the weak long tail of the spectrum. Sampling is μ + F·u + √d ⊙ v, u, v ~ N(0, I).
-The fit is cached as plain tensors next to the dataset, like the FID reference features.
+The fit is cached as plain tensors next to the dataset, like the FID reference features. Fitting shows its
+progress (reading the dataset, then the fit) on rank 0 (``hdebm_ray.progress``).
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,15 +81,42 @@ def fit_gaussian(
     return GaussianInit(mean, factor, diag, tuple(x.shape[1:]))
 
 
+def first_rank() -> bool:
+    """Rank 0 of the process group, or a single process."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def cached_gaussian(
-    dataset, cache_dir: str | Path, name: str, max_full_dim: int, rank: int, cov_jitter: float = 0.0
+    dataset,
+    cache_dir: str | Path,
+    name: str,
+    max_full_dim: int,
+    rank: int,
+    cov_jitter: float = 0.0,
+    progress: bool | None = None,
 ) -> GaussianInit:
-    """p0 of a whole dataset of (image, label) items, fitted once and cached as ``<cache_dir>/<name>.pt``."""
+    """p0 of a whole dataset of (image, label) items, fitted once and cached as ``<cache_dir>/<name>.pt``.
+    ``progress``: show the fit's progress (None: on rank 0 only)."""
+    from .progress import duration, mode, write
+    from .progress import progress as show_progress
+
     path = Path(cache_dir) / f"{name}.pt"
     if path.is_file():
         return GaussianInit.from_state_dict(torch.load(path, weights_only=True))
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    show = first_rank() if progress is None else progress
+    items = show_progress(range(len(dataset)), desc="p0 fit: reading the dataset", unit="images", enabled=show)
+    images = torch.stack([dataset[i][0] for i in items])
+    start = time.monotonic()
     p0 = fit_gaussian(images, max_full_dim, rank, cov_jitter=cov_jitter)
+    if mode(show) != "off":
+        kind = "full" if images[0].numel() <= max_full_dim else f"rank-{p0.factor.shape[1]} + diagonal"
+        write(
+            f"[p0 fit] N(mu, Sigma) with {kind} covariance fitted to {len(images)} images of "
+            f"{images[0].numel()} dimensions in {duration(time.monotonic() - start)}",
+            file=sys.stderr,
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(p0.state_dict(), tmp)

@@ -1,9 +1,10 @@
 """The step loop every stage shares, independent of Ray.
 
-A stage (diffusion, distillation, HDEBM Stage 1/2, baselines) is an object with ``train_step(step) -> metrics``,
-``state_dict()`` / ``load_state_dict()`` over named plain state_dicts, ``total_steps`` and ``images_per_step``.
-``run_loop`` drives it from a start step to the end, calling ``report(step, metrics, with_checkpoint)`` once
-per tick; the Ray worker (``ray_worker.py``) and the in-process runner only differ in what ``report`` does.
+A stage (diffusion, distillation, HDEBM Stage 1/2, baselines) is a ``contracts.Stage``: ``train_step(step) ->
+metrics``, ``state_dict()`` / ``load_state_dict()`` over named plain state_dicts, ``total_steps``,
+``images_per_step`` and hooks. ``run_loop`` drives it from a start step to the end, calling ``report(step,
+metrics, with_checkpoint)`` once per tick; the Ray worker (``distributed/worker.py``) and the in-process runner
+(``runner.py``) only differ in what ``report`` does.
 """
 
 from __future__ import annotations
@@ -11,35 +12,12 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-
-@dataclass
-class WorkerContext:
-    """Where a stage runs: its rank, the world size, its device and how to wrap a trained model (DDP)."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    wrap_fn: Callable[[nn.Module], nn.Module] = lambda m: m
-    bank: Any = None  # a bank client (bank.LocalBankClient or bank_actor.ActorBankClient) for stages that use one
-    # every module the stage trained through ``wrap``, by name: compared across ranks at each checkpoint
-    replicated: dict[str, nn.Module] = field(default_factory=dict)
-
-    @property
-    def is_chief(self) -> bool:
-        return self.rank == 0
-
-    def wrap(self, module: nn.Module, name: str | None = None) -> nn.Module:
-        """``module`` wrapped for data-parallel training (DDP under Ray Train), and remembered for the replica
-        check at every checkpoint."""
-        self.replicated[name or f"{type(module).__name__} #{len(self.replicated)}"] = module
-        return self.wrap_fn(module)
+from .contracts import Stage
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -62,45 +40,9 @@ def mean_over_ranks(value: float) -> float:
     return value
 
 
-class Stage(Protocol):
-    name: str
-    total_steps: int
-    images_per_step: int
-    report_every: int
-    checkpoint_every: int
-
-    def train_step(self, step: int) -> dict[str, float]: ...
-
-    def state_dict(self) -> dict[str, dict]: ...
-
-    def load_state_dict(self, states: dict[str, dict]) -> None: ...
-
-
-class StageBase:
-    """Defaults for the optional parts of a stage: a JSON summary kept in checkpoint metadata, and hooks."""
-
-    summary_state: dict[str, Any]
-
-    def summary(self) -> dict[str, Any]:
-        return dict(getattr(self, "summary_state", {}))
-
-    def load_summary(self, summary: dict[str, Any]) -> None:
-        self.summary_state = dict(summary)
-
-    def on_start(self, start_step: int) -> None:
-        """Called on every rank once weights are restored (or fresh), before the first step."""
-
-    def before_checkpoint(self, step: int) -> None:
-        """Called on every rank right before rank 0 saves a checkpoint at ``step``."""
-
-    def tick_metrics(self, step: int) -> dict[str, float]:
-        """Extra metrics measured once per report tick (e.g. toy2d mode coverage), added to that report."""
-        return {}
-
-    def tick_images(self, step: int) -> dict[str, torch.Tensor]:
-        """Sample grids for TensorBoard at a checkpoint tick (rank 0); ``{tag: images}``. A stage that has any
-        also gets a grid of dataset images, once."""
-        return {}
+def seed_steps(seed: int, rank: int, start_step: int) -> None:
+    """Different noise per rank, and a restart does not replay the noise of the steps it redoes."""
+    torch.manual_seed(seed * 100003 + rank * 7919 + start_step)
 
 
 def status(line: str) -> None:
@@ -167,8 +109,7 @@ def run_loop(stage: Stage, start_step: int, report: ReportFn) -> None:
             metrics.update(stage.tick_metrics(done))
             with_ckpt = done % stage.checkpoint_every == 0 or done == stage.total_steps
             if with_ckpt:
-                ctx = getattr(stage, "ctx", None)
-                for name, module in (ctx.replicated if ctx is not None else {}).items():
+                for name, module in stage.ctx.replicated.items():
                     check_replicas_agree(module, f"{stage.name}'s {name}")
                 stage.before_checkpoint(done)
             report(done, metrics, with_ckpt)

@@ -39,8 +39,12 @@ def source_images(spec: str, cfg: Config, n: int, seed: int = 0) -> torch.Tensor
 
 
 @torch.no_grad()
-def energies(energy: torch.nn.Module, images: torch.Tensor, batch: int, device) -> np.ndarray:
-    out = [energy(images[i : i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)]
+def energies(energy: torch.nn.Module, images: torch.Tensor, batch: int, device, progress: str | None = None):
+    """H(x) of ``images`` in batches (numpy); ``progress``: a label to show progress over the batches under."""
+    from .progress import progress as show_progress
+
+    starts = show_progress(range(0, len(images), batch), desc=progress or "", unit="batches", enabled=bool(progress))
+    out = [energy(images[i : i + batch].to(device)).float().cpu() for i in starts]
     return torch.cat(out).numpy()
 
 
@@ -51,16 +55,23 @@ def auroc(e_in: np.ndarray, e_out: np.ndarray) -> float:
     return float(roc_auc_score(np.r_[np.zeros(len(e_in)), np.ones(len(e_out))], np.r_[e_in, e_out]))
 
 
-def ood_auroc(ckpt_dir, in_spec: str | None, out_spec: str, n: int = 2000, batch: int = 256, device="cpu") -> dict:
-    """AUROC of the checkpoint's energy separating ``out_spec`` from ``in_spec`` (default: its own dataset)."""
+def ood_auroc(
+    ckpt_dir, in_spec: str | None, out_spec: str, n: int = 2000, batch: int = 256, device="cpu", progress=False
+) -> dict:
+    """AUROC of the checkpoint's energy separating ``out_spec`` from ``in_spec`` (default: its own dataset);
+    ``progress``: show progress over the energy batches."""
     from .sampling import Sampler
 
     sampler = Sampler(ckpt_dir, device=device, protocol="fresh")  # only its energy is used
-    if not hasattr(sampler, "energy"):
+    if sampler.energy is None:
         raise ConfigError(f"checkpoint {ckpt_dir} is of stage {sampler.stage!r}, which has no energy")
     in_spec = in_spec or sampler.cfg.data.dataset
-    e_in = energies(sampler.energy, source_images(in_spec, sampler.cfg, n, seed=1), batch, sampler.device)
-    e_out = energies(sampler.energy, source_images(out_spec, sampler.cfg, n, seed=2), batch, sampler.device)
+
+    def energies_of(spec: str, seed: int) -> np.ndarray:
+        images = source_images(spec, sampler.cfg, n, seed=seed)
+        return energies(sampler.energy, images, batch, sampler.device, f"ood: energies of {spec}" if progress else None)
+
+    e_in, e_out = energies_of(in_spec, 1), energies_of(out_spec, 2)
     return {
         "checkpoint": str(ckpt_dir),
         "stage": sampler.stage,

@@ -22,6 +22,12 @@ def snapshot_name(step: int) -> str:
     return f"{SNAPSHOT_PREFIX}{step:010d}.arrow"
 
 
+def snapshot_location(checkpoint: str, step: int) -> str:
+    """Where the store snapshot of a checkpoint's ``step`` lies: ``bank/`` beside the checkpoint directory."""
+    parent = str(checkpoint).rstrip("/").rsplit("/", 1)[0]
+    return f"{parent}/bank/{snapshot_name(step)}"
+
+
 class SlotStore:
     """N slots of named float32 fields (e.g. z1, z2, x) with, per slot, the step of the last write, the number of
     writes and a lineage id (which chain the slot's state descends from; -1 = none), plus named integer counters

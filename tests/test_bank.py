@@ -12,7 +12,7 @@ import pytest
 import ray
 
 from hdebm_ray.bank import Bank, ReplayBuffer
-from hdebm_ray.bank_actor import create_bank_actor
+from hdebm_ray.distributed.bank_actor import create_bank_actor
 from hdebm_ray.slot_store import SlotStore, list_snapshots
 
 SHAPES = {"z1": (4,), "x": (1, 3, 3)}
@@ -176,7 +176,7 @@ def test_replay_snapshot_keeps_lineages_and_ring_position(tmp_path):
 
 @ray.remote(num_cpus=1)
 def _worker(name: str, worker: int, rounds: int, n: int):
-    from hdebm_ray.bank_actor import ActorBankClient
+    from hdebm_ray.distributed.bank_actor import ActorBankClient
 
     client = ActorBankClient(name, owner=f"w{worker}")
     log = []
@@ -216,7 +216,7 @@ def test_four_concurrent_workers_never_share_a_slot(ray_local, tmp_path):
 
 @ray.remote(num_cpus=1, max_retries=0)
 def _checkout_and_die(name: str):
-    from hdebm_ray.bank_actor import ActorBankClient
+    from hdebm_ray.distributed.bank_actor import ActorBankClient
 
     client = ActorBankClient(name, owner="doomed")
     client.wait(client.checkout(8))

@@ -11,8 +11,8 @@ from torch import nn
 
 from hdebm_ray.augment import AugmentOptions, augment, blur, color, crop, flip, rescale
 from hdebm_ray.config import ConfigError, check_stage, load_config
+from hdebm_ray.contracts import WorkerContext
 from hdebm_ray.langevin import langevin_step_with_graph
-from hdebm_ray.loop import WorkerContext
 from hdebm_ray.networks import build_energy
 from hdebm_ray.runner import local_bank
 from hdebm_ray.stages import build_stage

@@ -13,7 +13,7 @@ from ray.train import UserCallback
 
 from hdebm_ray.checkpoint import load_meta
 from hdebm_ray.config import load_config
-from hdebm_ray.launch import fit_stage, running_eval_pool
+from hdebm_ray.distributed.driver import fit_stage, running_eval_pool
 
 
 def pool_config(tmp_path, steps: int):

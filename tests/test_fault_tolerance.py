@@ -6,12 +6,13 @@ import threading
 import time
 from pathlib import Path
 
+import helpers
 import ray
-from helpers import TINY, small_digits_overrides
+from helpers import TINY, ExitOnce, small_digits_overrides
 
 from hdebm_ray.checkpoint import load_meta
 from hdebm_ray.config import load_config
-from hdebm_ray.launch import bank_actor_name, fit_stage
+from hdebm_ray.distributed.driver import bank_actor_name, fit_stage
 from hdebm_ray.runner import run_in_process
 
 LONGER = ["stage1.steps=12", "stage1.report_every=2", "stage1.checkpoint_every=2", "ray.max_failures=1"]
@@ -25,9 +26,9 @@ def _distilled(cfg, tmp_path):
 def test_killed_train_worker_resumes_with_the_bank_of_the_restored_checkpoint(ray_local, tmp_path):
     cfg = load_config("digits", overrides=small_digits_overrides(str(tmp_path), "wkill") + TINY + LONGER)
     marker = tmp_path / "failed-once"
-    out = fit_stage(
-        cfg, "stage1", _distilled(cfg, tmp_path), inject_failure={"rank": 1, "step": 6, "marker": str(marker)}
-    )
+    # Workers cannot import the tests' modules: the hook travels by value.
+    ray.cloudpickle.register_pickle_by_value(helpers)
+    out = fit_stage(cfg, "stage1", _distilled(cfg, tmp_path), report_hooks=[ExitOnce(1, 6, str(marker))])
     assert marker.exists()  # the worker did die
     meta = load_meta(out["checkpoint"])
     assert meta["step"] == 12 and meta["done"]

@@ -20,17 +20,20 @@ from torch import nn
 from hdebm_ray.augment import AugmentOptions, color, rescale
 from hdebm_ray.checkpoint import save_checkpoint
 from hdebm_ray.config import load_config
+from hdebm_ray.contracts import WorkerContext
 from hdebm_ray.diffusion import CosineSchedule, teacher_two_steps
-from hdebm_ray.ebm import EnergyTrainer, HatGenerator
+from hdebm_ray.energy_trainer import EnergyTrainer
 from hdebm_ray.fid import FeatureSpace, evaluate_checkpoint
 from hdebm_ray.gaussian_init import fit_gaussian
+from hdebm_ray.hat import HatGenerator
 from hdebm_ray.langevin import sample_joint, sample_langevin
-from hdebm_ray.loop import StageBase, WorkerContext, run_loop
+from hdebm_ray.loop import run_loop
 from hdebm_ray.networks import build_denoiser
 from hdebm_ray.runner import local_bank, run_in_process
-from hdebm_ray.sampling import Sampler, buffer_snapshot_location
-from hdebm_ray.slot_store import SlotStore
+from hdebm_ray.sampling import Sampler
+from hdebm_ray.slot_store import SlotStore, snapshot_location
 from hdebm_ray.stages import build_stage
+from hdebm_ray.stages.base import StageBase
 
 # -- 1. the distillation teacher is a fixed function ------------------------------------------------------------
 
@@ -141,7 +144,7 @@ def test_mebm_buffer_is_prefilled_and_keeps_its_persistent_chains(mebm_run):
 
 def test_baseline_fid_protocols_buffer_and_fresh(mebm_run, tmp_path):
     cfg, _, ckpt = mebm_run
-    location = buffer_snapshot_location(ckpt, cfg.mebm.steps)
+    location = snapshot_location(ckpt, cfg.mebm.steps)
     snapshot = SlotStore.load(location)[0].arrays["x"]
     buffer = Sampler(ckpt)  # the default for M-EBM: the paper's buffer FID
     assert buffer.protocol == "buffer" and buffer.weights == "none" and buffer.max_samples == cfg.mebm.buffer_size

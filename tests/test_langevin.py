@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hdebm_ray.diffusion import CosineSchedule
-from hdebm_ray.ebm import HatGenerator
+from hdebm_ray.hat import HatGenerator
 from hdebm_ray.langevin import hill_coefficients, langevin_update, sample_joint, sample_langevin, sample_residual
 
 N_CHAINS = 20000

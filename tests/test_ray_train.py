@@ -10,7 +10,7 @@ from helpers import TINY, small_digits_overrides
 
 from hdebm_ray.checkpoint import load_config_of, load_meta, load_states
 from hdebm_ray.config import load_config
-from hdebm_ray.launch import fit_stage, run_pipeline
+from hdebm_ray.distributed.driver import fit_stage, run_pipeline
 from hdebm_ray.sampling import Sampler
 
 

@@ -7,8 +7,8 @@ from helpers import TOY_TRIAL, distilled_toy
 
 from hdebm_ray.cli import main as cli_main
 from hdebm_ray.config import load_config
-from hdebm_ray.tune_run import SweepOptions, build_tuner, leftover_bank_actors, run_sweep
-from hdebm_ray.tune_space import parse_space
+from hdebm_ray.distributed.search_space import parse_space
+from hdebm_ray.distributed.sweep import SweepOptions, build_tuner, leftover_bank_actors, run_sweep
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from hdebm_ray.config import ConfigError, load_config
-from hdebm_ray.tune_space import load_space, parse_space
+from hdebm_ray.distributed.search_space import load_space, parse_space
 
 SPACES = sorted((Path(__file__).resolve().parents[1] / "tune_spaces").glob("*.yaml"))
 

@@ -1,38 +1,34 @@
-"""Stage "diffusion": train the truncated x0-predicting diffusion model D (docs/algorithms.md §3)."""
+"""Stage "diffusion": train the truncated x0-predicting diffusion model D (docs/algorithms.md §3).
+
+Its sampler shows what D does to data: a truncated diffusion cannot start from pure noise, so x ~ data is noised
+to x_T' = α_T'·x + σ_T'·z and mapped back to x_0 by N0 DDIM steps — the "re-imagination" G2 performs inside HDEBM.
+"""
 
 from __future__ import annotations
 
+import torch
+
 from ..config import Config
-from ..data import batch_stream, build_dataset
-from ..diffusion import CosineSchedule, diffusion_loss
-from ..loop import StageBase, WorkerContext
+from ..contracts import WorkerContext
+from ..diffusion import CosineSchedule, ddim_sample, diffusion_loss, noise_to_truncation
 from ..networks import build_denoiser
 from ..optim import adam_with_schedule, layerwise_clip_
+from .base import SamplerBase, StageBase
 
 
 class DiffusionStage(StageBase):
     name = "diffusion"
 
     def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
-        d = cfg.diffusion
-        self.cfg, self.ctx = cfg, ctx
-        self.total_steps, self.report_every, self.checkpoint_every = d.steps, d.report_every, d.checkpoint_every
-        self.images_per_step = d.batch_size
+        super().__init__(cfg, ctx, init_dir)
+        d = self.s
         self.schedule = CosineSchedule(d.T, d.cosine_s)
         self.model = build_denoiser(cfg).to(ctx.device)
         self.ddp = ctx.wrap(self.model, "denoiser")
         self.opt, self.lr_sched = adam_with_schedule(
             self.model.parameters(), d.lr, d.lr_schedule, d.warmup_steps, d.steps
         )
-        self.batches = batch_stream(
-            build_dataset(cfg),
-            d.batch_size // ctx.world_size,
-            ctx.rank,
-            ctx.world_size,
-            seed=cfg.run.seed,
-            num_workers=cfg.data.num_loader_workers,
-            device=ctx.device,
-        )
+        self.batches = self.data_stream(seed_offset=0)
 
     def train_step(self, step: int) -> dict[str, float]:
         x0, _ = next(self.batches)
@@ -56,3 +52,32 @@ class DiffusionStage(StageBase):
         self.model.load_state_dict(states["denoiser"])
         self.opt.load_state_dict(states["optimizer"])
         self.lr_sched.load_state_dict(states["lr_sched"])
+
+
+class TruncatedDiffusionSampler(SamplerBase):
+    """x ~ data noised to T', then ``steps`` DDIM steps back to x_0 (N0 for the diffusion model itself)."""
+
+    components = ("denoiser",)
+
+    def __init__(self, cfg, states, device, location, step, protocol=None):
+        super().__init__(cfg, states, device, location, step, protocol)
+        self.schedule = CosineSchedule(cfg.diffusion.T, cfg.diffusion.cosine_s)
+        self.denoiser = build_denoiser(cfg).to(device).eval()
+        self.denoiser.load_state_dict(states["denoiser"])
+
+    def ddim_steps(self) -> int:
+        return self.cfg.distill.n0_steps
+
+    def describe(self) -> str:
+        steps = self.ddim_steps()
+        return (
+            f"dataset images noised to T'={self.cfg.diffusion.T_trunc}, then {steps} DDIM step{'s' * (steps > 1)}"
+            " back (not from noise)"
+        )
+
+    @torch.no_grad()
+    def sample_with_start(self, n: int, seed: int = 0) -> tuple[torch.Tensor, None]:
+        t_trunc, x = self.cfg.diffusion.T_trunc, self.data(n, seed)
+        g = torch.Generator(device=self.device).manual_seed(seed + 1)
+        z = noise_to_truncation(self.schedule, x, torch.randn(x.shape, generator=g, device=self.device), t_trunc)
+        return ddim_sample(self.denoiser, z, self.schedule, t_trunc, self.ddim_steps()).clamp(-1, 1), None

@@ -15,6 +15,7 @@ import torch
 
 from ..checkpoint import load_states
 from ..config import Config
+from ..contracts import WorkerContext
 from ..data import batch_stream, build_dataset
 from ..diffusion import (
     CosineSchedule,
@@ -24,9 +25,11 @@ from ..diffusion import (
     noise_to_truncation,
     per_sample_mse,
 )
-from ..loop import StageBase, WorkerContext, mean_over_ranks
+from ..loop import mean_over_ranks
 from ..networks import build_denoiser
 from ..optim import layerwise_clip_
+from .base import StageBase
+from .diffusion_stage import TruncatedDiffusionSampler
 
 
 def set_dropout(module: torch.nn.Module, p: float) -> None:
@@ -43,16 +46,13 @@ def distill_total_steps(d) -> int:
 
 class DistillStage(StageBase):
     name = "distill"
+    starts_from = "a trained diffusion checkpoint"
+    count_steps = staticmethod(distill_total_steps)
 
     def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
-        if init_dir is None:
-            raise ValueError("the distill stage starts from a trained diffusion checkpoint (init_dir)")
-        d = cfg.distill
-        self.cfg, self.ctx = cfg, ctx
+        super().__init__(cfg, ctx, init_dir)
+        d = self.s
         self.n_stages = int(math.log2(d.n0_steps))
-        self.total_steps = distill_total_steps(d)
-        self.report_every, self.checkpoint_every = d.report_every, d.checkpoint_every
-        self.images_per_step = d.batch_size
         self.schedule = CosineSchedule(cfg.diffusion.T, cfg.diffusion.cosine_s)
         teacher_state = load_states(init_dir, ["denoiser"])["denoiser"]
         self.teacher = build_denoiser(cfg).to(ctx.device)
@@ -64,15 +64,7 @@ class DistillStage(StageBase):
         self.ddp = ctx.wrap(self.student, "student")
         self.opt = torch.optim.Adam(self.student.parameters(), lr=d.lr)
         self.gaps: list[dict] = []
-        self.batches = batch_stream(
-            build_dataset(cfg),
-            d.batch_size // ctx.world_size,
-            ctx.rank,
-            ctx.world_size,
-            seed=cfg.run.seed + 1,
-            num_workers=cfg.data.num_loader_workers,
-            device=ctx.device,
-        )
+        self.batches = self.data_stream(seed_offset=1)
         self._eval_x0 = None
 
     def n_student(self, step: int) -> int:
@@ -149,3 +141,10 @@ class DistillStage(StageBase):
 
     def load_summary(self, summary: dict) -> None:
         self.gaps = list(summary.get("distill_gaps", []))
+
+
+class DistillSampler(TruncatedDiffusionSampler):
+    """The distilled student's one step from T' to x_0, on noised data like the diffusion model's sampler."""
+
+    def ddim_steps(self) -> int:
+        return 1

@@ -14,20 +14,16 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..ebm import HatGenerator
+from ..contracts import WorkerContext
+from ..hat import HatGenerator
 from ..langevin import StepStats, sample_residual
-from ..loop import StageBase, WorkerContext, barrier, status
+from ..loop import barrier, status
 from ..losses import generator_loss
 from ..networks import latent_shape, sample_shape
 from ..optim import adam_with_schedule, ema_model, layerwise_clip_
-from .hdebm_common import (
-    data_stream,
-    energy_trainer,
-    fixed_sample_grids,
-    hat_generator,
-    latents,
-    toy2d_tick_metrics,
-)
+from .base import StageBase
+from .ebm_common import energy_trainer, fixed_sample_grids, toy2d_tick_metrics
+from .hdebm_common import HatSampler, hat_generator, latents
 
 
 def bank_spec(cfg: Config) -> dict:
@@ -49,16 +45,11 @@ class Stage1(StageBase):
     name = "stage1"
     uses_bank = True
 
+    starts_from = "the distilled one-step denoiser (a distill checkpoint)"
+
     def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
-        if init_dir is None:
-            raise ValueError("stage1 starts from the distilled one-step denoiser (a distill checkpoint)")
-        if ctx.bank is None:
-            raise ValueError("stage1 needs a bank client in its WorkerContext")
-        s = cfg.stage1
-        self.cfg, self.ctx, self.s = cfg, ctx, s
-        self.total_steps, self.report_every, self.checkpoint_every = s.steps, s.report_every, s.checkpoint_every
-        self.images_per_step = s.batch_size
-        self.local_batch = s.batch_size // ctx.world_size
+        super().__init__(cfg, ctx, init_dir)
+        s = self.s
         self.shape = sample_shape(cfg)
         self.hat = hat_generator(cfg, ctx, init_dir, with_g1=False)
         self.g1_ddp = ctx.wrap(self.hat.g1, "generator")
@@ -68,7 +59,7 @@ class Stage1(StageBase):
         )
         self.ema_g = ema_model(self.hat.g1, s.ema_halflife_kimg, s.batch_size)
         self.bank = ctx.bank
-        self.batches = data_stream(cfg, ctx, s.batch_size, seed_offset=2)
+        self.batches = self.data_stream(seed_offset=2)
         self.summary_state = {"bank_restores": []}
 
     # -- bank life cycle ----------------------------------------------------------------------------------
@@ -89,7 +80,8 @@ class Stage1(StageBase):
             else:
                 # The bank must match the checkpoint Ray restored, which need not be the newest one.
                 bank_step = self.bank.restore(start_step)
-                self.summary_state["bank_restores"].append({"checkpoint_step": start_step, "bank_step": bank_step})
+                restore = {"checkpoint_step": start_step, "bank_step": bank_step}
+                self.summary_state.setdefault("bank_restores", []).append(restore)
                 if bank_step is None:
                     status(f"[stage1] no bank snapshot for step {start_step}; refilling from G")
                     self.fill_bank()
@@ -194,3 +186,18 @@ class Stage1(StageBase):
         self.sched_g.load_state_dict(states["generator_sched"])
         if self.ema_g is not None and "generator_ema" in states:
             self.ema_g.load_state_dict(states["generator_ema"])
+
+
+class Stage1Sampler(HatSampler):
+    """Fresh z1, z2, X = G(z1, z2) + Y_K after Algorithm 1's K Langevin steps on Y (the training sampler)."""
+
+    ema_components = ("energy", "generator")
+
+    def sample_with_start(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        z1, z2 = self.latents(n, seed)
+        torch.manual_seed(seed)
+        x_gen, y = sample_stage1(self.energy, self.hat, z1, z2, self.cfg.stage1.langevin)
+        return (x_gen + y).clamp(-1, 1), x_gen.clamp(-1, 1)
+
+    def describe(self) -> str:
+        return f"G(z) + Y after {self.cfg.stage1.langevin.steps} Langevin steps on Y"

@@ -9,17 +9,12 @@ import torch
 
 from ..checkpoint import load_states
 from ..config import Config
+from ..contracts import WorkerContext
 from ..langevin import StepStats, sample_joint
-from ..loop import StageBase, WorkerContext
 from ..networks import sample_shape
-from .hdebm_common import (
-    data_stream,
-    energy_trainer,
-    fixed_sample_grids,
-    hat_generator,
-    latents,
-    toy2d_tick_metrics,
-)
+from .base import StageBase
+from .ebm_common import energy_trainer, fixed_sample_grids, toy2d_tick_metrics
+from .hdebm_common import HatSampler, hat_generator, latents
 
 
 def joint_sampler_kwargs(cfg: Config) -> dict:
@@ -39,13 +34,11 @@ def joint_sampler_kwargs(cfg: Config) -> dict:
 class Stage2(StageBase):
     name = "stage2"
 
+    starts_from = "a stage1 checkpoint"
+
     def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
-        if init_dir is None:
-            raise ValueError("stage2 starts from a stage1 checkpoint")
-        s = cfg.stage2
-        self.cfg, self.ctx, self.s = cfg, ctx, s
-        self.total_steps, self.report_every, self.checkpoint_every = s.steps, s.report_every, s.checkpoint_every
-        self.images_per_step = s.batch_size
+        super().__init__(cfg, ctx, init_dir)
+        s = self.s
         self.shape = sample_shape(cfg)
         self.hat = hat_generator(cfg, ctx, init_dir, with_g1=True)
         self.hat.g1.requires_grad_(False).eval()
@@ -53,7 +46,7 @@ class Stage2(StageBase):
         self.energy.net.load_state_dict(load_states(init_dir, ["energy"], map_location=ctx.device)["energy"])
         if self.energy.ema is not None:  # the EMA starts at Stage 1's weights, not at a random init
             self.energy.ema.module.load_state_dict(self.energy.net.state_dict())
-        self.batches = data_stream(cfg, ctx, s.batch_size, seed_offset=3)
+        self.batches = self.data_stream(seed_offset=3)
 
     def train_step(self, step: int) -> dict[str, float]:
         x_pos, _ = next(self.batches)
@@ -101,3 +94,23 @@ class Stage2(StageBase):
 
     def load_state_dict(self, states: dict[str, dict]) -> None:
         self.energy.load_state_dict(states, "energy")
+
+
+class Stage2Sampler(HatSampler):
+    """The joint sampler of Stage 2 on (Y, z1, z2) from fresh latents and Y_0 = 0. G1 is frozen in Stage 2: its
+    raw weights are its EMA."""
+
+    ema_components = ("energy",)
+
+    def sample_with_start(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        z1, z2 = self.latents(n, seed)
+        torch.manual_seed(seed)
+        with torch.no_grad():  # deterministic: the Langevin noise that follows is unchanged
+            start = self.hat(z1, z2)
+        y, _, _, x_gen = sample_joint(
+            self.energy, self.hat, z1, z2, modules=(self.hat,), **joint_sampler_kwargs(self.cfg)
+        )
+        return (x_gen + y).clamp(-1, 1), start.clamp(-1, 1)
+
+    def describe(self) -> str:
+        return f"G(z) + Y after {self.cfg.stage2.langevin_steps} joint Langevin steps on (Y, z1, z2)"

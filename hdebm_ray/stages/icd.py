@@ -17,7 +17,7 @@ from torch.func import functional_call
 from ..augment import AugmentOptions, augment
 from ..langevin import StepStats, langevin_step_with_graph
 from ..losses import kl_loss
-from .replay_ebm import DATA_RANGE, ReplayEBMStage, sgld_chain
+from .replay_ebm import DATA_RANGE, ReplayEBMSampler, ReplayEBMStage, sgld_chain
 
 
 def detached(net: torch.nn.Module):
@@ -69,3 +69,9 @@ class ICDStage(ReplayEBMStage):
             return s.kl_weight * loss, {"Loss/kl": loss.item(), "Loss/nn_entropy": entropy.item()}
 
         return self.energy.update(x_pos, x_neg, extra_loss=kl_term)
+
+
+class ICDSampler(ReplayEBMSampler):
+    """Improved CD's samples: fresh chains with its augmentation transitions (Algorithm 2), or its buffer."""
+
+    stage = "icd"

@@ -11,10 +11,10 @@ import torch
 
 from ..augment import AugmentOptions, augment
 from ..config import Config, ConfigError
+from ..contracts import WorkerContext
 from ..data import build_dataset, random_items, toy2d_centres
-from ..loop import WorkerContext
-from .hdebm_common import data_stream
-from .replay_ebm import ReplayEBMStage
+from .base import data_stream
+from .replay_ebm import ReplayEBMSampler, ReplayEBMStage
 
 CLASSES = {"digits": 10, "cifar10": 10}
 ACCURACY_SAMPLES = 1000
@@ -79,3 +79,13 @@ class MJEMStage(ReplayEBMStage):
                 self.energy.net, self.cfg, device=self.ctx.device, items=self.accuracy_items
             )
         return metrics
+
+
+class MJEMSampler(ReplayEBMSampler):
+    """M-JEM's samples: M-EBM's protocols on the energy head of its classifier network."""
+
+    stage = "mjem"
+
+    @staticmethod
+    def num_classes(cfg: Config) -> int:
+        return num_classes(cfg)

@@ -14,15 +14,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import storage
 from ..augment import AugmentOptions, augment
 from ..config import Config, check_stage
-from ..data import build_dataset
-from ..fid import cache_dir
+from ..contracts import WorkerContext
+from ..data import build_dataset, cache_root
 from ..gaussian_init import GaussianInit, cached_gaussian
 from ..langevin import StepStats, frozen, sample_langevin
-from ..loop import StageBase, WorkerContext, barrier, status
-from ..networks import sample_shape
-from .hdebm_common import data_stream, energy_trainer, fixed_sample_grids, toy2d_tick_metrics
+from ..loop import barrier, status
+from ..networks import build_energy, sample_shape
+from ..slot_store import SlotStore, snapshot_location
+from .base import SamplerBase, StageBase
+from .ebm_common import energy_trainer, fixed_sample_grids, toy2d_tick_metrics
 
 DATA_RANGE = (-1.0, 1.0)
 
@@ -50,7 +53,7 @@ def fit_p0(cfg: Config, section) -> GaussianInit:
         name += f"-jitter{section.p0_cov_jitter:g}"
     return cached_gaussian(
         build_dataset(cfg),
-        cache_dir(cfg).parent / "p0",
+        cache_root(cfg) / "p0",
         name,
         section.p0_max_full_dim,
         section.p0_rank,
@@ -117,15 +120,12 @@ class ReplayEBMStage(StageBase):
 
     name = "mebm"
 
+    uses_bank = True
+
     def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
-        if ctx.bank is None:
-            raise ValueError(f"{self.name} needs a replay-buffer client in its WorkerContext")
         check_stage(cfg, self.name)
-        s = getattr(cfg, self.name)
-        self.cfg, self.ctx, self.s = cfg, ctx, s
-        self.total_steps, self.report_every, self.checkpoint_every = s.steps, s.report_every, s.checkpoint_every
-        self.images_per_step = s.batch_size
-        self.local_batch = s.batch_size // ctx.world_size
+        super().__init__(cfg, ctx, init_dir)
+        s = self.s
         self.init = ChainInit.for_section(cfg, s)
         self.energy = energy_trainer(
             cfg,
@@ -139,8 +139,7 @@ class ReplayEBMStage(StageBase):
             multiscale=s.multiscale,
         )
         self.bank = ctx.bank
-        self.batches = data_stream(cfg, ctx, s.batch_size, seed_offset=4)
-        self.summary_state = {}
+        self.batches = self.data_stream(seed_offset=4)
 
     def num_classes(self) -> int:
         return 0
@@ -233,3 +232,61 @@ class ReplayEBMStage(StageBase):
     def load_state_dict(self, states: dict[str, dict]) -> None:
         self.energy.load_state_dict(states, "energy")
         self.init = ChainInit.from_state_dict(sample_shape(self.cfg), states["chain_init"], self.s.p0_clamp)
+
+
+class ReplayEBMSampler(SamplerBase):
+    """A baseline's samples by its protocol (``<stage>.eval_protocol``): ``fresh``, test-time SGLD chains from its
+    chain_init (``sample_replay_ebm``); or ``buffer``, the replay buffer's persistent chains as they were at the
+    checkpoint (the snapshot ``<stage dir>/bank/bank_step_<step>.arrow`` beside it), as M-EBM reports its FID."""
+
+    stage = "mebm"
+    components = ("energy", "chain_init")
+    ema_components = ("energy",)
+    start_name = "init"  # results name the chain starts alone "init"
+    protocols = ("buffer", "fresh")
+
+    @staticmethod
+    def num_classes(cfg: Config) -> int:
+        """Logits of the energy net besides its energy (M-JEM's classifier head); 0 for a plain energy."""
+        return 0
+
+    def __init__(self, cfg, states, device, location, step, protocol=None):
+        super().__init__(cfg, states, device, location, step)
+        self.section = getattr(cfg, self.stage)
+        self.init = ChainInit.from_state_dict(sample_shape(cfg), states["chain_init"], self.section.p0_clamp)
+        self.energy = build_energy(cfg, self.num_classes(cfg), self.section.multiscale).to(device).eval()
+        self.energy.load_state_dict(states["energy"])
+        self.protocol = protocol or self.section.eval_protocol
+        if self.protocol not in self.protocols:
+            raise ValueError(f"unknown sampling protocol {self.protocol!r}; choose one of {', '.join(self.protocols)}")
+        if self.protocol == "buffer":  # the samples are the chains themselves: no weights are involved
+            self.uses_weights = False
+            self._load_buffer(snapshot_location(location, step))
+
+    def describe(self) -> str:
+        if self.protocol == "buffer":
+            return "the replay buffer's chains at this checkpoint"
+        steps = self.section.sample_steps or self.section.sgld.steps
+        return f"{steps} SGLD steps from {self.section.chain_init}"
+
+    def _load_buffer(self, location: str) -> None:
+        if not storage.exists(location):
+            raise FileNotFoundError(
+                f"no replay buffer snapshot at {location} for this {self.stage} checkpoint (sample with the fresh "
+                "protocol instead: --protocol fresh)"
+            )
+        store, _ = SlotStore.load(location)
+        self.buffer = torch.from_numpy(store.arrays["x"][store.written_step >= 0])
+        self.max_samples = len(self.buffer)
+        # A fixed order over the slots: consecutive seeds read consecutive, distinct slots.
+        self.buffer_order = torch.randperm(len(self.buffer), generator=torch.Generator().manual_seed(self.cfg.run.seed))
+
+    def sample_with_start(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(seed)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        if self.protocol == "buffer":  # the chains as training left them; starts: p0 draws of the same count
+            slots = self.buffer_order[(torch.arange(n) + seed) % len(self.buffer)]
+            x0 = self.init.sample(n, generator=gen, device=self.device)
+            return self.buffer[slots].to(self.device).clamp(-1, 1), x0.clamp(-1, 1)
+        x0, x = sample_replay_ebm(self.energy, self.init, self.section, n, gen, self.device)
+        return x.clamp(-1, 1), x0.clamp(-1, 1)

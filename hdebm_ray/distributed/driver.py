@@ -13,11 +13,11 @@ import json
 import math
 import os
 
-from . import storage
-from .checkpoint import load_meta
-from .config import Config
-from .stages import BANK_SPECS, INIT_FROM, PIPELINE
-from .storage import as_uri, run_dir
+from .. import storage
+from ..checkpoint import load_meta
+from ..config import Config
+from ..stages import BANK_SPECS, INIT_FROM, PIPELINE
+from ..storage import as_uri, run_dir
 
 NAMESPACE = "hdebm"
 
@@ -26,6 +26,9 @@ def init_ray(cfg: Config) -> None:
     """Connect to the cluster named by ray.address / $RAY_ADDRESS, or start an embedded local one."""
     import ray
 
+    from .ray_compat import check_ray_version
+
+    check_ray_version()
     if ray.is_initialized():
         return
     # Report ticks wait for the controller's poll; the 2 s default dominates short CPU steps.
@@ -66,14 +69,14 @@ def trainer_for(
     callbacks=(),
     name: str | None = None,
     bank_name: str | None = None,
-    inject_failure: dict | None = None,
+    report_hooks=(),
     eval_pool: str | None = None,
 ):
     """A TorchTrainer that runs ``stage`` with ``cfg.ray.num_workers`` DDP workers (gloo on CPU, nccl on GPU)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .ray_worker import train_loop_per_worker
+    from .worker import train_loop_per_worker
 
     r = cfg.ray
     resources = {"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}
@@ -87,8 +90,8 @@ def trainer_for(
             "log_dir": f"{location}/tb",
             "bank_name": bank_name,
             "eval_pool": eval_pool,  # rank 0 adds the pool's latest Eval/fid to its reports
-            # Testing aid: {"rank", "step", "marker"} makes that rank exit once right after that step's report.
-            "inject_failure": inject_failure,
+            # Callables hook(rank=, step=) every rank runs after each report (the tests inject faults with one).
+            "report_hooks": list(report_hooks),
         },
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -140,7 +143,7 @@ def start_bank(cfg: Config, stage: str):
 
 
 def fit_stage(
-    cfg: Config, stage: str, init_from: str | None = None, callbacks=(), inject_failure=None, eval_pool=None
+    cfg: Config, stage: str, init_from: str | None = None, callbacks=(), report_hooks=(), eval_pool=None
 ) -> dict:
     """Run one stage to its end (resuming if it ran before); returns {checkpoint, step, summary}.
 
@@ -158,7 +161,7 @@ def fit_stage(
     try:
         name = bank_actor_name(cfg, stage) if bank is not None else None
         trainer = trainer_for(
-            cfg, stage, init_from, callbacks, bank_name=name, inject_failure=inject_failure, eval_pool=pool
+            cfg, stage, init_from, callbacks, bank_name=name, report_hooks=report_hooks, eval_pool=pool
         )
         result = trainer.fit()
     finally:
@@ -200,18 +203,19 @@ def running_eval_pool(cfg: Config, **testing):
 
 
 def write_sample_grid(cfg: Config, checkpoint: str, out: str, n: int = 64) -> str:
-    """Sample a stage's checkpoint with its own sampler in a Ray task on a worker-sized slot; write a PNG."""
+    """Sample a stage's checkpoint with its own sampler in a Ray task on a worker-sized slot; write a PNG (upscaled,
+    captioned with what it shows: ``Sampler.caption``)."""
     import ray
 
     @ray.remote(num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0)
     def grid(ckpt: str, path: str) -> str:
-        from .sampling import Sampler, default_device, save_grid
-        from .storage import local_dir, staged_output
+        from ..sampling import Sampler, default_device, save_grid
+        from ..storage import local_dir, staged_output
 
         out_dir, name = path.rsplit("/", 1)
         with local_dir(ckpt) as d, staged_output(out_dir) as local_out:
             sampler = Sampler(d, device=default_device(), origin=ckpt)
-            save_grid(sampler.sample(n), local_out / name, sampler.cfg)
+            save_grid(sampler.sample(n), local_out / name, sampler.cfg, caption=sampler.caption())
         return path
 
     return ray.get(grid.remote(checkpoint, out))
@@ -266,7 +270,7 @@ def _warn_if_pool_starves_workers(cfg: Config) -> None:
 
 def print_eval_table(run_location: str) -> None:
     """The run's FID / KID so far, one line per scored checkpoint (from ``<run>/eval.jsonl``)."""
-    from .fid import read_results, start_note
+    from ..results import read_results, start_note
 
     results = read_results(run_location)
     if not results:

@@ -23,8 +23,8 @@ import traceback
 import ray
 from ray.train import UserCallback
 
+from ..config import Config
 from .bank_actor import NAMESPACE
-from .config import Config
 
 
 def pool_name(cfg: Config) -> str:
@@ -36,8 +36,8 @@ class EvalActor:
     """Samples a checkpoint with its stage's sampler and scores it; keeps one feature extractor per dataset."""
 
     def __init__(self, hold_until: str | None = None):
-        from .fid import FeatureSpaces
-        from .sampling import default_device
+        from ..fid import FeatureSpaces
+        from ..sampling import default_device
 
         self.spaces = FeatureSpaces(default_device())
         self.hold_until = hold_until  # testing aid: evaluations wait until this file exists
@@ -46,9 +46,9 @@ class EvalActor:
         return os.getpid()
 
     def evaluate(self, checkpoint: str, num_samples: int, seed: int) -> dict:
-        from .checkpoint import load_config_of
-        from .fid import evaluate_checkpoint
-        from .storage import local_dir
+        from ..checkpoint import load_config_of
+        from ..fid import evaluate_checkpoint
+        from ..storage import local_dir
 
         while self.hold_until and not os.path.exists(self.hold_until):
             time.sleep(0.05)
@@ -75,7 +75,7 @@ class EvalPool:
         hold_until: str | None = None,
         max_attempts: int = 3,
     ):
-        from .fid import evaluated, read_results, run_checkpoints
+        from ..results import evaluated, read_results, run_checkpoints
 
         self.run_location, self.num_samples, self.seed = run_location, num_samples, seed
         self.max_attempts = max_attempts
@@ -142,7 +142,7 @@ class EvalPool:
         return None
 
     async def _evaluate(self, index: int, ckpt: str) -> None:
-        from .fid import record, start_note
+        from ..results import record, start_note
 
         result = await self._score(index, ckpt)
         if result is None:
@@ -233,7 +233,7 @@ class NotifyEvalPool(UserCallback):
     def after_report(self, run_context, metrics, checkpoint) -> None:
         if checkpoint is None:
             return
-        from .storage import as_uri
+        from ..storage import as_uri
 
         if self._pool is None:
             self._pool = ray.get_actor(self.pool_name, namespace=NAMESPACE)

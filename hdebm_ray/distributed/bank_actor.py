@@ -11,7 +11,7 @@ import warnings
 
 import ray
 
-from .bank import BankService, as_numpy
+from ..bank import BankService, as_numpy
 
 NAMESPACE = "hdebm"
 

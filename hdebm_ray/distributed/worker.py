@@ -6,8 +6,6 @@ checkpoint). A restarted or re-run worker resumes from ``ray.train.get_checkpoin
 
 from __future__ import annotations
 
-import logging
-import os
 import tempfile
 import time
 
@@ -15,27 +13,19 @@ import ray.train
 import ray.train.torch
 import torch
 
+from ..checkpoint import checkpoint_meta, restore, save_checkpoint
+from ..config import from_dict
+from ..contracts import WorkerContext
+from ..loop import run_loop, seed_steps, status
+from ..stage_log import StageLogger
+from ..stages import build_stage
 from .bank_actor import ActorBankClient
-from .checkpoint import save_checkpoint
-from .config import from_dict
 from .eval_pool import LatestEval
-from .loop import WorkerContext, run_loop, status
-from .runner import StageLogger, checkpoint_meta, restore, seed_steps
-from .stages import build_stage
-
-
-def _quiet_report_log() -> None:
-    """Ray Train 2.60 logs every report's full metrics dict at INFO from a logger named by its file path (outside
-    the ``ray.train`` hierarchy, so LoggingConfig does not reach it); our one-line status per tick says enough."""
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+from .ray_compat import quiet_train_report_log
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    _quiet_report_log()
+    quiet_train_report_log()
     cfg = from_dict(loop_config["config"])
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
@@ -63,9 +53,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         start, last_metrics = int(meta["step"]), meta.get("metrics", {})
         if rank == 0:
             status(f"[{stage.name}] resumed from {ckpt.path} at step {start}")
-    seed_steps(cfg, rank, start)
+    seed_steps(cfg.run.seed, rank, start)
 
     logger = StageLogger(stage, loop_config.get("log_dir"), enabled=rank == 0)
+    report_hooks = loop_config.get("report_hooks") or ()  # callables (rank, step), e.g. a test's fault injection
     pool = loop_config.get("eval_pool")
     latest_eval = LatestEval(pool, stage.name) if pool and rank == 0 else None
 
@@ -84,10 +75,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 )
         else:
             ray.train.report(metrics)
-        fault = loop_config.get("inject_failure")
-        if fault and fault["rank"] == rank and fault["step"] == step and not os.path.exists(fault["marker"]):
-            open(fault["marker"], "w").close()  # once: the restarted worker must get past this step
-            os._exit(1)
+        for hook in report_hooks:
+            hook(rank=rank, step=step)
 
     run_loop(stage, start, report)
     if start >= stage.total_steps:

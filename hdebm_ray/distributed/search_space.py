@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from .config import Config, ConfigError
+from ..config import Config, ConfigError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 TOP_LEVEL = {"stage", "metric", "mode", "params", "description"}
@@ -96,7 +96,7 @@ def _param(source: str, key: str, spec: Any) -> Param:
 
 def parse_space(text: str, source: str, base: Config) -> SearchSpace:
     """Parse and check a space against ``base`` (the resolved preset/config the trials start from)."""
-    from .stages import STAGES
+    from ..stages import STAGES
 
     try:
         tree = yaml.safe_load(text)

@@ -12,13 +12,13 @@ from __future__ import annotations
 import math
 import signal
 import threading
-import time
 from dataclasses import dataclass
 
-from .config import Config, ConfigError, from_dict
-from .stages.distill_stage import distill_total_steps
-from .storage import run_dir
-from .tune_space import SearchSpace
+from ..config import Config, ConfigError, from_dict
+from ..stages.distill_stage import distill_total_steps
+from ..storage import run_dir
+from .ray_compat import wait_for_forwarded_reports
+from .search_space import SearchSpace
 
 SEARCHERS = ("random", "optuna", "hyperopt")
 SCHEDULERS = ("fifo", "asha")
@@ -60,36 +60,16 @@ def make_trainable(base: Config, stage: str, init_from: str | None, sweep_locati
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from .launch import fit_stage, running_eval_pool
+        from .driver import fit_stage, running_eval_pool
 
         cfg = trial_config(from_dict(base_tree), params, sweep_location, tune.get_context().get_trial_id())
         # Same Train run name on a retried or resumed trial: the Train run resumes from its own checkpoint.
         # With eval.actors > 0 the trial has its own eval pool, whose newest Eval/fid rides on the reports.
         with running_eval_pool(cfg) as pool:
             fit_stage(cfg, stage, init_from, callbacks=[TuneReportCallback()], eval_pool=pool)
-            _wait_for_forwarded_reports()
+            wait_for_forwarded_reports()
 
     return train_trial
-
-
-def _wait_for_forwarded_reports(timeout_s: float = 120.0) -> None:
-    """Return from a trial only once Tune has taken every report TuneReportCallback forwarded.
-
-    Ray 2.60 race (seen as a trial stuck RUNNING forever): the callback forwards the Train run's reports through a
-    one-slot actor queue that the trial's main thread drains one per Tune step; if the driver function returns
-    while a report is still in that queue, its end-of-trial result fills the one-slot result queue first, and the
-    main thread then blocks forever putting the forwarded report behind it.
-    """
-    from ray.train._internal.session import get_session
-
-    session = get_session()
-    forwarded = getattr(session, "_inter_actor_queue", None)
-    if forwarded is None:
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not (forwarded.empty() and session.result_queue.empty()):
-        time.sleep(0.1)
-    time.sleep(0.5)  # the main thread may be between taking the last report and queueing it
 
 
 def _search_alg(space: SearchSpace, opts: SweepOptions):
@@ -163,7 +143,7 @@ def build_tuner(base: Config, space: SearchSpace, init_from: str | None, opts: S
 
 def write_outputs(results, base: Config, space: SearchSpace, opts: SweepOptions) -> dict:
     """trials.csv of every trial and best_config.yaml of the best; returns a summary."""
-    from . import storage
+    from .. import storage
 
     location = sweep_dir(base, opts.name)
     frame = results.get_dataframe()
@@ -186,7 +166,7 @@ def write_outputs(results, base: Config, space: SearchSpace, opts: SweepOptions)
 def leftover_bank_actors(prefix: str = "bank-trial-") -> list[str]:
     import ray
 
-    from .launch import NAMESPACE
+    from .driver import NAMESPACE
 
     return [
         a["name"]

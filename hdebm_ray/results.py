@@ -1,0 +1,76 @@
+"""The run's evaluation record: ``<run>/eval.jsonl`` (one JSON result per evaluated checkpoint), the eval
+TensorBoard scalars beside the training ones, and which checkpoints a run has and which are scored already."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from . import storage
+from .storage import as_uri, fs_and_path, staged_output
+
+
+def start_note(result: dict) -> str:
+    """', generator alone FID x' (or 'chain init alone') for a result that has one, else ''."""
+    for start, label in (("generator", "generator alone"), ("init", "chain init alone")):
+        if f"fid_{start}" in result:
+            return f", {label} FID {result[f'fid_{start}']:.4g}"
+    return ""
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    text = storage.read_text(str(path)) if storage.exists(str(path)) else ""
+    storage.write_text(str(path), text + json.dumps(record, sort_keys=True) + "\n")
+
+
+def record(run_location: str, result: dict) -> None:
+    """Append to ``<run>/eval.jsonl`` and log ``Eval/fid`` / ``Eval/kid`` at the checkpoint's images seen."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    append_jsonl(f"{run_location}/eval.jsonl", result)
+    # events go to a local directory (uploaded afterwards when the run lives under a URI)
+    with staged_output(f"{run_location}/tb/{result['stage']}") as local:
+        with SummaryWriter(log_dir=str(local), filename_suffix=".eval") as writer:
+            suffix = "" if result.get("default_sampler", True) else f"_{result['protocol']}_{result['weights']}"
+            for key in ("fid", "kid", "fid_generator", "kid_generator", "fid_init", "kid_init"):
+                if key in result:
+                    writer.add_scalar(f"Eval/{key}{suffix}", result[key], result["nimg"])
+
+
+def read_results(run_location: str) -> list[dict]:
+    """Every result in ``<run>/eval.jsonl`` (empty if none)."""
+    path = f"{run_location}/eval.jsonl"
+    if not storage.exists(path):
+        return []
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+
+
+def evaluated(run_location: str, protocol: str | None = None, weights: str | None = None) -> set[str]:
+    """Checkpoint paths that already have a result in ``<run>/eval.jsonl`` (with that protocol / those weights,
+    when given)."""
+    return {
+        r["checkpoint"]
+        for r in read_results(run_location)
+        if protocol in (None, r.get("protocol")) and weights in (None, r.get("weights"))
+    }
+
+
+def run_checkpoints(run_location: str, stages=None) -> list[str]:
+    """Every checkpoint of the given stages (default: all) under a run (local path or URI), oldest first per
+    stage; paths as the eval pool records them, so the pool and ``hdebm-ray eval`` agree on what is scored."""
+    if stages is None:
+        fs, base = fs_and_path(run_location)
+        stages = sorted(
+            i.base_name for i in fs.get_file_info(pafs.FileSelector(base)) if i.type == pafs.FileType.Directory
+        )
+    found = []
+    for stage in stages:
+        fs, base = fs_and_path(f"{run_location}/{stage}")
+        if fs.get_file_info(base).type != pafs.FileType.Directory:
+            continue
+        dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(base)) if i.type == pafs.FileType.Directory]
+        ckpts = sorted(d for d in dirs if d.rsplit("/", 1)[-1].startswith("checkpoint_"))
+        found += [as_uri(d, run_location) for d in ckpts if fs.get_file_info(f"{d}/meta.json").is_file]
+    return found
