@@ -1,3 +1,5 @@
+"""``python -m hdebm_ray``: the same command line as ``hdebm-ray``."""
+
 import sys
 
 from .cli import main

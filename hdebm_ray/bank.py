@@ -6,7 +6,7 @@ no other outstanding lease holds; ``commit(lease, ...)`` overwrites exactly thos
 whose owner died is reclaimed when it expires, or as soon as the same owner (a restarted rank) checks out again.
 
 ``ReplayBuffer`` (M-EBM, Improved CD) samples chain starts, re-initialising each with probability ρ, and takes new
-samples back. The Ray actor in ``bank_actor.py`` wraps either one.
+samples back. The Ray actor in ``distributed/bank_actor.py`` wraps either one.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def test_baseline_learns_the_grid_beyond_where_its_chains_start(tmp_path, stage)
     centres = toy2d_centres(cfg.data.toy2d_mixture)
     # A mode counts as covered with at least 20 of the 2000 samples (a quarter of its fair share), not just one.
     trained = mode_coverage(sampler.sample(N_SAMPLES, seed=123), centres, cfg.data.toy2d_std, min_count=20)
-    start = mode_coverage(sampler.init.sample(N_SAMPLES), centres, cfg.data.toy2d_std)
+    start = mode_coverage(sampler.impl.init.sample(N_SAMPLES), centres, cfg.data.toy2d_std)
     print(f"toy2d {stage}:", trained, "chain init:", start)
     assert trained["modes_covered"] >= 18, trained
     assert trained["high_quality_fraction"] >= start["high_quality_fraction"] + 0.2, (trained, start)

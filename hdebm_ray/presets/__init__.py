@@ -1,0 +1,1 @@
+"""The shipped presets: one YAML file per named config (``hdebm-ray presets`` lists them)."""
