@@ -14,6 +14,7 @@ from .cli_inference import add_inference_commands
 from .config import ConfigError, check_stage, load_config, preset_names
 from .config_show import add_config_parser
 from .data import DatasetError
+from .distributed.ray_compat import UntestedRayError
 from .eval_features import EvalError
 
 
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DatasetError, EvalError, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, EvalError, FileNotFoundError, UntestedRayError) as e:
         print(f"hdebm-ray: error: {e}", file=sys.stderr)
         return 2
 

@@ -40,7 +40,10 @@ class Sampler:
         meta = load_meta(ckpt_dir)
         self.stage, self.device = meta["stage"], torch.device(device)
         self.step, self.nimg = int(meta["step"]), int(meta["nimg"])
-        cls = sampler_class(self.stage)
+        try:
+            cls = sampler_class(self.stage)
+        except ValueError as e:
+            raise ValueError(f"checkpoint '{ckpt_dir}': {e}") from None
         states = load_states(ckpt_dir, list(cls.components), map_location=self.device)
         self.weights = self._load_ema(ckpt_dir, states, use_ema, cls.ema_components)
         location = str(origin or ckpt_dir)

@@ -11,8 +11,7 @@ import logging
 import os
 import time
 import warnings
-
-import ray
+from importlib.metadata import version as installed_version
 
 TESTED_RAY = "2.60"  # major.minor the workarounds below were written and tested against
 ALLOW_ENV = "HDEBM_RAY_ALLOW_UNTESTED_RAY"
@@ -24,7 +23,7 @@ class UntestedRayError(RuntimeError):
 
 def check_ray_version(version: str | None = None) -> None:
     """Raise ``UntestedRayError`` unless Ray is ``TESTED_RAY``.x (or ``$HDEBM_RAY_ALLOW_UNTESTED_RAY`` is set)."""
-    version = version or ray.__version__
+    version = version or installed_version("ray")  # without importing Ray: the CLI checks before it starts it
     if version == TESTED_RAY or version.startswith(TESTED_RAY + "."):
         return
     message = (
