@@ -9,7 +9,9 @@ else ``~/.cache/hdebm_ray/<dataset>``), never inside the installed clean-fid pac
 
 from __future__ import annotations
 
+import os
 import tempfile
+from glob import glob
 from pathlib import Path
 
 import numpy as np
@@ -42,48 +44,17 @@ def write_png_folder(images: torch.Tensor, folder: str | Path) -> Path:
 def folder_features(
     folder: str | Path, fn, resize, batch_size: int, device: torch.device, progress: str | None = None
 ) -> np.ndarray:
-    """clean-fid's features of a folder of images. ``progress``: a label to show progress under (one clean-fid
-    call per batch of the same sorted file list: the same batches, so the same features), None for silence."""
-    from cleanfid.fid import get_folder_features
-
-    if progress is not None:
-        return _folder_features_by_batch(folder, fn, resize, batch_size, device, progress)
-    return get_folder_features(
-        str(folder),
-        fn,
-        num_workers=0,
-        batch_size=batch_size,
-        device=device,
-        mode="clean",
-        custom_fn_resize=resize,
-        verbose=False,
-    )
-
-
-def _folder_features_by_batch(folder, fn, resize, batch_size: int, device, desc: str) -> np.ndarray:
-    import os
-    from glob import glob
-
+    """clean-fid's features of a folder of images, as ``get_folder_features`` computes them: its sorted file list
+    in batches of ``batch_size``, one ``get_files_features`` call per batch so that progress can be shown under
+    the label ``progress`` (None: silent). The batches are clean-fid's own, so the features are too."""
     from cleanfid.fid import EXTENSIONS, get_files_features
 
     fdir = str(folder)
     files = sorted(f for ext in EXTENSIONS for f in glob(os.path.join(fdir, f"**/*.{ext}"), recursive=True))
     batches = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
-    feats = [
-        get_files_features(
-            chunk,
-            fn,
-            num_workers=0,
-            batch_size=batch_size,
-            device=device,
-            mode="clean",
-            custom_fn_resize=resize,
-            fdir=fdir,
-            verbose=False,
-        )
-        for chunk in show_progress(batches, desc=desc, unit="batches", leave=False)
-    ]
-    return np.concatenate(feats)
+    shown = show_progress(batches, desc=progress or "", unit="batches", enabled=progress is not None, leave=False)
+    options = dict(num_workers=0, batch_size=batch_size, device=device, mode="clean", custom_fn_resize=resize)
+    return np.concatenate([get_files_features(chunk, fn, fdir=fdir, verbose=False, **options) for chunk in shown])
 
 
 def frechet_distance(feats1: np.ndarray, feats2: np.ndarray) -> float:

@@ -113,7 +113,21 @@ def test_folder_features_by_batch_equal_clean_fid(tmp_path, capsys):
     def fn(x):
         return x.flatten(1)[:, ::7] * torch.arange(1, x.shape[0] + 1)[:, None]  # depends on the batch layout
 
-    whole = folder_features(folder, fn, native_resize, 5, torch.device("cpu"))
+    from cleanfid.fid import get_folder_features
+
+    whole = get_folder_features(
+        str(folder),
+        fn,
+        num_workers=0,
+        batch_size=5,
+        device=torch.device("cpu"),
+        mode="clean",
+        custom_fn_resize=native_resize,
+        verbose=False,
+    )
+    silent = folder_features(folder, fn, native_resize, 5, torch.device("cpu"))
+    assert capsys.readouterr().err == ""
+    np.testing.assert_array_equal(whole, silent)
     batched = folder_features(folder, fn, native_resize, 5, torch.device("cpu"), progress="feats")
     np.testing.assert_array_equal(whole, batched)
     assert "[feats] 5/5 batches (100%)" in capsys.readouterr().err
