@@ -30,6 +30,14 @@ def write_results(out: str | Path, name: str, title: str, result: dict) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
-    lines = [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result.items()]
+
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if isinstance(v, list):
+            return ", ".join(cell(x) for x in v)
+        return str(v)
+
+    lines = [f"| {k} | {cell(v)} |" for k, v in result.items()]
     (out / f"{name}.md").write_text(f"# {title}\n\n| measure | value |\n|---|---|\n" + "\n".join(lines) + "\n")
     print(json.dumps(result, indent=2))

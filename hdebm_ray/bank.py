@@ -305,6 +305,9 @@ class LocalBankClient:
     def commit(self, lease_id: int, step: int, **fields) -> bool:
         return self.service.commit(lease_id, step, as_numpy(fields))["ok"]
 
+    def commit_async(self, lease_id: int, step: int, **fields) -> dict:
+        return self.service.commit(lease_id, step, as_numpy(fields))
+
     def fill(self, start: int, step: int, **fields) -> None:
         self.service.fill(start, step, as_numpy(fields))
 

@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
+from . import compute
 from .config_schema import (
+    ComputeSection,
     DataSection,
     DiffusionSection,
     DistillSection,
@@ -52,6 +54,7 @@ class Config:
     mjem: MJEMSection = MJEMSection()
     icd: ICDSection = ICDSection()
     eval: EvalSection = EvalSection()
+    compute: ComputeSection = ComputeSection()
 
     def to_dict(self) -> dict:
         return to_plain(self)
@@ -208,6 +211,8 @@ def validate(cfg: Config) -> None:
                 f"{section}.report_every = {sec.report_every} (checkpoints ride on reports)"
             )
     _validate_replay_ebms(cfg)
+    if (why := compute.problem(cfg.compute, cfg.ray.use_gpu)) is not None:
+        raise ConfigError(why)
     if cfg.stage1.bank_size < cfg.stage1.batch_size:
         raise ConfigError(
             f"config key 'stage1.bank_size' = {cfg.stage1.bank_size} must be >= stage1.batch_size = "

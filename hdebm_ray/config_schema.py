@@ -52,6 +52,31 @@ class RaySection:
 
 
 @dataclass(frozen=True)
+class ComputeSection:
+    """Precision and kernels of every stage's networks (``compute.py``); the GPU presets turn on what helps."""
+
+    precision: str = knob(
+        "fp32",
+        choices=("fp32", "bf16", "fp16"),
+        doc="autocast dtype of every network forward (Langevin chains' state and updates stay fp32); fp16 "
+        "needs a GPU and trains with a GradScaler",
+    )
+    tf32: bool = knob(True, doc="CUDA: TF32 tensor cores for fp32 matmuls and convolutions")
+    channels_last: bool = knob(False, doc="conv weights in NHWC memory format (tensor cores / oneDNN prefer it)")
+    compile: str = knob(
+        "none",
+        choices=("none", "default", "max-autotune"),
+        doc="torch.compile mode for H, G1 and the denoiser (forward and backward); none = eager",
+    )
+    adam: str = knob(
+        "auto",
+        choices=("auto", "fused", "foreach", "for_loop"),
+        doc="Adam's kernels: auto = fused on CUDA, foreach on CPU",
+    )
+    cudnn_benchmark: bool = knob(True, doc="CUDA: let cuDNN pick the fastest convolution algorithm per shape")
+
+
+@dataclass(frozen=True)
 class DataSection:
     """The training data: samples in [-1, 1], images of resolution x resolution pixels or toy2d points."""
 

@@ -48,6 +48,10 @@ class BankClient(SnapshotClient, Protocol):
     def commit(self, lease_id: int, step: int, **fields: Any) -> bool:
         """Overwrite the leased slots; False if the lease was reclaimed meanwhile (the write is dropped)."""
 
+    def commit_async(self, lease_id: int, step: int, **fields: Any) -> Any:
+        """``commit`` without waiting for it: a handle that ``wait`` turns into ``{"ok": bool}``. The fields are
+        copied before it returns, and the bank applies one caller's calls in order."""
+
 
 @runtime_checkable
 class ReplayClient(SnapshotClient, Protocol):

@@ -1,5 +1,9 @@
 """The energy update every EBM stage shares (HDEBM Stage 1/2 and the baselines): H, its DDP wrapper, Adam with
-its LR schedule, layer-wise clipping, EMA, and the contrastive-divergence step."""
+its LR schedule, layer-wise clipping, EMA, and the contrastive-divergence step.
+
+Metrics come back as device tensors (the loop reads them once per report tick), so a step never syncs with the
+host unless a feature needs a value on it (the MAD filter's order statistics).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compute import Compute, default_compute
 from .contracts import WorkerContext
 from .loop import gather_across_ranks
 from .losses import ebm_loss
@@ -33,12 +38,18 @@ class EnergyTrainer:
         batch_size: int,
         betas=(0.9, 0.999),
         energy_l2: float = 0.0,
+        compute: Compute | None = None,
     ):
-        self.net = net.to(ctx.device)
-        self.ddp = ctx.wrap(self.net, "energy")
+        self.compute = compute = compute or default_compute(ctx.device)
+        self.net = compute.layout(net.to(ctx.device))
+        # ``fast``: H under autocast / compiled, for the chains (which run on it outside DDP); ``ddp``: the same
+        # for the training forward. Both share ``net``'s parameters, the module that is saved and averaged.
+        self.fast = compute.fast(self.net)
+        self.ddp = compute.fast(ctx.wrap(self.net, "energy"))
         self.opt, self.lr_sched = adam_with_schedule(
-            self.net.parameters(), lr, schedule, warmup_steps, total_steps, betas
+            self.net.parameters(), lr, schedule, warmup_steps, total_steps, betas, compute.adam_kwargs()
         )
+        self.scaler = compute.scaler()
         self.ema = ema_model(self.net, ema_halflife_kimg, batch_size)
         self.grad_clip, self.temperature, self.data_jitter = grad_clip, temperature, data_jitter
         self.mad_k, self.energy_l2 = mad_k, energy_l2
@@ -70,22 +81,24 @@ class EnergyTrainer:
             class_logits = logits[2 * n :]
             xent = F.cross_entropy(class_logits, y)
             loss = loss + weight * xent
-            accuracy = (class_logits.argmax(1) == y).float().mean().item()
-            extra_metrics = {"Loss/classifier": xent.item(), "Classifier/train_accuracy": accuracy}
+            accuracy = (class_logits.argmax(1) == y).float().mean()
+            extra_metrics = {"Loss/classifier": xent.detach(), "Classifier/train_accuracy": accuracy}
         if extra_loss is not None:
             term, more = extra_loss()
             loss = loss + term
             extra_metrics.update(more)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)  # clip the true gradients (a no-op without fp16)
         grad_norm = layerwise_clip_(self.net.parameters(), self.grad_clip)
-        self.opt.step()
+        self.scaler.step(self.opt)
+        self.scaler.update()
         self.lr_sched.step()
         if self.ema is not None:
             self.ema.update_parameters(self.net)
-        e_pos, e_neg = e_pos.detach().mean().item(), e_neg.detach().mean().item()
+        e_pos, e_neg = e_pos.detach().mean(), e_neg.detach().mean()
         return {
-            "Loss/energy": loss.item(),
+            "Loss/energy": loss.detach(),
             "Energy/data": e_pos,
             "Energy/sample": e_neg,
             "Energy/gap": e_neg - e_pos,

@@ -12,7 +12,6 @@ bounds each sample's drift to an L2 norm (Hat EBM: 2.5); 0 turns it off. Sampler
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -37,20 +36,25 @@ def hill_coefficients(step_size: float, temperature: float = 1.0) -> tuple[float
     return step_size**2 / (2 * temperature), step_size
 
 
-@dataclass
 class StepStats:
-    """Running diagnostics of a chain: mean per-sample drift norm and the fraction of clipped drifts."""
+    """Running diagnostics of a chain: mean per-sample drift norm and the fraction of clipped drifts.
 
-    drift_norm: float = 0.0
-    clip_fraction: float = 0.0
-    count: int = 0
+    Sums stay on the chain's device; nothing is read back until ``means()`` (the stage's metrics, which the loop
+    reads once per report tick), so a chain step never waits for the host.
+    """
 
-    def add(self, norms: torch.Tensor, clipped: torch.Tensor) -> None:
-        self.drift_norm += norms.mean().item()
-        self.clip_fraction += clipped.float().mean().item()
+    def __init__(self):
+        self.drift_norm: torch.Tensor | float = 0.0
+        self.clip_fraction: torch.Tensor | float = 0.0
+        self.count = 0
+
+    def add(self, norms: torch.Tensor, clipped: torch.Tensor | None) -> None:
+        self.drift_norm = self.drift_norm + norms.detach().mean()
+        if clipped is not None:  # None: the chain does not clip
+            self.clip_fraction = self.clip_fraction + clipped.float().mean()
         self.count += 1
 
-    def means(self) -> dict[str, float]:
+    def means(self) -> dict[str, torch.Tensor | float]:
         n = max(self.count, 1)
         return {"drift_norm": self.drift_norm / n, "clip_fraction": self.clip_fraction / n}
 
@@ -63,11 +67,13 @@ def langevin_update(
     if grad_clamp > 0:
         grad = grad.clamp(-grad_clamp, grad_clamp)
     drift = drift_coef * grad
-    norms = drift.flatten(1).norm(dim=1)
-    clipped = torch.zeros_like(norms, dtype=torch.bool)
+    if drift_clip > 0 or stats is not None:
+        norms = torch.linalg.vector_norm(drift.flatten(1), dim=1)
+    clipped = None
     if drift_clip > 0:
         clipped = norms > drift_clip
-        scale = torch.where(clipped, drift_clip / norms.clamp_min(1e-12), torch.ones_like(norms))
+        # min(1, clip / ‖drift‖) per sample, without a data-dependent branch (no host sync)
+        scale = (drift_clip / norms.clamp_min(1e-12)).clamp(max=1.0)
         drift = drift * scale.reshape(-1, *([1] * (x.dim() - 1)))
     if stats is not None:
         stats.add(norms, clipped)

@@ -92,19 +92,24 @@ ReportFn = Callable[[int, dict[str, float], bool], None]
 def run_loop(stage: Stage, start_step: int, report: ReportFn) -> None:
     """Train from ``start_step`` to ``stage.total_steps``; metrics are averaged over each report tick."""
     stage.on_start(start_step)
-    sums: dict[str, float] = {}
+    sums: dict[str, float | torch.Tensor] = {}
     counts: dict[str, int] = {}  # per key: some metrics appear only on some steps
-    count, tick_start = 0, time.perf_counter()
+    count, step_s, tick_start = 0, 0.0, time.perf_counter()
     for step in range(start_step, stage.total_steps):
+        t0 = time.perf_counter()
         for k, v in stage.train_step(step).items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+            # Tensor metrics are summed on their device and read once per tick: no host sync per step.
+            sums[k] = sums.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else float(v))
             counts[k] = counts.get(k, 0) + 1
+        step_s += time.perf_counter() - t0
         count += 1
         done = step + 1
         if done % stage.report_every == 0 or done == stage.total_steps:
+            metrics = {k: float(v) / counts[k] for k, v in sums.items()}  # the tick's one sync
             elapsed = time.perf_counter() - tick_start
-            metrics = {k: v / counts[k] for k, v in sums.items()}
             metrics["Timing/sec_per_step"] = elapsed / count
+            # the steps alone; sec_per_step also counts the previous tick's report, logging and checkpoint
+            metrics["Timing/train_step_s"] = step_s / count
             metrics["Timing/images_per_sec"] = count * stage.images_per_step / max(elapsed, 1e-9)
             metrics.update(stage.tick_metrics(done))
             with_ckpt = done % stage.checkpoint_every == 0 or done == stage.total_steps
@@ -113,4 +118,4 @@ def run_loop(stage: Stage, start_step: int, report: ReportFn) -> None:
                     check_replicas_agree(module, f"{stage.name}'s {name}")
                 stage.before_checkpoint(done)
             report(done, metrics, with_ckpt)
-            sums, counts, count, tick_start = {}, {}, 0, time.perf_counter()
+            sums, counts, count, step_s, tick_start = {}, {}, 0, 0.0, time.perf_counter()

@@ -8,20 +8,21 @@ import torch
 from torch import nn
 
 
-def layerwise_clip_(params, max_norm: float) -> float:
+def layerwise_clip_(params, max_norm: float) -> torch.Tensor:
     """Clip each parameter tensor's gradient to ``max_norm`` separately (HDEBM D.3); returns the total norm.
 
-    ``max_norm <= 0`` only measures.
+    ``max_norm <= 0`` only measures. Norms and factors stay on the device (no host sync per parameter): a few
+    foreach kernels, the result read only when the metrics are.
     """
-    sq = 0.0
-    for p in params:
-        if p.grad is None:
-            continue
-        n = p.grad.detach().norm()
-        sq += float(n) ** 2
-        if max_norm > 0 and n > max_norm:
-            p.grad.mul_(max_norm / (n + 1e-6))
-    return math.sqrt(sq)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    if max_norm > 0:
+        # factor 1 where the norm is within bounds: the same as clipping only the tensors over it
+        factors = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+        torch._foreach_mul_(grads, factors)
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
@@ -39,9 +40,16 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
 
 
 def adam_with_schedule(
-    params, lr: float, schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 1, betas=(0.9, 0.999)
+    params,
+    lr: float,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    total_steps: int = 1,
+    betas=(0.9, 0.999),
+    kernels: dict | None = None,
 ):
-    opt = torch.optim.Adam(params, lr=lr, betas=betas)
+    """Adam (``kernels``: ``Compute.adam_kwargs()``, fused / foreach) and its LambdaLR schedule."""
+    opt = torch.optim.Adam(params, lr=lr, betas=betas, **(kernels or {}))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(schedule, warmup_steps, total_steps))
 
 

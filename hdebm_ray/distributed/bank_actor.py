@@ -52,7 +52,8 @@ def create_bank_actor(
 
 
 class ActorBankClient:
-    """A Train worker's handle on the bank actor; ``checkout`` is asynchronous so it overlaps the step."""
+    """A Train worker's handle on the bank actor; ``checkout`` and ``commit_async`` are asynchronous so their
+    round trips overlap the step."""
 
     def __init__(self, name: str, owner: str):
         self.actor, self.owner = ray.get_actor(name, namespace=NAMESPACE), owner
@@ -64,7 +65,10 @@ class ActorBankClient:
         return ray.get(handle)
 
     def commit(self, lease_id: int, step: int, **fields) -> bool:
-        return ray.get(self.actor.commit.remote(lease_id, step, as_numpy(fields)))["ok"]
+        return ray.get(self.commit_async(lease_id, step, **fields))["ok"]
+
+    def commit_async(self, lease_id: int, step: int, **fields):
+        return self.actor.commit.remote(lease_id, step, as_numpy(fields))  # arguments are serialised here
 
     def fill(self, start: int, step: int, **fields) -> None:
         ray.get(self.actor.fill.remote(start, step, as_numpy(fields)))

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..compute import Compute
 from ..config import Config
 from ..contracts import WorkerContext
 from ..data import batch_stream, build_dataset, random_images
@@ -50,6 +51,7 @@ class StageBase:
         self.images_per_step = self.s.batch_size
         self.local_batch = self.s.batch_size // ctx.world_size
         self.summary_state: dict[str, Any] = {}
+        self.compute = Compute(cfg.compute, ctx.device)  # precision / compile / kernels of every network
 
     @staticmethod
     def count_steps(section) -> int:

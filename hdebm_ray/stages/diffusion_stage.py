@@ -23,11 +23,12 @@ class DiffusionStage(StageBase):
         super().__init__(cfg, ctx, init_dir)
         d = self.s
         self.schedule = CosineSchedule(d.T, d.cosine_s)
-        self.model = build_denoiser(cfg).to(ctx.device)
-        self.ddp = ctx.wrap(self.model, "denoiser")
+        self.model = self.compute.layout(build_denoiser(cfg).to(ctx.device))
+        self.ddp = self.compute.fast(ctx.wrap(self.model, "denoiser"))
         self.opt, self.lr_sched = adam_with_schedule(
-            self.model.parameters(), d.lr, d.lr_schedule, d.warmup_steps, d.steps
+            self.model.parameters(), d.lr, d.lr_schedule, d.warmup_steps, d.steps, kernels=self.compute.adam_kwargs()
         )
+        self.scaler = self.compute.scaler()
         self.batches = self.data_stream(seed_offset=0)
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -35,11 +36,13 @@ class DiffusionStage(StageBase):
         d = self.cfg.diffusion
         loss = diffusion_loss(self.ddp, self.schedule, x0, d.T_trunc, d.loss_weighting)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
         grad_norm = layerwise_clip_(self.model.parameters(), self.cfg.diffusion.grad_clip)
-        self.opt.step()
+        self.scaler.step(self.opt)
+        self.scaler.update()
         self.lr_sched.step()
-        return {"Loss/diffusion": loss.item(), "Opt/grad_norm": grad_norm, "Opt/lr": self.opt.param_groups[0]["lr"]}
+        return {"Loss/diffusion": loss.detach(), "Opt/grad_norm": grad_norm, "Opt/lr": self.opt.param_groups[0]["lr"]}
 
     def state_dict(self) -> dict[str, dict]:
         return {

@@ -61,8 +61,13 @@ class DistillStage(StageBase):
         self.teacher.requires_grad_(False).eval()
         self.student = copy.deepcopy(self.teacher).requires_grad_(True).train()
         set_dropout(self.student, d.student_dropout)
-        self.ddp = ctx.wrap(self.student, "student")
-        self.opt = torch.optim.Adam(self.student.parameters(), lr=d.lr)
+        c = self.compute
+        c.layout(self.teacher)
+        c.layout(self.student)
+        self.ddp = c.fast(ctx.wrap(self.student, "student"))
+        self.teacher_fast = c.fast(self.teacher)
+        self.opt = torch.optim.Adam(self.student.parameters(), lr=d.lr, **c.adam_kwargs())
+        self.scaler = c.scaler()
         self.gaps: list[dict] = []
         self.batches = self.data_stream(seed_offset=1)
         self._eval_x0 = None
@@ -76,13 +81,15 @@ class DistillStage(StageBase):
         d = self.cfg.distill
         n_student = self.n_student(step)
         x0, _ = next(self.batches)
-        loss = distill_loss(self.ddp, self.teacher, self.schedule, x0, self.cfg.diffusion.T_trunc, n_student)
+        loss = distill_loss(self.ddp, self.teacher_fast, self.schedule, x0, self.cfg.diffusion.T_trunc, n_student)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
         grad_norm = layerwise_clip_(self.student.parameters(), d.grad_clip)
-        self.opt.step()
+        self.scaler.step(self.opt)
+        self.scaler.update()
         metrics = {
-            "Loss/distill": loss.item(),
+            "Loss/distill": loss.detach(),
             "Opt/grad_norm": grad_norm,
             "Opt/lr": d.lr,
             "Distill/student_steps": n_student,
@@ -121,7 +128,7 @@ class DistillStage(StageBase):
         # The student becomes the next teacher; the next student starts from it with a fresh optimiser.
         self.teacher.load_state_dict(self.student.state_dict())
         self.student.train()
-        self.opt = torch.optim.Adam(self.student.parameters(), lr=self.cfg.distill.lr)
+        self.opt = torch.optim.Adam(self.student.parameters(), lr=self.cfg.distill.lr, **self.compute.adam_kwargs())
         return {"Distill/step_gap_mse": step_gap, "Distill/sampler_gap_mse": sampler_gap}
 
     def state_dict(self) -> dict[str, dict]:

@@ -25,6 +25,7 @@ def energy_trainer(
     num_classes: int = 0,
     betas=(0.9, 0.999),
     multiscale: bool = False,
+    compute=None,
 ) -> EnergyTrainer:
     """H's trainer from a stage section's optimiser, schedule, clipping, jitter, MAD and EMA settings."""
     return EnergyTrainer(
@@ -42,6 +43,7 @@ def energy_trainer(
         batch_size=section.batch_size,
         energy_l2=energy_l2,
         betas=tuple(betas),
+        compute=compute,
     )
 
 

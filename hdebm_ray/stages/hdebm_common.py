@@ -31,6 +31,12 @@ def hat_generator(cfg: Config, ctx: WorkerContext, init_dir, with_g1: bool) -> H
     return build_hat(cfg, load_states(init_dir, names, map_location=ctx.device), ctx.device)
 
 
+def fast_hat(compute, hat: HatGenerator) -> HatGenerator:
+    """``hat`` with G1 and the denoiser behind ``compute.fast`` (autocast / compiled), sharing their parameters."""
+    compute.layout(hat)
+    return HatGenerator(compute.fast(hat.g1), compute.fast(hat.denoiser), hat.schedule, hat.t_trunc)
+
+
 def latents(cfg: Config, n: int, image_shape, device, generator: torch.Generator | None = None):
     """Fresh z1 ~ N(0, I) of G1's latent shape and z2 ~ N(0, I) of the image's shape."""
     z1 = torch.randn(n, *latent_shape(cfg), device=device, generator=generator)

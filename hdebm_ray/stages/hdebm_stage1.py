@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from ..config import Config
@@ -21,9 +20,10 @@ from ..loop import barrier, status
 from ..losses import generator_loss
 from ..networks import latent_shape, sample_shape
 from ..optim import adam_with_schedule, ema_model, layerwise_clip_
+from ..transfer import HostStaging
 from .base import StageBase
 from .ebm_common import energy_trainer, fixed_sample_grids, toy2d_tick_metrics
-from .hdebm_common import HatSampler, hat_generator, latents
+from .hdebm_common import HatSampler, fast_hat, hat_generator, latents
 
 
 def bank_spec(cfg: Config) -> dict:
@@ -52,11 +52,16 @@ class Stage1(StageBase):
         s = self.s
         self.shape = sample_shape(cfg)
         self.hat = hat_generator(cfg, ctx, init_dir, with_g1=False)
-        self.g1_ddp = ctx.wrap(self.hat.g1, "generator")
-        self.energy = energy_trainer(cfg, ctx, s, s.lr_energy, s.langevin.temperature)
+        c = self.compute
+        self.hat_fast = fast_hat(c, self.hat)  # the same G through autocast / compiled modules
+        self.g1_ddp = c.fast(ctx.wrap(self.hat.g1, "generator"))
+        self.energy = energy_trainer(cfg, ctx, s, s.lr_energy, s.langevin.temperature, compute=c)
         self.opt_g, self.sched_g = adam_with_schedule(
-            self.hat.g1.parameters(), s.lr_generator, s.lr_schedule, s.warmup_steps, s.steps
+            self.hat.g1.parameters(), s.lr_generator, s.lr_schedule, s.warmup_steps, s.steps, kernels=c.adam_kwargs()
         )
+        self.scaler_g = c.scaler()
+        self.staging = HostStaging(ctx.device)
+        self._pending_commit = None  # the last step's commit, awaited at the next step (its round trip overlaps)
         self.ema_g = ema_model(self.hat.g1, s.ema_halflife_kimg, s.batch_size)
         self.bank = ctx.bank
         self.batches = self.data_stream(seed_offset=2)
@@ -71,7 +76,7 @@ class Stage1(StageBase):
         for start in range(0, self.s.bank_size, batch):
             n = min(batch, self.s.bank_size - start)
             z1, z2 = latents(self.cfg, n, self.shape, self.ctx.device, gen)
-            self.bank.fill(start, 0, z1=z1, z2=z2, x=self.hat(z1, z2))
+            self.bank.fill(start, 0, z1=z1, z2=z2, x=self.hat_fast(z1, z2))
 
     def on_start(self, start_step: int) -> None:
         if self.ctx.is_chief:
@@ -87,7 +92,15 @@ class Stage1(StageBase):
                     self.fill_bank()
         barrier()
 
+    def commit_landed(self) -> float | None:
+        """Wait for the previous step's commit (sent without waiting); 1.0 if it was applied, None if none."""
+        if self._pending_commit is None:
+            return None
+        landed, self._pending_commit = self.bank.wait(self._pending_commit), None
+        return float(landed["ok"])
+
     def before_checkpoint(self, step: int) -> None:
+        self.commit_landed()
         barrier()  # every rank's commit of this step has landed
         if self.ctx.is_chief:
             self.bank.snapshot(step)
@@ -100,42 +113,35 @@ class Stage1(StageBase):
         x_pos, _ = next(self.batches)
         z1, z2 = latents(self.cfg, len(x_pos), self.shape, dev)
         stats = StepStats()
-        x_gen, y = sample_stage1(self.energy.net, self.hat, z1, z2, s.langevin, stats)
+        x_gen, y = sample_stage1(self.energy.fast, self.hat_fast, z1, z2, s.langevin, stats)
         x_neg = (x_gen + y).detach()
         metrics = self.energy.update(x_pos, x_neg)
+        self.staging.start_to_host({"z1": z1, "z2": z2, "x": x_neg})  # overlaps the generator update on a GPU
 
         t0 = time.perf_counter()
         lease = self.bank.wait(pending)
         bank_wait_s = time.perf_counter() - t0
-        z1_b, z2_b, x_b = (torch.from_numpy(np.array(lease[k])).to(dev) for k in ("z1", "z2", "x"))
-        written = torch.from_numpy(np.array(lease["written"])).to(dev)
-        g_raw = self.g1_ddp(z1_b)
-        # The gradient reaches φ through the frozen G2 (term 1) and directly (term 2).
-        loss_g = generator_loss(self.hat.g2(g_raw, z2_b), g_raw, x_b, s.beta1, s.beta2, s.gen_loss_scale, written)
-        self.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        grad_norm_g = layerwise_clip_(self.hat.g1.parameters(), s.grad_clip)
-        self.opt_g.step()
-        self.sched_g.step()
-        if self.ema_g is not None:
-            self.ema_g.update_parameters(self.hat.g1)
+        banked = self.staging.to_device({k: lease[k] for k in ("z1", "z2", "x", "written")})
+        loss_g, grad_norm_g = self.update_generator(banked)
         t0 = time.perf_counter()
-        committed = self.bank.commit(lease["lease"], step + 1, z1=z1, z2=z2, x=x_neg)
+        committed = self.commit_landed()
+        self._pending_commit = self.bank.commit_async(lease["lease"], step + 1, **self.staging.host_arrays())
         bank_commit_s = time.perf_counter() - t0
 
         metrics.update(
             {
-                "Loss/generator": loss_g.item(),
+                "Loss/generator": loss_g,
                 "Opt/lr_generator": self.opt_g.param_groups[0]["lr"],
                 "Opt/grad_norm_generator": grad_norm_g,
-                "Langevin/residual_norm": y.flatten(1).norm(dim=1).mean().item(),
-                "Bank/commit_ok": float(committed),
+                "Langevin/residual_norm": y.flatten(1).norm(dim=1).mean(),
                 "Timing/bank_wait_s": bank_wait_s,
                 "Timing/bank_commit_s": bank_commit_s,
-                "Bank/written_fraction": written.float().mean().item(),
+                "Bank/written_fraction": banked["written"].float().mean(),
                 **{f"Langevin/{k}": v for k, v in stats.means().items()},
             }
         )
+        if committed is not None:  # the previous step's
+            metrics["Bank/commit_ok"] = committed
         if (step + 1) % self.report_every == 0 and self.ctx.is_chief:
             stats = self.bank.stats()
             if stats.pop("reconstructed", False) and not self.summary_state.get("bank_reloads"):
@@ -144,6 +150,24 @@ class Stage1(StageBase):
                 self.summary_state["bank_reloads"] = [reload]
             metrics.update({f"Bank/{k}": float(v) for k, v in stats.items() if v is not None})
         return metrics
+
+    def update_generator(self, banked: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One φ step on leased bank entries (z1, z2, X⁻, written); returns (loss, gradient norm)."""
+        s = self.s
+        g_raw = self.g1_ddp(banked["z1"])
+        # The gradient reaches φ through the frozen G2 (term 1) and directly (term 2).
+        x_full = self.hat_fast.g2(g_raw, banked["z2"])
+        loss_g = generator_loss(x_full, g_raw, banked["x"], s.beta1, s.beta2, s.gen_loss_scale, banked["written"])
+        self.opt_g.zero_grad(set_to_none=True)
+        self.scaler_g.scale(loss_g).backward()
+        self.scaler_g.unscale_(self.opt_g)
+        grad_norm_g = layerwise_clip_(self.hat.g1.parameters(), s.grad_clip)
+        self.scaler_g.step(self.opt_g)
+        self.scaler_g.update()
+        self.sched_g.step()
+        if self.ema_g is not None:
+            self.ema_g.update_parameters(self.hat.g1)
+        return loss_g.detach(), grad_norm_g
 
     def tick_metrics(self, step: int) -> dict[str, float]:
         def sample(n):

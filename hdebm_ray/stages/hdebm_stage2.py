@@ -14,7 +14,7 @@ from ..langevin import StepStats, sample_joint
 from ..networks import sample_shape
 from .base import StageBase
 from .ebm_common import energy_trainer, fixed_sample_grids, toy2d_tick_metrics
-from .hdebm_common import HatSampler, hat_generator, latents
+from .hdebm_common import HatSampler, fast_hat, hat_generator, latents
 
 
 def joint_sampler_kwargs(cfg: Config) -> dict:
@@ -42,7 +42,8 @@ class Stage2(StageBase):
         self.shape = sample_shape(cfg)
         self.hat = hat_generator(cfg, ctx, init_dir, with_g1=True)
         self.hat.g1.requires_grad_(False).eval()
-        self.energy = energy_trainer(cfg, ctx, s, s.lr, s.temperature)
+        self.hat_fast = fast_hat(self.compute, self.hat)
+        self.energy = energy_trainer(cfg, ctx, s, s.lr, s.temperature, compute=self.compute)
         self.energy.net.load_state_dict(load_states(init_dir, ["energy"], map_location=ctx.device)["energy"])
         if self.energy.ema is not None:  # the EMA starts at Stage 1's weights, not at a random init
             self.energy.ema.module.load_state_dict(self.energy.net.state_dict())
@@ -54,13 +55,13 @@ class Stage2(StageBase):
         z1_0 = z1.clone()
         stats = StepStats()
         y, z1, z2, x_gen = sample_joint(
-            self.energy.net, self.hat, z1, z2, stats=stats, modules=(self.hat,), **joint_sampler_kwargs(self.cfg)
+            self.energy.fast, self.hat_fast, z1, z2, stats=stats, modules=(self.hat,), **joint_sampler_kwargs(self.cfg)
         )
         metrics = self.energy.update(x_pos, (x_gen + y).detach())
         metrics.update(
             {
-                "Langevin/residual_norm": y.flatten(1).norm(dim=1).mean().item(),
-                "Langevin/z1_move": (z1 - z1_0).flatten(1).norm(dim=1).mean().item(),
+                "Langevin/residual_norm": y.flatten(1).norm(dim=1).mean(),
+                "Langevin/z1_move": (z1 - z1_0).flatten(1).norm(dim=1).mean(),
                 **{f"Langevin/{k}": v for k, v in stats.means().items()},
             }
         )

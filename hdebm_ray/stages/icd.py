@@ -45,15 +45,16 @@ class ICDStage(ReplayEBMStage):
         return torch.where(reinit.reshape(-1, *([1] * (x0.dim() - 1))), x0, augmented)
 
     def negatives(self, x0, reference, filled: int, stats: StepStats):
-        s, net = self.s, self.energy.net
+        # The graph-carrying last step runs eager: compiled graphs have no double backward.
+        s, net, fast = self.s, self.energy.net, self.energy.fast
         if not s.kl_weight:
             return super().negatives(x0, reference, filled, stats)
-        x_prev = sgld_chain(net, x0, s.sgld, stats, steps=s.sgld.steps - 1)
+        x_prev = sgld_chain(fast, x0, s.sgld, stats, steps=s.sgld.steps - 1)
         m = min(s.kl_samples, len(x0))
         x_hat = langevin_step_with_graph(net, x_prev[:m], s.sgld.step_size, s.sgld.noise_std)
         if s.sgld.clamp:
             x_hat = x_hat.clamp(*DATA_RANGE)
-        rest = sgld_chain(net, x_prev[m:], s.sgld, stats, steps=1) if m < len(x0) else x_prev[m:]
+        rest = sgld_chain(fast, x_prev[m:], s.sgld, stats, steps=1) if m < len(x0) else x_prev[m:]
         # The NN entropy needs a buffer that holds more than the first steps' chains (the paper waits for 1000).
         use_entropy = filled >= s.entropy_min_filled and len(reference) > 0
         return torch.cat([x_hat.detach(), rest]), (x_hat, reference if use_entropy else None)
@@ -66,7 +67,7 @@ class ICDStage(ReplayEBMStage):
 
         def kl_term():
             loss, entropy = kl_loss(detached(self.energy.net), x_hat, reference, s.entropy_weight)
-            return s.kl_weight * loss, {"Loss/kl": loss.item(), "Loss/nn_entropy": entropy.item()}
+            return s.kl_weight * loss, {"Loss/kl": loss.detach(), "Loss/nn_entropy": entropy.detach()}
 
         return self.energy.update(x_pos, x_neg, extra_loss=kl_term)
 

@@ -137,6 +137,7 @@ class ReplayEBMStage(StageBase):
             num_classes=self.num_classes(),
             betas=s.adam_betas,
             multiscale=s.multiscale,
+            compute=self.compute,
         )
         self.bank = ctx.bank
         self.batches = self.data_stream(seed_offset=4)
@@ -186,7 +187,7 @@ class ReplayEBMStage(StageBase):
     def negatives(self, x0: torch.Tensor, reference: torch.Tensor, filled: int, stats: StepStats):
         """x⁻ after K SGLD steps, and what ``update`` needs besides (Improved CD: the graph-carrying last step);
         ``filled``: how many slots the buffer held when the chains were drawn."""
-        return sgld_chain(self.energy.net, x0, self.s.sgld, stats), None
+        return sgld_chain(self.energy.fast, x0, self.s.sgld, stats), None
 
     def update(self, x_pos, y_pos, x_neg, extra) -> dict[str, float]:
         return self.energy.update(x_pos, x_neg)
@@ -204,9 +205,9 @@ class ReplayEBMStage(StageBase):
         pushed = self.bank.push(lease, step + 1, x=x_neg)
         metrics.update(
             {
-                "Bank/reinit_fraction": reinit.float().mean().item(),
+                "Bank/reinit_fraction": reinit.float().mean(),
                 "Bank/commit_ok": float(pushed),
-                "Langevin/chain_move": (x_neg - x0).flatten(1).norm(dim=1).mean().item(),
+                "Langevin/chain_move": (x_neg - x0).flatten(1).norm(dim=1).mean(),
                 **{f"Langevin/{k}": v for k, v in stats.means().items()},
             }
         )

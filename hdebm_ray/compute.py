@@ -1,0 +1,138 @@
+"""Precision and kernels: the ``compute`` section applied to a stage's networks, optimisers and forward passes.
+
+What each key does on a device, and why it is done the way it is:
+
+- ``precision`` bf16 / fp16 runs every network forward under ``torch.autocast`` (the Langevin chain's energy
+  evaluations included) and returns the outputs in fp32, so losses, energies and the chain's state and updates
+  stay fp32: the chain moves by ε²/2·∇H, which bf16's 8-bit mantissa would round away against |x| ~ 1. fp16 trains
+  with a ``GradScaler`` (its range is too small for raw gradients); bf16 needs none.
+- ``tf32`` lets CUDA matmuls and convolutions use TF32 tensor cores; ``cudnn_benchmark`` picks the fastest
+  convolution algorithms for the (fixed) batch shapes.
+- ``channels_last`` stores conv weights NHWC, the layout tensor cores and oneDNN prefer.
+- ``compile`` wraps H, G1 and the denoiser in ``torch.compile``; AOTAutograd compiles their backward too, so one
+  Langevin step (forward + backward to the input) runs as compiled graphs. The trained modules themselves stay
+  plain: checkpoints hold their state_dicts, never the compiled wrapper's.
+- ``adam``: the fused kernel (one launch for all parameters), foreach (a few launches), or the per-parameter loop.
+
+``problem`` names what the device or the installed torch cannot do before any work starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compile_modes() -> tuple[str, ...]:
+    """The ``torch.compile`` modes of the installed torch (besides ``none``)."""
+    if not hasattr(torch, "compile"):
+        return ()
+    try:
+        from torch._inductor import list_mode_options
+    except ImportError:
+        return ("default",)
+    return ("default", *(m for m in ("max-autotune",) if m in list_mode_options()))
+
+
+def problem(section, use_gpu: bool) -> str | None:
+    """Why ``section`` cannot run (fp16 without a GPU, a compile mode or fused Adam this torch lacks), or None."""
+    if section.precision == "fp16" and not use_gpu:
+        return "config key 'compute.precision' = 'fp16' needs a GPU (ray.use_gpu: true); on CPU use bf16 or fp32"
+    if section.compile != "none" and section.compile not in compile_modes():
+        have = ", ".join(("none", *compile_modes()))
+        return (
+            f"config key 'compute.compile' = {section.compile!r} is not available in torch {torch.__version__}; "
+            f"choose one of {have}"
+        )
+    if section.adam == "fused" and not use_gpu and not _cpu_fused_adam():
+        return f"config key 'compute.adam' = 'fused' has no CPU kernel in torch {torch.__version__}; use foreach"
+    return None
+
+
+def _cpu_fused_adam() -> bool:
+    try:
+        torch.optim.Adam([nn.Parameter(torch.zeros(1))], fused=True).step()
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+class Autocast(nn.Module):
+    """``module``'s forward under autocast, outputs cast back to fp32 (energies, logits and images alike)."""
+
+    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype):
+        super().__init__()
+        self.module, self.device_type, self.dtype = module, device_type, dtype
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            out = self.module(*args, **kwargs)
+        if isinstance(out, tuple):
+            return tuple(o.float() if torch.is_floating_point(o) else o for o in out)
+        return out.float()
+
+
+class Compute:
+    """The ``compute`` section on one device: wraps modules, builds optimisers and the gradient scaler."""
+
+    def __init__(self, section, device: torch.device, strict: bool = True):
+        """``strict=False`` skips the device check: tests run the fp16 + GradScaler path on a CPU (torch can)."""
+        self.section, self.device = section, torch.device(device)
+        self.dtype = PRECISIONS[section.precision]
+        if strict and (why := problem(section, use_gpu=self.device.type == "cuda")) is not None:
+            raise ValueError(why)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = section.tf32
+            torch.backends.cudnn.allow_tf32 = section.tf32
+            torch.backends.cudnn.benchmark = section.cudnn_benchmark
+
+    def layout(self, module: nn.Module) -> nn.Module:
+        """``module`` (in place) in the configured memory format."""
+        if self.section.channels_last and any(p.dim() == 4 for p in module.parameters()):
+            module.to(memory_format=torch.channels_last)
+        return module
+
+    def fast(self, module: nn.Module) -> nn.Module:
+        """What forward passes run through: ``module`` under autocast, compiled; parameters are shared, so its
+        updates and state_dict stay those of ``module``."""
+        if self.dtype is not None:
+            module = Autocast(module, self.device.type, self.dtype)
+        if self.section.compile != "none":
+            import torch._dynamo
+
+            # dynamic=False: the batch shapes are fixed per stage; a new shape (a tick's sampling) recompiles once.
+            # One wrapper code object serves H, G1 and D at several shapes and with parameters frozen (chains) or
+            # not (updates): more graphs than dynamo's default of 8 per code object before it falls back to eager.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            module = torch.compile(module, mode=self.section.compile, dynamic=False)
+        return module
+
+    def autocast(self):
+        """A context for forward code outside a wrapped module (e.g. G2 inside the generator loss)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def adam_kwargs(self) -> dict:
+        """Adam's kernel choice: ``auto`` is fused on CUDA, foreach elsewhere."""
+        choice = self.section.adam
+        if choice == "auto":
+            choice = "fused" if self.device.type == "cuda" else "foreach"
+        if choice == "fused":
+            return {"fused": True}
+        return {"foreach": choice == "foreach"}
+
+    def scaler(self) -> torch.amp.GradScaler:
+        """A loss scaler that is a no-op unless fp16 trains the parameters."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.section.precision == "fp16")
+
+
+def default_compute(device="cpu") -> Compute:
+    """fp32, eager, foreach Adam: what code that builds networks outside a stage (samplers, tests) runs with."""
+    from .config_schema import ComputeSection
+
+    return Compute(ComputeSection(), device)
