@@ -244,6 +244,8 @@ def stage1_scaling_step(cfg, init_dir, ctx: WorkerContext, timer: Timer) -> floa
     ctx.bank = local_bank(cfg, "stage1", snapshot_dir=None)
     stage = build_stage("stage1", cfg, ctx, init_dir)
     stage.on_start(0)
+    if ctx.rank:
+        stage.fill_bank()  # each rank has its own in-process bank here; rank 0 filled its own
     step = iter(range(10**9))
     return timer(lambda: stage.train_step(next(step)))
 

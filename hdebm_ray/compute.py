@@ -11,7 +11,10 @@ What each key does on a device, and why it is done the way it is:
 - ``channels_last`` stores conv weights NHWC, the layout tensor cores and oneDNN prefer.
 - ``compile`` wraps H, G1 and the denoiser in ``torch.compile``; AOTAutograd compiles their backward too, so one
   Langevin step (forward + backward to the input) runs as compiled graphs. The trained modules themselves stay
-  plain: checkpoints hold their state_dicts, never the compiled wrapper's.
+  plain: checkpoints hold their state_dicts, never the compiled wrapper's. ``max-autotune`` is inductor's
+  ``max-autotune-no-cudagraphs`` (see ``COMPILE_MODES``). Improved CD's graph-carrying step stays eager
+  (compiled graphs have no double backward).
+- fp16 chains: modules a chain differentiates (``fast(..., chain=True)``) stay fp32 under fp16, see ``fast``.
 - ``adam``: the fused kernel (one launch for all parameters), foreach (a few launches), or the per-parameter loop.
 
 ``problem`` names what the device or the installed torch cannot do before any work starts.
@@ -35,7 +38,8 @@ def compile_modes() -> tuple[str, ...]:
         from torch._inductor import list_mode_options
     except ImportError:
         return ("default",)
-    return ("default", *(m for m in ("max-autotune",) if m in list_mode_options()))
+    available = list_mode_options()
+    return ("default", *(m for m, inductor in COMPILE_MODES.items() if m != "default" and inductor in available))
 
 
 def problem(section, use_gpu: bool) -> str | None:
@@ -59,6 +63,21 @@ def _cpu_fused_adam() -> bool:
         return True
     except (RuntimeError, ValueError):
         return False
+
+
+# ``max-autotune`` without CUDA graphs: a chain keeps G's output and H's previous results alive across replays of
+# H's graph, which CUDA graphs would overwrite in place.
+COMPILE_MODES = {"default": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def _raise_recompile_limit(limit: int) -> None:
+    """One wrapper code object serves H, G1 and D at several shapes, with parameters frozen (chains) or not
+    (updates): more graphs than dynamo's default of 8 per code object, past which it falls back to eager."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if "recompile_limit" in dir(config) else "cache_size_limit"  # renamed in torch 2.7
+    setattr(config, name, max(getattr(config, name), limit))
 
 
 class Autocast(nn.Module):
@@ -96,19 +115,21 @@ class Compute:
             module.to(memory_format=torch.channels_last)
         return module
 
-    def fast(self, module: nn.Module) -> nn.Module:
+    def fast(self, module: nn.Module, chain: bool = False) -> nn.Module:
         """What forward passes run through: ``module`` under autocast, compiled; parameters are shared, so its
-        updates and state_dict stay those of ``module``."""
-        if self.dtype is not None:
-            module = Autocast(module, self.device.type, self.dtype)
-        if self.section.compile != "none":
-            import torch._dynamo
+        updates and state_dict stay those of ``module``.
 
+        ``chain``: the module differentiates a Langevin chain's input. Under fp16 it stays fp32: fp16's 5-bit
+        exponent underflows (a stalled chain) or overflows (NaN after the drift clip) input gradients, and a
+        chain has no loss scaler; bf16 has fp32's range and is kept.
+        """
+        dtype = None if (chain and self.section.precision == "fp16") else self.dtype
+        if dtype is not None:
+            module = Autocast(module, self.device.type, dtype)
+        if self.section.compile != "none":
+            _raise_recompile_limit(64)
             # dynamic=False: the batch shapes are fixed per stage; a new shape (a tick's sampling) recompiles once.
-            # One wrapper code object serves H, G1 and D at several shapes and with parameters frozen (chains) or
-            # not (updates): more graphs than dynamo's default of 8 per code object before it falls back to eager.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            module = torch.compile(module, mode=self.section.compile, dynamic=False)
+            module = torch.compile(module, mode=COMPILE_MODES[self.section.compile], dynamic=False)
         return module
 
     def autocast(self):

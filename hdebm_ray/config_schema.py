@@ -59,14 +59,15 @@ class ComputeSection:
         "fp32",
         choices=("fp32", "bf16", "fp16"),
         doc="autocast dtype of every network forward (Langevin chains' state and updates stay fp32); fp16 "
-        "needs a GPU and trains with a GradScaler",
+        "needs a GPU, trains with a GradScaler and keeps the chains' input gradients in fp32",
     )
     tf32: bool = knob(True, doc="CUDA: TF32 tensor cores for fp32 matmuls and convolutions")
     channels_last: bool = knob(False, doc="conv weights in NHWC memory format (tensor cores / oneDNN prefer it)")
     compile: str = knob(
         "none",
         choices=("none", "default", "max-autotune"),
-        doc="torch.compile mode for H, G1 and the denoiser (forward and backward); none = eager",
+        doc="torch.compile mode for H, G1 and the denoiser (forward and backward); none = eager; max-autotune "
+        "runs without CUDA graphs (chains keep outputs across graph replays)",
     )
     adam: str = knob(
         "auto",

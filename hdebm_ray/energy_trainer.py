@@ -15,7 +15,7 @@ from .compute import Compute, default_compute
 from .contracts import WorkerContext
 from .loop import gather_across_ranks
 from .losses import ebm_loss
-from .optim import adam_with_schedule, ema_model, layerwise_clip_
+from .optim import adam_with_schedule, ema_model, layerwise_clip_, load_ema, update_ema
 
 
 class EnergyTrainer:
@@ -44,7 +44,7 @@ class EnergyTrainer:
         self.net = compute.layout(net.to(ctx.device))
         # ``fast``: H under autocast / compiled, for the chains (which run on it outside DDP); ``ddp``: the same
         # for the training forward. Both share ``net``'s parameters, the module that is saved and averaged.
-        self.fast = compute.fast(self.net)
+        self.fast = compute.fast(self.net, chain=True)
         self.ddp = compute.fast(ctx.wrap(self.net, "energy"))
         self.opt, self.lr_sched = adam_with_schedule(
             self.net.parameters(), lr, schedule, warmup_steps, total_steps, betas, compute.adam_kwargs()
@@ -95,7 +95,7 @@ class EnergyTrainer:
         self.scaler.update()
         self.lr_sched.step()
         if self.ema is not None:
-            self.ema.update_parameters(self.net)
+            update_ema(self.ema, self.net)
         e_pos, e_neg = e_pos.detach().mean(), e_neg.detach().mean()
         return {
             "Loss/energy": loss.detach(),
@@ -121,6 +121,8 @@ class EnergyTrainer:
         }
         if self.ema is not None:
             states[f"{prefix}_ema"] = self.ema.state_dict()
+        if self.scaler.is_enabled():  # fp16: a resume keeps the loss scale it had found
+            states[f"{prefix}_scaler"] = self.scaler.state_dict()
         return states
 
     def load_state_dict(self, states: dict[str, dict], prefix: str = "energy") -> None:
@@ -128,4 +130,6 @@ class EnergyTrainer:
         self.opt.load_state_dict(states[f"{prefix}_opt"])
         self.lr_sched.load_state_dict(states[f"{prefix}_sched"])
         if self.ema is not None and f"{prefix}_ema" in states:
-            self.ema.load_state_dict(states[f"{prefix}_ema"])
+            load_ema(self.ema, states[f"{prefix}_ema"])
+        if self.scaler.is_enabled() and f"{prefix}_scaler" in states:
+            self.scaler.load_state_dict(states[f"{prefix}_scaler"])

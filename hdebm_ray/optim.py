@@ -58,4 +58,29 @@ def ema_model(model: nn.Module, halflife_kimg: float, batch_size: int):
     if halflife_kimg <= 0:
         return None
     beta = 0.5 ** (batch_size / (halflife_kimg * 1000))
-    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(beta))
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(beta))
+    ema.beta = beta
+    return ema
+
+
+@torch.no_grad()
+def update_ema(ema, model: nn.Module) -> None:
+    """``ema.update_parameters(model)`` without its host sync: AveragedModel reads its device-side counter
+    ``n_averaged`` every update. The count is read once per process (or after a load) and then kept on the host;
+    the update itself is the same: a copy on the first, ``ema ← β·ema + (1 − β)·θ`` after."""
+    count = getattr(ema, "host_count", None)
+    if count is None:
+        count = int(ema.n_averaged)
+    averaged, current = list(ema.module.parameters()), [p.detach() for p in model.parameters()]
+    if count == 0:
+        torch._foreach_copy_(averaged, current)
+    else:
+        torch._foreach_lerp_(averaged, current, 1.0 - ema.beta)
+    ema.n_averaged += 1
+    ema.host_count = count + 1
+
+
+def load_ema(ema, state: dict) -> None:
+    """Load an EMA's state_dict (the host copy of its count is read again at the next update)."""
+    ema.load_state_dict(state)
+    ema.host_count = None

@@ -45,16 +45,21 @@ class DiffusionStage(StageBase):
         return {"Loss/diffusion": loss.detach(), "Opt/grad_norm": grad_norm, "Opt/lr": self.opt.param_groups[0]["lr"]}
 
     def state_dict(self) -> dict[str, dict]:
-        return {
+        states = {
             "denoiser": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "lr_sched": self.lr_sched.state_dict(),
         }
+        if self.scaler.is_enabled():
+            states["scaler"] = self.scaler.state_dict()
+        return states
 
     def load_state_dict(self, states: dict[str, dict]) -> None:
         self.model.load_state_dict(states["denoiser"])
         self.opt.load_state_dict(states["optimizer"])
         self.lr_sched.load_state_dict(states["lr_sched"])
+        if self.scaler.is_enabled() and "scaler" in states:
+            self.scaler.load_state_dict(states["scaler"])
 
 
 class TruncatedDiffusionSampler(SamplerBase):

@@ -132,16 +132,21 @@ class DistillStage(StageBase):
         return {"Distill/step_gap_mse": step_gap, "Distill/sampler_gap_mse": sampler_gap}
 
     def state_dict(self) -> dict[str, dict]:
-        return {
+        states = {
             "denoiser": self.student.state_dict(),
             "teacher": self.teacher.state_dict(),
             "optimizer": self.opt.state_dict(),
         }
+        if self.scaler.is_enabled():
+            states["scaler"] = self.scaler.state_dict()
+        return states
 
     def load_state_dict(self, states: dict[str, dict]) -> None:
         self.student.load_state_dict(states["denoiser"])
         self.teacher.load_state_dict(states["teacher"])
         self.opt.load_state_dict(states["optimizer"])
+        if self.scaler.is_enabled() and "scaler" in states:
+            self.scaler.load_state_dict(states["scaler"])
 
     def summary(self) -> dict:
         return {"distill_gaps": self.gaps}

@@ -31,10 +31,12 @@ def hat_generator(cfg: Config, ctx: WorkerContext, init_dir, with_g1: bool) -> H
     return build_hat(cfg, load_states(init_dir, names, map_location=ctx.device), ctx.device)
 
 
-def fast_hat(compute, hat: HatGenerator) -> HatGenerator:
-    """``hat`` with G1 and the denoiser behind ``compute.fast`` (autocast / compiled), sharing their parameters."""
+def fast_hat(compute, hat: HatGenerator, chain: bool = False) -> HatGenerator:
+    """``hat`` with G1 and the denoiser behind ``compute.fast`` (autocast / compiled), sharing their parameters;
+    ``chain``: a Langevin chain differentiates through it (Stage 2's latent steps)."""
     compute.layout(hat)
-    return HatGenerator(compute.fast(hat.g1), compute.fast(hat.denoiser), hat.schedule, hat.t_trunc)
+    fast = [compute.fast(m, chain=chain) for m in (hat.g1, hat.denoiser)]
+    return HatGenerator(*fast, hat.schedule, hat.t_trunc)
 
 
 def latents(cfg: Config, n: int, image_shape, device, generator: torch.Generator | None = None):

@@ -19,7 +19,7 @@ from ..langevin import StepStats, sample_residual
 from ..loop import barrier, status
 from ..losses import generator_loss
 from ..networks import latent_shape, sample_shape
-from ..optim import adam_with_schedule, ema_model, layerwise_clip_
+from ..optim import adam_with_schedule, ema_model, layerwise_clip_, load_ema, update_ema
 from ..transfer import HostStaging
 from .base import StageBase
 from .ebm_common import energy_trainer, fixed_sample_grids, toy2d_tick_metrics
@@ -62,6 +62,7 @@ class Stage1(StageBase):
         self.scaler_g = c.scaler()
         self.staging = HostStaging(ctx.device)
         self._pending_commit = None  # the last step's commit, awaited at the next step (its round trip overlaps)
+        self._commit_ok: float | None = None
         self.ema_g = ema_model(self.hat.g1, s.ema_halflife_kimg, s.batch_size)
         self.bank = ctx.bank
         self.batches = self.data_stream(seed_offset=2)
@@ -92,12 +93,11 @@ class Stage1(StageBase):
                     self.fill_bank()
         barrier()
 
-    def commit_landed(self) -> float | None:
-        """Wait for the previous step's commit (sent without waiting); 1.0 if it was applied, None if none."""
-        if self._pending_commit is None:
-            return None
-        landed, self._pending_commit = self.bank.wait(self._pending_commit), None
-        return float(landed["ok"])
+    def commit_landed(self) -> None:
+        """Wait for the previous step's commit (sent without waiting); whether it applied is the next metric."""
+        if self._pending_commit is not None:
+            landed, self._pending_commit = self.bank.wait(self._pending_commit), None
+            self._commit_ok = float(landed["ok"])
 
     def before_checkpoint(self, step: int) -> None:
         self.commit_landed()
@@ -124,7 +124,7 @@ class Stage1(StageBase):
         banked = self.staging.to_device({k: lease[k] for k in ("z1", "z2", "x", "written")})
         loss_g, grad_norm_g = self.update_generator(banked)
         t0 = time.perf_counter()
-        committed = self.commit_landed()
+        self.commit_landed()
         self._pending_commit = self.bank.commit_async(lease["lease"], step + 1, **self.staging.host_arrays())
         bank_commit_s = time.perf_counter() - t0
 
@@ -140,8 +140,8 @@ class Stage1(StageBase):
                 **{f"Langevin/{k}": v for k, v in stats.means().items()},
             }
         )
-        if committed is not None:  # the previous step's
-            metrics["Bank/commit_ok"] = committed
+        if self._commit_ok is not None:  # the previous commit's (awaited this step or at the checkpoint)
+            metrics["Bank/commit_ok"], self._commit_ok = self._commit_ok, None
         if (step + 1) % self.report_every == 0 and self.ctx.is_chief:
             stats = self.bank.stats()
             if stats.pop("reconstructed", False) and not self.summary_state.get("bank_reloads"):
@@ -166,7 +166,7 @@ class Stage1(StageBase):
         self.scaler_g.update()
         self.sched_g.step()
         if self.ema_g is not None:
-            self.ema_g.update_parameters(self.hat.g1)
+            update_ema(self.ema_g, self.hat.g1)
         return loss_g.detach(), grad_norm_g
 
     def tick_metrics(self, step: int) -> dict[str, float]:
@@ -201,6 +201,8 @@ class Stage1(StageBase):
         }
         if self.ema_g is not None:
             states["generator_ema"] = self.ema_g.state_dict()
+        if self.scaler_g.is_enabled():
+            states["generator_scaler"] = self.scaler_g.state_dict()
         return states
 
     def load_state_dict(self, states: dict[str, dict]) -> None:
@@ -209,7 +211,9 @@ class Stage1(StageBase):
         self.opt_g.load_state_dict(states["generator_opt"])
         self.sched_g.load_state_dict(states["generator_sched"])
         if self.ema_g is not None and "generator_ema" in states:
-            self.ema_g.load_state_dict(states["generator_ema"])
+            load_ema(self.ema_g, states["generator_ema"])
+        if self.scaler_g.is_enabled() and "generator_scaler" in states:
+            self.scaler_g.load_state_dict(states["generator_scaler"])
 
 
 class Stage1Sampler(HatSampler):

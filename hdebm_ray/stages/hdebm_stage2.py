@@ -42,7 +42,7 @@ class Stage2(StageBase):
         self.shape = sample_shape(cfg)
         self.hat = hat_generator(cfg, ctx, init_dir, with_g1=True)
         self.hat.g1.requires_grad_(False).eval()
-        self.hat_fast = fast_hat(self.compute, self.hat)
+        self.hat_fast = fast_hat(self.compute, self.hat, chain=True)
         self.energy = energy_trainer(cfg, ctx, s, s.lr, s.temperature, compute=self.compute)
         self.energy.net.load_state_dict(load_states(init_dir, ["energy"], map_location=ctx.device)["energy"])
         if self.energy.ema is not None:  # the EMA starts at Stage 1's weights, not at a random init

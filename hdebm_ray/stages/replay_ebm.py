@@ -175,9 +175,10 @@ class ReplayEBMStage(StageBase):
         dev = self.ctx.device
         x0 = torch.from_numpy(np.array(drawn["x"])).to(dev)
         reference = torch.from_numpy(np.array(drawn["reference"]["x"])).to(dev) if extra else x0[:0]
-        reinit = torch.from_numpy(np.array(drawn["reinit"])).to(dev)
-        if reinit.any():
-            x0[reinit] = self.init.sample(int(reinit.sum()), device=dev)
+        mask = np.asarray(drawn["reinit"], dtype=bool)  # decided on the host: no device read-back
+        reinit = torch.from_numpy(mask.copy()).to(dev)
+        if mask.any():
+            x0[reinit] = self.init.sample(int(mask.sum()), device=dev)
         return drawn["lease"], x0, reinit, reference, drawn["filled"]
 
     def start_transition(self, x0: torch.Tensor, reinit: torch.Tensor) -> torch.Tensor:
