@@ -121,11 +121,19 @@ def init_dirs(cfg, root: Path) -> tuple[Path, Path]:
     return s1, s2
 
 
-def stage1_anatomy(cfg, init_dir, device, timer: Timer, steps: int, ctx: WorkerContext | None = None) -> dict:
-    ctx = ctx or WorkerContext(device=device)
+def built_stage1(cfg, init_dir, ctx: WorkerContext):
+    """Stage 1 with an in-process bank of its own, filled (on every rank: each rank's bank is its own here)."""
     ctx.bank = local_bank(cfg, "stage1", snapshot_dir=None)
     stage = build_stage("stage1", cfg, ctx, init_dir)
     stage.on_start(0)
+    if ctx.rank:
+        stage.fill_bank()
+    return stage
+
+
+def stage1_anatomy(cfg, init_dir, device, timer: Timer, steps: int) -> dict:
+    ctx = WorkerContext(device=device)
+    stage = built_stage1(cfg, init_dir, ctx)
     lv = cfg.stage1.langevin
     x_pos, _ = next(stage.batches)
     z1, z2 = latents(cfg, len(x_pos), stage.shape, device)
@@ -241,11 +249,7 @@ def _worker(rank: int, world: int, cfg, init_dir, steps: int, port: int, result_
 
 
 def stage1_scaling_step(cfg, init_dir, ctx: WorkerContext, timer: Timer) -> float:
-    ctx.bank = local_bank(cfg, "stage1", snapshot_dir=None)
-    stage = build_stage("stage1", cfg, ctx, init_dir)
-    stage.on_start(0)
-    if ctx.rank:
-        stage.fill_bank()  # each rank has its own in-process bank here; rank 0 filled its own
+    stage = built_stage1(cfg, init_dir, ctx)
     step = iter(range(10**9))
     return timer(lambda: stage.train_step(next(step)))
 

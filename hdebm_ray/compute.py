@@ -22,7 +22,7 @@ What each key does on a device, and why it is done the way it is:
 
 from __future__ import annotations
 
-import contextlib
+import functools
 
 import torch
 from torch import nn
@@ -32,8 +32,6 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def compile_modes() -> tuple[str, ...]:
     """The ``torch.compile`` modes of the installed torch (besides ``none``)."""
-    if not hasattr(torch, "compile"):
-        return ()
     try:
         from torch._inductor import list_mode_options
     except ImportError:
@@ -57,6 +55,7 @@ def problem(section, use_gpu: bool) -> str | None:
     return None
 
 
+@functools.cache  # one trial step per process, not one per stage built
 def _cpu_fused_adam() -> bool:
     try:
         torch.optim.Adam([nn.Parameter(torch.zeros(1))], fused=True).step()
@@ -131,12 +130,6 @@ class Compute:
             # dynamic=False: the batch shapes are fixed per stage; a new shape (a tick's sampling) recompiles once.
             module = torch.compile(module, mode=COMPILE_MODES[self.section.compile], dynamic=False)
         return module
-
-    def autocast(self):
-        """A context for forward code outside a wrapped module (e.g. G2 inside the generator loss)."""
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
 
     def adam_kwargs(self) -> dict:
         """Adam's kernel choice: ``auto`` is fused on CUDA, foreach elsewhere."""
