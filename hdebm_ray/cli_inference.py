@@ -57,8 +57,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_dataset_convert(args) -> int:
-    from .data import write_parquet_shards
+    from .dataset_convert import prepare_output, write_parquet_shards
 
+    if args.shard_size < 1:
+        raise ConfigError(f"--shard-size must be at least 1 (got {args.shard_size})")
     overrides = [f"data.dataset={args.source}", f"data.path={args.input or ''}"]
     if args.resolution:
         overrides.append(f"data.resolution={args.resolution}")
@@ -67,7 +69,9 @@ def cmd_dataset_convert(args) -> int:
     cfg = load_config(None, None, overrides)
     from .data import build_dataset
 
-    paths = write_parquet_shards(build_dataset(cfg), args.out, args.shard_size, progress=True)
+    dataset = build_dataset(cfg)
+    prepare_output(args.out, args.overwrite)  # refuses a folder with shards before the first image is read
+    paths = write_parquet_shards(dataset, args.out, args.shard_size, progress=True, overwrite=args.overwrite)
     print(f"wrote {len(paths)} shard(s) to {args.out}")
     return 0
 
@@ -155,7 +159,8 @@ def add_inference_commands(sub) -> None:
     c = dsub.add_parser("convert", help="write parquet shards of encoded images")
     c.add_argument("--source", required=True, choices=["digits", "cifar10", "image_folder", "parquet"])
     c.add_argument("--in", dest="input", help="source folder (cifar10 root, image folder)")
-    c.add_argument("--out", required=True, help="output folder for shard-*.parquet")
+    c.add_argument("--out", required=True, help="output folder or URI (s3://, gs://, file://) for shard-*.parquet")
+    c.add_argument("--overwrite", action="store_true", help="remove the shards already in --out first")
     c.add_argument("--resolution", type=int)
     c.add_argument("--channels", type=int)
     c.add_argument("--shard-size", type=int, default=10000)

@@ -19,15 +19,13 @@ from typing import Any
 import yaml
 
 from . import compute
+from .config_baselines import ICDSection, MEBMSection, MJEMSection
 from .config_schema import (
     ComputeSection,
     DataSection,
     DiffusionSection,
     DistillSection,
     EvalSection,
-    ICDSection,
-    MEBMSection,
-    MJEMSection,
     NetworkSection,
     RaySection,
     RunSection,
@@ -219,6 +217,11 @@ def validate(cfg: Config) -> None:
             f"{cfg.stage1.batch_size} (each step leases a batch of distinct slots)"
         )
     data = cfg.data
+    if data.loader == "ray_data" and data.dataset not in ("image_folder", "parquet"):
+        raise ConfigError(
+            f"config key 'data.loader' = 'ray_data' streams image_folder / parquet files; data.dataset = "
+            f"{data.dataset!r} is held in memory (use data.loader = auto or torch)"
+        )
     if data.dataset == "toy2d" and cfg.network.generator.kind != "resnet":
         raise ConfigError("config key 'network.generator.kind' must be 'resnet' for toy2d (an MLP generator is used)")
     heads = cfg.network.unet.num_head_channels

@@ -9,7 +9,7 @@ ActorBankClient`` (a Ray actor); a test checks each implementation against its p
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -77,6 +77,9 @@ class WorkerContext:
     bank: BankClient | ReplayClient | None = None
     # every module the stage trained through ``wrap``, by name: compared across ranks at each checkpoint
     replicated: dict[str, nn.Module] = field(default_factory=dict)
+    # (stream name, this rank's batch size) -> endless (images, labels) on ``device``, from a dataset the driver
+    # streams in (Ray Data); None: each stage reads the dataset itself (``data.batch_stream``)
+    batches: Callable[[str, int], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     @property
     def is_chief(self) -> bool:

@@ -4,62 +4,49 @@
 - ``toy2d``: 2-D Gaussian mixtures (5×5 grid, ring of 8) as vectors, with their true mode centres.
 - ``cifar10``: torchvision's CIFAR-10, downloaded on first use (fails offline with a clear message).
 - ``image_folder``: any folder tree of PNG/JPEG images (first-level sub-folders are class labels).
-- ``parquet``: shards of encoded image bytes (columns ``image``, ``label``), written by ``dataset convert``.
+- ``parquet``: shards of encoded image bytes (columns ``image``, optional ``label``), e.g. from ``dataset convert``.
+
+The last two live in files (local or behind a URI) and are read on demand (``data_files``), never held in memory;
+whole-dataset passes go through ``iter_batches``. Under Ray Train they reach the workers through Ray Data
+(``distributed.ray_data``); ``batch_stream`` is the in-process path (a DataLoader) for the rest.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from .config import Config
+from .data_files import DatasetError, ImageFiles, ParquetImages, pil_to_unit, uint8_to_unit
+from .storage import is_uri
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-class DatasetError(RuntimeError):
-    """The dataset cannot be read; the message says which file or folder and what to do."""
+__all__ = ["DatasetError", "ImageFiles", "ParquetImages", "pil_to_unit", "uint8_to_unit"]
+STREAMED = ("image_folder", "parquet")  # datasets read from files, in bounded memory (``data_files``)
 
 
 def cache_root(cfg: Config) -> Path:
-    """Where what is derived from a dataset is cached (FID reference features, the fitted p0): next to the data
-    (``data.path``), else ``~/.cache/hdebm_ray/<dataset>``."""
-    return Path(cfg.data.path) if cfg.data.path else Path.home() / ".cache" / "hdebm_ray" / cfg.data.dataset
+    """Where what is derived from a dataset is cached (FID reference statistics, the fitted p0): next to the data
+    (a local ``data.path``), else ``~/.cache/hdebm_ray/<dataset>`` (for a URI: one folder per URI)."""
+    path = cfg.data.path
+    if path and not is_uri(path):
+        return Path(path)
+    home = Path.home() / ".cache" / "hdebm_ray" / cfg.data.dataset
+    return home / hashlib.sha1(path.encode()).hexdigest()[:12] if path else home
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Image helpers
 
 
-def uint8_to_unit(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (…, C, H, W) in [0, 255] -> float in [-1, 1]."""
-    return x.float() / 127.5 - 1.0
-
-
 def unit_to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Float in [-1, 1] (clipped) -> uint8 in [0, 255], the quantisation used before any feature network."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def pil_to_unit(img: Image.Image, resolution: int, channels: int) -> torch.Tensor:
-    """Centre-crop to a square, resize (bicubic, antialiased) and map to [-1, 1], shape (C, R, R)."""
-    img = img.convert("L" if channels == 1 else "RGB")
-    w, h = img.size
-    side = min(w, h)
-    img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-    if side != resolution:
-        img = img.resize((resolution, resolution), Image.BICUBIC)
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-    arr = arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1)
-    return uint8_to_unit(arr)
 
 
 def resize_batch(x: torch.Tensor, resolution: int, channels: int) -> torch.Tensor:
@@ -134,55 +121,6 @@ class PILDataset(Dataset):
         return pil_to_unit(img, self.resolution, self.channels), int(label)
 
 
-class ImageFiles(Dataset):
-    """(PIL image, label) for every image file below ``root``; labels index the first-level folders."""
-
-    def __init__(self, root: str):
-        base = Path(root)
-        if not base.is_dir():
-            raise DatasetError(f"image folder '{root}' (data.path) does not exist or is not a folder")
-        self.files = sorted(p for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.files:
-            raise DatasetError(f"image folder '{root}' (data.path) holds no {'/'.join(IMAGE_SUFFIXES)} files")
-        classes = sorted({p.relative_to(base).parts[0] for p in self.files if len(p.relative_to(base).parts) > 1})
-        index = {c: i for i, c in enumerate(classes)}
-        self.labels = [index.get(p.relative_to(base).parts[0], -1) for p in self.files]
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        try:
-            return Image.open(self.files[i]), self.labels[i]
-        except OSError as e:
-            raise DatasetError(f"cannot decode image file '{self.files[i]}': {e}") from e
-
-
-class ParquetImages(Dataset):
-    """(PIL image, label) from every ``*.parquet`` shard in a folder (columns ``image``: bytes, ``label``)."""
-
-    def __init__(self, root: str):
-        import pyarrow.parquet as pq
-
-        shards = sorted(Path(root).glob("*.parquet")) if Path(root).is_dir() else []
-        if not shards:
-            raise DatasetError(f"parquet folder '{root}' (data.path) holds no .parquet shards")
-        self.images, self.labels = [], []
-        for shard in shards:
-            table = pq.read_table(shard)
-            if "image" not in table.column_names:
-                raise DatasetError(f"parquet shard '{shard}' has no 'image' column (has {table.column_names})")
-            self.images += table.column("image").to_pylist()
-            n = table.num_rows
-            self.labels += table.column("label").to_pylist() if "label" in table.column_names else [-1] * n
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return Image.open(io.BytesIO(self.images[i])), self.labels[i]
-
-
 def build_dataset(cfg: Config) -> Dataset:
     d = cfg.data
     if d.dataset == "digits":
@@ -192,17 +130,46 @@ def build_dataset(cfg: Config) -> Dataset:
     if d.dataset == "cifar10":
         return PILDataset(cifar10_dataset(d.path, d.download), d.resolution, d.channels)
     if d.dataset == "image_folder":
-        return PILDataset(ImageFiles(d.path), d.resolution, d.channels)
+        return ImageFiles(d.path, d.resolution, d.channels)
     if d.dataset == "parquet":
-        return PILDataset(ParquetImages(d.path), d.resolution, d.channels)
+        return ParquetImages(d.path, d.resolution, d.channels)
     raise DatasetError(f"unknown data.dataset {d.dataset!r}")
 
 
+def iter_batches(
+    dataset: Dataset, batch_size: int, indices=None, progress: str | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The dataset's items (all, or ``indices`` in ascending order) in storage order, ``batch_size`` at a time:
+    how the whole-dataset passes (FID reference, p0 fit, conversion) read in bounded memory. ``progress``: a
+    label to show progress over the items under (None: silent)."""
+    from .progress import progress as show_progress
+
+    order = range(len(dataset)) if indices is None else sorted(int(i) for i in indices)
+    total = len(order)
+    if hasattr(dataset, "iter_batches"):  # files: one sequential pass over the shards / files
+        batches = dataset.iter_batches(batch_size, None if indices is None else order)
+    else:
+        batches = (
+            (torch.stack([dataset[i][0] for i in chunk]), torch.tensor([int(dataset[i][1]) for i in chunk]))
+            for chunk in (order[j : j + batch_size] for j in range(0, total, batch_size))
+        )
+    shown = progress is not None
+    yield from show_progress(batches, desc=progress or "", unit="images", total=total, enabled=shown, size=_first_len)
+
+
+def _first_len(batch) -> int:
+    return len(batch[0])
+
+
 def random_items(dataset: Dataset, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images and labels of ``n`` items (all, if fewer) in a random order fixed by ``seed``."""
+    """The images and labels of ``n`` items (all, if fewer) in a random order fixed by ``seed``. Read in one pass
+    over the files they lie in; holds only the ``n`` items."""
     idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
-    items = [dataset[int(i)] for i in idx]
-    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+    xs, ys = zip(*iter_batches(dataset, 1024, idx.tolist()), strict=True) if len(idx) else ((), ())
+    x, y = torch.cat(xs), torch.cat(ys)
+    rank = torch.empty_like(idx)
+    rank[idx.argsort()] = torch.arange(len(idx))  # ascending position of each drawn index
+    return x[rank], y[rank]
 
 
 def random_images(dataset: Dataset, n: int, seed: int = 0) -> torch.Tensor:
@@ -249,43 +216,3 @@ def batch_stream(
         for x, y in loader:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         epoch += 1
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Conversion to parquet shards
-
-
-def write_parquet_shards(dataset: Dataset, out_dir: str, shard_size: int = 10000, progress: bool = False) -> list[Path]:
-    """Encode every (image in [-1, 1], label) of ``dataset`` as PNG bytes into numbered parquet shards;
-    ``progress``: show progress over the images."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from .progress import progress as show_progress
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths, images, labels = [], [], []
-
-    def flush():
-        path = out / f"shard-{len(paths):05d}.parquet"
-        table = pa.table({"image": pa.array(images, type=pa.binary()), "label": pa.array(labels, type=pa.int64())})
-        pq.write_table(table, path)
-        paths.append(path)
-        images.clear()
-        labels.clear()
-
-    for i in show_progress(range(len(dataset)), desc="dataset convert", unit="images", enabled=progress):
-        x, y = dataset[i]
-        if x.dim() != 3:
-            raise DatasetError("only image datasets can be converted to parquet shards")
-        arr = unit_to_uint8(x).permute(1, 2, 0).numpy()
-        buf = io.BytesIO()
-        Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(buf, format="PNG")
-        images.append(buf.getvalue())
-        labels.append(int(y))
-        if len(images) == shard_size:
-            flush()
-    if images:
-        flush()
-    return paths

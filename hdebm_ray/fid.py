@@ -2,13 +2,19 @@
 
 Images travel exactly as ``cleanfid.fid.compute_fid`` sends two folders: PNG files (samples are quantised to
 uint8, as any saved image is), clean-fid's loader and resizer for the extractor, the extractor, then clean-fid's
-``frechet_distance`` / ``kernel_distance`` (KID: 100 subsets of at most 1000). The dataset's reference features
-are computed once per dataset + extractor + resolution and cached as .npz next to the dataset (``data.path``,
-else ``~/.cache/hdebm_ray/<dataset>``), never inside the installed clean-fid package.
+``frechet_distance`` / ``kernel_distance`` (KID: 100 subsets of at most 1000).
+
+The dataset's reference is statistics, not features: the dataset streams through the extractor in batches and
+only the mean and covariance (float64, ``moments.RunningMoments``) and a uniform random subset of
+``eval.kid_reference_samples`` feature vectors for KID (``moments.Reservoir``) are kept, so memory does not grow
+with the dataset (ImageNet's 1.28 M × 2048 features would be 21 GB). They are computed once per dataset + extractor
++ settings and cached as .npz next to the dataset (``data.cache_root``), never inside the installed clean-fid.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from glob import glob
@@ -19,7 +25,7 @@ import torch
 
 from .checkpoint import load_meta
 from .config import Config
-from .data import build_dataset, cache_root, random_images
+from .data import build_dataset, cache_root, iter_batches
 from .eval_features import EvalError, build_extractor
 from .progress import progress as show_progress
 from .sampling import Sampler
@@ -63,6 +69,53 @@ def frechet_distance(feats1: np.ndarray, feats2: np.ndarray) -> float:
     return float(fid_from_feats(feats1, feats2))
 
 
+def frechet_to_reference(feats: np.ndarray, ref: ReferenceStats) -> float:
+    """FID of features against a reference's (μ, Σ): ``fid_from_feats`` with one side given by its moments."""
+    from cleanfid.fid import frechet_distance as frechet
+
+    return float(frechet(np.mean(feats, axis=0), np.cov(feats, rowvar=False), ref.mu, ref.sigma))
+
+
+class ReferenceStats:
+    """What evaluation needs of the dataset's features: their mean ``mu``, covariance ``sigma`` (N − 1), a random
+    subset ``kid_features`` for KID, the number of images ``n``, and ``produced_by`` (what computed them)."""
+
+    def __init__(self, mu: np.ndarray, sigma: np.ndarray, kid_features: np.ndarray, n: int, produced_by: dict):
+        self.mu, self.sigma, self.kid_features, self.n, self.produced_by = mu, sigma, kid_features, n, produced_by
+
+    def save(self, path: Path) -> None:
+        import json
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        produced = np.array(json.dumps(self.produced_by))
+        np.savez(tmp, mu=self.mu, sigma=self.sigma, kid_features=self.kid_features, n=self.n, produced_by=produced)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> ReferenceStats:
+        import json
+
+        with np.load(path, allow_pickle=False) as z:
+            produced = json.loads(str(z["produced_by"]))
+            return cls(z["mu"], z["sigma"], z["kid_features"], int(z["n"]), produced)
+
+    @classmethod
+    def of_stream(cls, feature_batches, kid_samples: int, produced_by: dict, seed: int = 0) -> ReferenceStats:
+        from .moments import Reservoir, RunningMoments
+
+        moments = reservoir = None
+        for feats in feature_batches:
+            if moments is None:
+                moments, reservoir = RunningMoments(feats.shape[1]), Reservoir(kid_samples, seed)
+            moments.update(feats)
+            reservoir.update(feats)
+        if moments is None or moments.count < 2:
+            raise EvalError("FID needs at least 2 samples and 2 reference images")
+        mu, sigma = moments.mean.numpy(), moments.covariance.numpy()
+        return cls(mu, sigma, reservoir.samples, moments.count, {**produced_by, "images": moments.count})
+
+
 def kernel_distance(feats1: np.ndarray, feats2: np.ndarray, num_subsets: int = 100) -> float:
     from cleanfid.fid import kernel_distance as kid
 
@@ -90,23 +143,32 @@ class FeatureSpace:
     def of_folder(self, folder: str | Path, progress: str | None = None) -> np.ndarray:
         return folder_features(folder, self.fn, self.resize, self.cfg.eval.batch_size, self.device, progress)
 
-    def reference(self, progress: str | None = None) -> np.ndarray:
-        """The dataset's features, cached as .npz (computed on first use)."""
-        d = self.cfg.data
-        name = (
-            f"ref-{d.dataset}-{self.cfg.eval.features}-{d.resolution}px-{d.channels}ch-n{self.cfg.eval.ref_samples}.npz"
-        )
+    def reference(self, progress: str | None = None) -> ReferenceStats:
+        """The dataset's reference statistics, cached as .npz (streamed on first use)."""
+        d, e = self.cfg.data, self.cfg.eval
+        produced_by = {
+            "dataset": d.dataset,
+            "path": d.path,
+            "resolution": d.resolution,
+            "channels": d.channels,
+            "features": e.features,
+            "ref_samples": e.ref_samples,
+            "kid_reference_samples": e.kid_reference_samples,
+        }
+        key = hashlib.sha1(json.dumps(produced_by, sort_keys=True).encode()).hexdigest()[:10]
+        name = f"ref-{d.dataset}-{e.features}-{d.resolution}px-{d.channels}ch-n{e.ref_samples}-{key}.npz"
         path = cache_dir(self.cfg) / name
         if path.is_file():
-            return np.load(path)["features"]
+            return ReferenceStats.load(path)
         ds = build_dataset(self.cfg)
-        n = len(ds) if self.cfg.eval.ref_samples <= 0 else min(len(ds), self.cfg.eval.ref_samples)
-        feats = self.of_samples(random_images(ds, n, seed=0), progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, features=feats, mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
-        tmp.replace(path)
-        return feats
+        indices = None  # all, in storage order
+        if 0 < e.ref_samples < len(ds):
+            indices = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[: e.ref_samples].tolist()
+        chunk = 4 * e.batch_size  # images per temporary PNG folder
+        batches = iter_batches(ds, chunk, indices, progress)
+        stats = ReferenceStats.of_stream((self.of_samples(x) for x, _ in batches), e.kid_reference_samples, produced_by)
+        stats.save(path)
+        return stats
 
 
 class FeatureSpaces:
@@ -157,9 +219,9 @@ def evaluate_checkpoint(
     samples, base, meta, sampler = sample_checkpoint(
         ckpt_dir, num_samples, space.cfg.eval.batch_size, space.device, seed, progress, **sampler_options
     )
-    ref = space.reference("eval: reference features" if progress else None)
+    ref = space.reference("eval: reference statistics" if progress else None)
     feats = space.of_samples(samples, "eval: sample features" if progress else None)
-    if len(feats) < 2 or len(ref) < 2:
+    if len(feats) < 2 or ref.n < 2:
         raise EvalError("FID needs at least 2 samples and 2 reference images")
     result = {
         "checkpoint": str(ckpt_dir),
@@ -172,12 +234,12 @@ def evaluate_checkpoint(
         "protocol": sampler.protocol,
         # False when weights / protocol were chosen by hand: logged under their own TensorBoard tags
         "default_sampler": all(sampler_options.get(k) is None for k in ("use_ema", "protocol")),
-        "fid": frechet_distance(feats, ref),
-        "kid": kernel_distance(feats, ref, space.cfg.eval.kid_subsets),
+        "fid": frechet_to_reference(feats, ref),
+        "kid": kernel_distance(feats, ref.kid_features, space.cfg.eval.kid_subsets),
     }
     if base is not None:
         base_feats = space.of_samples(base, f"eval: {sampler.start_name} features" if progress else None)
         start = sampler.start_name
-        result[f"fid_{start}"] = frechet_distance(base_feats, ref)
-        result[f"kid_{start}"] = kernel_distance(base_feats, ref, space.cfg.eval.kid_subsets)
+        result[f"fid_{start}"] = frechet_to_reference(base_feats, ref)
+        result[f"kid_{start}"] = kernel_distance(base_feats, ref.kid_features, space.cfg.eval.kid_subsets)
     return result

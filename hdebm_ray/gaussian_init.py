@@ -3,11 +3,16 @@
 
 Σ is kept as a factor: Σ = F·Fᵀ + diag(d). Up to ``max_full_dim`` dimensions F is the Cholesky factor of the full
 sample covariance (d = 0 apart from a tiny jitter). Above it the full matrix would not fit (128×128×3 images:
-49152² floats ≈ 10 GB), so F holds the top ``rank`` principal directions (randomised SVD of the centred data) and
-d the variance they leave unexplained per pixel: the approximation keeps every pixel's variance exactly and the
-strongest correlations, and drops the weak long tail of the spectrum. Sampling is μ + F·u + √d ⊙ v, u, v ~ N(0, I).
-The fit is cached as plain tensors next to the dataset, like the FID reference features. Fitting shows its
-progress (reading the dataset, then the fit) on rank 0 (``hdebm_ray.progress``).
+49152² floats ≈ 10 GB), so F holds the top ``rank`` principal directions and d the variance they leave unexplained
+per pixel: the approximation keeps every pixel's variance exactly and the strongest correlations, and drops the
+weak long tail of the spectrum. Sampling is μ + F·u + √d ⊙ v, u, v ~ N(0, I).
+
+The dataset is read once, in batches (``fit_gaussian_stream``), in memory that does not grow with its size: the
+mean and covariance (or per-pixel variance) accumulate in float64 (``moments.RunningMoments``), and above
+``max_full_dim`` the principal directions come from a Frequent Directions sketch of 2·rank rows
+(``moments.FrequentDirections``) corrected for the mean. ``fit_gaussian`` is the same fit of a tensor in memory
+(randomised SVD of the centred data), kept as the reference the streamed fit is tested against. The fit is cached
+as plain tensors next to the dataset, like the FID reference statistics, and shows its progress on rank 0.
 """
 
 from __future__ import annotations
@@ -81,6 +86,41 @@ def fit_gaussian(
     return GaussianInit(mean, factor, diag, tuple(x.shape[1:]))
 
 
+def fit_gaussian_stream(
+    batches, max_full_dim: int = 4096, rank: int = 512, cov_jitter: float = 0.0
+) -> tuple[GaussianInit, int]:
+    """``fit_gaussian`` of the rows of an iterable of batches (N_b×...), read once; returns the fit and N."""
+    from .moments import FrequentDirections, RunningMoments
+
+    moments = sketch = shape = None
+    for x in batches:
+        if moments is None:
+            shape, dim = tuple(x.shape[1:]), x[0].numel()
+            moments = RunningMoments(dim, full=dim <= max_full_dim)
+            sketch = None if moments.full else FrequentDirections(dim, max(2 * rank, rank + 1))
+        moments.update(x)
+        if sketch is not None:
+            sketch.update(x)  # uncentred: XᵀX, from which n·μμᵀ is taken below
+    if moments is None or moments.count < 2:
+        raise ValueError("fitting p0 needs at least 2 samples")
+    n, mean, variance = moments.count, moments.mean, moments.variance
+    dim = mean.numel()
+    if moments.full:
+        jitter = cov_jitter + 1e-6 * float(variance.mean().clamp_min(1e-12))
+        factor = torch.linalg.cholesky(moments.covariance + jitter * torch.eye(dim, dtype=torch.float64))
+        return GaussianInit(mean, factor, torch.zeros(dim, dtype=torch.float64), shape), n
+    # Σ = (XᵀX − n·μμᵀ)/(n − 1) restricted to the span Q of the sketch and μ, where XᵀX ≈ BᵀB lives.
+    b = sketch.sketch
+    q, _ = torch.linalg.qr(torch.cat([b, mean[None]]).T)
+    bq, mq = b @ q, mean @ q
+    small = (bq.T @ bq - n * torch.outer(mq, mq)) / (n - 1)
+    eigval, eigvec = torch.linalg.eigh((small + small.T) / 2)
+    top = eigval.argsort(descending=True)[: min(rank, n - 1, dim)]
+    factor = (q @ eigvec[:, top]) * eigval[top].clamp_min(0).sqrt()
+    diag = (variance - factor.pow(2).sum(1)).clamp_min(1e-12) + cov_jitter
+    return GaussianInit(mean, factor, diag, shape), n
+
+
 def first_rank() -> bool:
     """Rank 0 of the process group, or a single process."""
     import torch.distributed as dist
@@ -97,24 +137,26 @@ def cached_gaussian(
     cov_jitter: float = 0.0,
     progress: bool | None = None,
 ) -> GaussianInit:
-    """p0 of a whole dataset of (image, label) items, fitted once and cached as ``<cache_dir>/<name>.pt``.
-    ``progress``: show the fit's progress (None: on rank 0 only)."""
+    """p0 of a whole dataset of (image, label) items, fitted in one streamed pass and cached as
+    ``<cache_dir>/<name>.pt``. ``progress``: show the fit's progress (None: on rank 0 only)."""
+    from .data import iter_batches
     from .progress import duration, mode, write
-    from .progress import progress as show_progress
 
     path = Path(cache_dir) / f"{name}.pt"
     if path.is_file():
         return GaussianInit.from_state_dict(torch.load(path, weights_only=True))
     show = first_rank() if progress is None else progress
-    items = show_progress(range(len(dataset)), desc="p0 fit: reading the dataset", unit="images", enabled=show)
-    images = torch.stack([dataset[i][0] for i in items])
     start = time.monotonic()
-    p0 = fit_gaussian(images, max_full_dim, rank, cov_jitter=cov_jitter)
+    label = "p0 fit: reading the dataset" if mode(show) != "off" else None
+    p0, n = fit_gaussian_stream(
+        (x for x, _ in iter_batches(dataset, 256, progress=label)), max_full_dim, rank, cov_jitter=cov_jitter
+    )
     if mode(show) != "off":
-        kind = "full" if images[0].numel() <= max_full_dim else f"rank-{p0.factor.shape[1]} + diagonal"
+        dim = p0.mean.numel()
+        kind = "full" if dim <= max_full_dim else f"rank-{p0.factor.shape[1]} + diagonal"
         write(
-            f"[p0 fit] N(mu, Sigma) with {kind} covariance fitted to {len(images)} images of "
-            f"{images[0].numel()} dimensions in {duration(time.monotonic() - start)}",
+            f"[p0 fit] N(mu, Sigma) with {kind} covariance fitted to {n} images of {dim} dimensions in "
+            f"{duration(time.monotonic() - start)}",
             file=sys.stderr,
         )
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -81,12 +81,14 @@ def progress(
     every_s: float = 30.0,
     min_interval_s: float = 1.0,
     leave: bool = True,
+    size: Callable[[T], int] | None = None,
 ) -> Iterator[T]:
     """Yield the items of ``iterable`` while showing progress on stderr (see the module docstring).
 
     ``total``: the number of items (default ``len(iterable)`` where it has one). ``enabled=False`` (or
     ``HDEBM_RAY_PROGRESS=0``) yields the items and prints nothing. ``leave=False``: the tqdm bar is cleared at the
-    end (inner loops); plain mode always prints its last line.
+    end (inner loops); plain mode always prints its last line. ``size``: how many units an item counts for (a
+    batch of images: its length), when ``total`` counts units rather than items.
     """
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
@@ -97,13 +99,21 @@ def progress(
     if how == "tqdm":
         from tqdm import tqdm
 
-        yield from tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=leave)
+        if size is None:
+            yield from tqdm(
+                iterable, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=leave
+            )
+            return
+        with tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=leave) as bar:
+            for item in iterable:
+                yield item
+                bar.update(size(item))
         return
     start = last = time.monotonic()
     next_frac, done = every_frac, 0
     for item in iterable:
         yield item
-        done += 1
+        done += 1 if size is None else size(item)
         now = time.monotonic()
         frac = done / total if total else 0.0
         due = (total and frac + 1e-9 >= next_frac) or now - last >= every_s

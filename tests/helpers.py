@@ -118,3 +118,18 @@ class ExitOnce:
         if rank == self.rank and step == self.step and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             os._exit(1)
+
+
+class RecordNode:
+    """A report hook: each rank writes the id of the Ray node it runs on to ``<folder>/rank<r>``."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __call__(self, rank: int, step: int) -> None:
+        import os
+
+        import ray
+
+        with open(os.path.join(self.folder, f"rank{rank}"), "w") as f:
+            f.write(ray.get_runtime_context().get_node_id())

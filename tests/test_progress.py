@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import math
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -93,7 +94,7 @@ def test_plain_line_format():
 
 
 def test_parquet_convert_shows_progress_and_writes_the_same(tmp_path, capsys):
-    from hdebm_ray.data import write_parquet_shards
+    from hdebm_ray.dataset_convert import write_parquet_shards
 
     ds = TensorDataset(torch.rand(30, 1, 8, 8) * 2 - 1, torch.arange(30))
     quiet = write_parquet_shards(ds, str(tmp_path / "a"), 16)
@@ -101,7 +102,7 @@ def test_parquet_convert_shows_progress_and_writes_the_same(tmp_path, capsys):
     shown = write_parquet_shards(ds, str(tmp_path / "b"), 16, progress=True)
     err = capsys.readouterr().err
     assert "[dataset convert] 30/30 images (100%)" in err and "\r" not in err
-    assert [p.read_bytes() for p in quiet] == [p.read_bytes() for p in shown]
+    assert [Path(p).read_bytes() for p in quiet] == [Path(p).read_bytes() for p in shown]
 
 
 def test_folder_features_by_batch_equal_clean_fid(tmp_path, capsys):

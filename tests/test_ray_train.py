@@ -1,4 +1,5 @@
-"""Real Ray Train runs: 2 gloo workers on digits, checkpoints as state_dict dirs, resume at the saved step."""
+"""Real Ray Train runs: 2 gloo workers on digits, the whole pipeline on file:// storage, the replay-buffer
+baselines (M-JEM through Ray Data), checkpoints written by rank 0 only. Resuming at the saved step: test_two_nodes."""
 
 from __future__ import annotations
 
@@ -8,38 +9,13 @@ import pytest
 import torch
 from helpers import TINY, small_digits_overrides
 
-from hdebm_ray.checkpoint import load_config_of, load_meta, load_states
+from hdebm_ray.checkpoint import load_meta, load_states
 from hdebm_ray.config import load_config
+from hdebm_ray.data import build_dataset
+from hdebm_ray.dataset_convert import png_bytes
 from hdebm_ray.distributed.driver import fit_stage, run_pipeline
+from hdebm_ray.distributed.ray_data import uses_ray_data
 from hdebm_ray.sampling import Sampler
-
-
-def test_two_worker_trainer_checkpoints_and_resumes(ray_local, tmp_path):
-    base = small_digits_overrides(str(tmp_path), "resume") + [
-        "diffusion.report_every=2",
-        "diffusion.checkpoint_every=2",
-    ]
-    cfg = load_config("digits", overrides=base + ["diffusion.steps=4"])
-    first = fit_stage(cfg, "diffusion")
-    meta = load_meta(first["checkpoint"])
-    assert meta["step"] == 4 and meta["resumed_from_step"] == 0 and meta["nimg"] == 4 * 16
-
-    # A checkpoint is a directory of plain state_dicts + the resolved config, loadable with weights_only=True.
-    ckpt = Path(first["checkpoint"])
-    assert {"denoiser.pt", "optimizer.pt", "config.yaml", "meta.json"} <= {p.name for p in ckpt.iterdir()}
-    states = load_states(ckpt)
-    assert all(isinstance(v, torch.Tensor) for v in states["denoiser"].values())
-    assert load_config_of(ckpt) == cfg
-
-    # Same run name, longer schedule: resumes at the saved step instead of starting over.
-    longer = load_config("digits", overrides=base + ["diffusion.steps=6"])
-    second = fit_stage(longer, "diffusion")
-    meta2 = load_meta(second["checkpoint"])
-    assert meta2["step"] == 6 and meta2["resumed_from_step"] == 4
-    # The resumed weights continue from the first run's, not from a fresh init.
-    w1 = states["denoiser"]["input_conv.weight"]
-    w2 = load_states(second["checkpoint"])["denoiser"]["input_conv.weight"]
-    assert (w2 - w1).abs().max() < 0.05
 
 
 def test_pipeline_runs_all_stages_with_the_bank_actor_and_skips_finished_stages(ray_local, tmp_path):
@@ -72,14 +48,21 @@ def test_pipeline_runs_all_stages_with_the_bank_actor_and_skips_finished_stages(
     assert again["stage2"]["checkpoint"] == state["stage2"]["checkpoint"]
 
 
-@pytest.mark.parametrize("stage", ["mebm", "mjem", "icd"])
+# M-EBM is M-JEM without the classifier batch: M-JEM's run covers its code path on Ray (and test_baselines /
+# test_toy2d_learning train M-EBM itself in process).
+@pytest.mark.parametrize("stage", ["mjem", "icd"])
 def test_baseline_trains_with_two_workers_on_the_replay_buffer_actor(ray_local, tmp_path, stage):
     # Real DDP (gloo) over 2 Ray Train workers: M-JEM's two-headed forward and Improved CD's KL term, whose
-    # gradient reaches θ outside DDP's forward, must both leave the ranks with identical weights.
-    cfg = load_config(
-        "digits",
-        overrides=small_digits_overrides(str(tmp_path), stage) + TINY + [f"data.path={tmp_path / 'data'}"],
-    )
+    # gradient reaches θ outside DDP's forward, must both leave the ranks with identical weights. M-JEM reads an
+    # image folder through Ray Data: two streams (EBM and classifier batches) split across the ranks, labels from
+    # the class folders, and the p0 fit streamed from the files (test_two_nodes reads parquet).
+    data = [f"data.path={tmp_path / 'data'}"]
+    if stage == "mjem":
+        write_image_folder(build_dataset(load_config("digits")), tmp_path / "data")
+        data += ["data.dataset=image_folder", "data.shuffle_buffer=64", "data.preprocess_cpus=0.5"]
+        data += ["mjem.num_classes=10"]
+    cfg = load_config("digits", overrides=small_digits_overrides(str(tmp_path), stage) + TINY + data)
+    assert uses_ray_data(cfg) == (stage == "mjem")
     out = fit_stage(cfg, stage)
     meta = load_meta(out["checkpoint"])
     assert meta["done"] and meta["step"] == 4
@@ -99,17 +82,27 @@ def test_baseline_trains_with_two_workers_on_the_replay_buffer_actor(ray_local, 
     acc = EventAccumulator(str(run / "tb" / stage))
     acc.Reload()
     expected = {
-        "mebm": set(),
-        "mjem": {"Loss/classifier", "Classifier/accuracy"},
+        # Data/: what arrived through Ray Data, by stream
+        "mjem": {"Loss/classifier", "Classifier/accuracy", "Data/train_batches", "Data/labelled_batches"},
         "icd": {"Loss/kl", "Loss/nn_entropy"},
     }
     assert {"Loss/energy", "Bank/reinit_fraction", "Langevin/drift_norm"} | expected[stage] <= set(
         acc.Tags()["scalars"]
     )
+    if stage == "mjem":  # 4 steps of 8 images per rank from each stream: all through Ray Data
+        assert [e.value for e in acc.Scalars("Data/train_batches")][-1] == 4
     # Samples with the stage's own sampler from the saved checkpoint.
     x, starts = Sampler(out["checkpoint"]).sample_with_start(8, seed=0)
     assert x.shape == starts.shape == (8, 1, 16, 16) and bool(torch.isfinite(x).all())
     assert not torch.equal(x, starts)  # the chain starts (scored as fid_init) are not the samples
+
+
+def write_image_folder(dataset, root: Path) -> None:
+    """Every item of ``dataset`` as ``root/<label>/<index>.png``."""
+    for i in range(len(dataset)):
+        x, y = dataset[i]
+        (root / str(int(y))).mkdir(parents=True, exist_ok=True)
+        (root / str(int(y)) / f"{i:05d}.png").write_bytes(png_bytes(x))
 
 
 def check_tensorboard(run: Path) -> None:

@@ -54,10 +54,13 @@ def init_ray(cfg: Config) -> None:
 
 
 def resources_needed(cfg: Config) -> dict[str, float]:
-    """CPUs and GPUs a stage's workers and the run's eval actors hold at the same time."""
+    """CPUs and GPUs a stage's workers, the run's eval actors and Ray Data's preprocessing hold at the same time."""
+    from .ray_data import uses_ray_data
+
     r, e = cfg.ray, cfg.eval
+    preprocess = cfg.data.preprocess_cpus if uses_ray_data(cfg) else 0.0
     return {
-        "CPU": r.num_workers * r.cpus_per_worker + e.actors * e.cpus_per_actor,
+        "CPU": r.num_workers * r.cpus_per_worker + e.actors * e.cpus_per_actor + preprocess,
         "GPU": (r.num_workers if r.use_gpu else 0) + e.actors * e.gpus_per_actor,
     }
 
@@ -76,6 +79,8 @@ def trainer_for(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from ..stages import STAGES
+    from .ray_data import trainer_data
     from .worker import train_loop_per_worker
 
     r = cfg.ray
@@ -102,6 +107,7 @@ def trainer_for(
             callbacks=list(callbacks),
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
+        **trainer_data(cfg, STAGES[stage].data_streams),
     )
 
 
@@ -152,8 +158,14 @@ def fit_stage(
     """
     import ray
 
+    from ..data import build_dataset
+    from ..stages import STAGES
     from .eval_pool import NotifyEvalPool, pool_name
+    from .ray_data import check_stream_fits, uses_ray_data
 
+    if uses_ray_data(cfg):
+        section = getattr(cfg, STAGES[stage].section_name or stage)
+        check_stream_fits(cfg, len(build_dataset(cfg)), section.batch_size)
     pool = pool_name(cfg) if eval_pool is not None and stage in cfg.eval.stages else None
     if pool is not None:
         callbacks = [*callbacks, NotifyEvalPool(pool, stage, run_dir(cfg))]

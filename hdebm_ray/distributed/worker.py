@@ -22,6 +22,7 @@ from ..stages import build_stage
 from .bank_actor import ActorBankClient
 from .eval_pool import LatestEval
 from .ray_compat import quiet_train_report_log
+from .ray_data import WorkerStreams, uses_ray_data
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -35,6 +36,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         device=ray.train.torch.get_device(),
         wrap_fn=lambda m: ray.train.torch.prepare_model(m),
     )
+    streams = WorkerStreams(cfg, ctx.device) if uses_ray_data(cfg) else None
+    ctx.batches = streams
     if loop_config.get("bank_name"):
         ctx.bank = ActorBankClient(loop_config["bank_name"], owner=f"rank{rank}")
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -61,6 +64,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     latest_eval = LatestEval(pool, stage.name) if pool and rank == 0 else None
 
     def report(step: int, metrics: dict, with_ckpt: bool) -> None:
+        if streams is not None:  # batches and epochs that arrived through Ray Data (rank 0's)
+            metrics = {**metrics, **streams.metrics()}
         logger.log(step, metrics, with_images=with_ckpt)
         # After logging: the pool itself writes Eval/* to TensorBoard at the evaluated checkpoint's images seen.
         extra = latest_eval.poll() if latest_eval is not None else {}

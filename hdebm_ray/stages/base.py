@@ -18,8 +18,11 @@ from ..contracts import WorkerContext
 from ..data import batch_stream, build_dataset, random_images
 
 
-def data_stream(cfg: Config, ctx: WorkerContext, batch_size: int, seed_offset: int):
-    """This rank's share of the global batch of ``batch_size``, forever; each stage its own ``seed_offset``."""
+def data_stream(cfg: Config, ctx: WorkerContext, batch_size: int, seed_offset: int, name: str = "train"):
+    """This rank's share of the global batch of ``batch_size``, forever: the driver's stream ``name`` where it
+    streams the data in (``ctx.batches``), else read here with each stage its own ``seed_offset``."""
+    if ctx.batches is not None:
+        return ctx.batches(name, batch_size // ctx.world_size)
     return batch_stream(
         build_dataset(cfg),
         batch_size // ctx.world_size,
@@ -38,6 +41,7 @@ class StageBase:
     section_name: ClassVar[str | None] = None  # the config section; None: the stage's name
     starts_from: ClassVar[str | None] = None  # what init_dir must hold, for the error when it is missing
     uses_bank: ClassVar[bool] = False  # needs a bank / replay-buffer client in its WorkerContext
+    data_streams: ClassVar[tuple[str, ...]] = ("train",)  # the batch streams it reads (``data_stream(name=)``)
 
     def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
         if self.starts_from and init_dir is None:

@@ -50,10 +50,11 @@ def classifier_accuracy(net, cfg: Config, n: int = ACCURACY_SAMPLES, device="cpu
 
 class MJEMStage(ReplayEBMStage):
     name = "mjem"
+    data_streams = ("train", "labelled")  # the EBM's batches and the classifier's, drawn independently
 
     def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
         super().__init__(cfg, ctx, init_dir)
-        self.labelled = data_stream(cfg, ctx, self.s.classifier_batch_size, seed_offset=5)
+        self.labelled = data_stream(cfg, ctx, self.s.classifier_batch_size, seed_offset=5, name="labelled")
         self.accuracy_items = None  # loaded on rank 0's first tick, then kept (not re-read every tick)
 
     def num_classes(self) -> int:

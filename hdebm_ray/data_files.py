@@ -1,0 +1,245 @@
+"""Image datasets that live in files: a folder tree of images, or parquet shards of encoded images, on a local
+disk or behind any pyarrow filesystem URI (``s3://``, ``gs://``, ``file://``).
+
+Nothing here holds the dataset in memory. Both classes list their files once (parquet: each shard's row count,
+from its footer) and read on demand: ``iter_batches`` streams the items in storage order in batches (what the FID
+reference, the p0 fit and ``dataset convert`` read, in bounded memory), ``__getitem__`` reads one item (the
+parquet row group it lies in is kept in a small byte-bounded cache), and ``take`` reads a given set of items by
+one pass over the files they lie in. The same ``decode_image`` turns bytes into a [-1, 1] tensor here and in the
+Ray Data ingestion (``distributed.ray_data``), so both paths see the same pixels; a file or row that cannot be
+decoded is named in the error.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .storage import fs_and_path, is_uri
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+ROW_GROUP_CACHE_BYTES = 256 << 20  # parquet row groups kept for random access (``ParquetImages.__getitem__``)
+
+
+class DatasetError(RuntimeError):
+    """The dataset cannot be read; the message says which file or folder and what to do."""
+
+
+def uint8_to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (…, C, H, W) in [0, 255] -> float in [-1, 1]."""
+    return x.float() / 127.5 - 1.0
+
+
+def pil_to_uint8(img: Image.Image, resolution: int, channels: int) -> torch.Tensor:
+    """Centre-crop to a square, resize (bicubic, antialiased), shape (C, R, R) uint8."""
+    img = img.convert("L" if channels == 1 else "RGB")
+    w, h = img.size
+    side = min(w, h)
+    img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    if side != resolution:
+        img = img.resize((resolution, resolution), Image.BICUBIC)
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1)
+
+
+def pil_to_unit(img: Image.Image, resolution: int, channels: int) -> torch.Tensor:
+    """``pil_to_uint8`` mapped to [-1, 1]."""
+    return uint8_to_unit(pil_to_uint8(img, resolution, channels))
+
+
+def decode_uint8(data: bytes, resolution: int, channels: int, where: str) -> torch.Tensor:
+    """Encoded image bytes -> (C, R, R) uint8; ``where`` names the file / shard row in the error."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return pil_to_uint8(img, resolution, channels)
+    except (OSError, ValueError, TypeError) as e:  # truncated / not an image / not bytes
+        raise DatasetError(f"cannot decode the image in {where}: {e}") from None
+
+
+def decode_image(data: bytes, resolution: int, channels: int, where: str) -> torch.Tensor:
+    """``decode_uint8`` mapped to [-1, 1]."""
+    return uint8_to_unit(decode_uint8(data, resolution, channels, where))
+
+
+def open_root(root: str, what: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of a dataset root (local path or URI), which must be a folder."""
+    try:
+        # a local path absolute: Ray Data's tasks may run in another working directory (or on another node)
+        fs, path = fs_and_path(root if is_uri(root) else str(Path(root).expanduser().resolve()))
+        info = fs.get_file_info(path)
+    except (OSError, ValueError) as e:  # unknown scheme, no credentials, unreachable endpoint
+        raise DatasetError(f"{what} '{root}' (data.path) cannot be opened: {e}") from None
+    if info.type != pafs.FileType.Directory:
+        raise DatasetError(f"{what} '{root}' (data.path) does not exist or is not a folder")
+    return fs, path.rstrip("/")
+
+
+def list_files(fs: pafs.FileSystem, path: str, suffixes: tuple[str, ...]) -> list[str]:
+    selector = pafs.FileSelector(path, recursive=True)
+    return sorted(
+        i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File and i.path.lower().endswith(suffixes)
+    )
+
+
+def _batches_of(items: Iterator, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    xs, ys = [], []
+    for x, y in items:
+        xs.append(x)
+        ys.append(y)
+        if len(xs) == batch_size:
+            yield torch.stack(xs), torch.tensor(ys, dtype=torch.long)
+            xs, ys = [], []
+    if xs:
+        yield torch.stack(xs), torch.tensor(ys, dtype=torch.long)
+
+
+class ImageFiles(Dataset):
+    """(image in [-1, 1], label) for every image file below ``root``; labels index the first-level folders
+    (sorted), -1 for images directly in ``root``. Holds only the file list."""
+
+    def __init__(self, root: str, resolution: int, channels: int):
+        self.root, self.resolution, self.channels = root, resolution, channels
+        self.fs, base = open_root(root, "image folder")
+        self.base = base  # the root as the filesystem names it (labels are the first folder below)
+        self.files = list_files(self.fs, base, IMAGE_SUFFIXES)
+        if not self.files:
+            raise DatasetError(f"image folder '{root}' (data.path) holds no {'/'.join(IMAGE_SUFFIXES)} files")
+        parts = [f[len(base) + 1 :].split("/") for f in self.files]
+        self.classes = sorted({p[0] for p in parts if len(p) > 1})
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.labels = [index[p[0]] if len(p) > 1 else -1 for p in parts]
+
+    def __len__(self):
+        return len(self.files)
+
+    def read(self, i: int) -> bytes:
+        with self.fs.open_input_file(self.files[i]) as f:
+            return f.read()
+
+    def __getitem__(self, i):
+        return decode_image(self.read(i), self.resolution, self.channels, f"image file '{self.files[i]}'"), self.labels[
+            i
+        ]
+
+    def iter_batches(self, batch_size: int, indices=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The items (all, or ``indices`` in ascending order) in batches of ``batch_size``."""
+        order = range(len(self)) if indices is None else sorted(int(i) for i in indices)
+        return _batches_of((self[i] for i in order), batch_size)
+
+
+class ParquetImages(Dataset):
+    """(image in [-1, 1], label) from every ``*.parquet`` shard below ``root``: column ``image`` (encoded bytes,
+    or a struct with a ``bytes`` field as Hugging Face writes it), optional ``label`` (else -1). Holds the shard
+    list and row counts; rows are read on demand."""
+
+    def __init__(self, root: str, resolution: int, channels: int, cache_bytes: int = ROW_GROUP_CACHE_BYTES):
+        import pyarrow.parquet as pq
+
+        self.root, self.resolution, self.channels = root, resolution, channels
+        self.fs, base = open_root(root, "parquet folder")
+        self.shards = list_files(self.fs, base, (".parquet",))
+        if not self.shards:
+            raise DatasetError(f"parquet folder '{root}' (data.path) holds no .parquet shards")
+        self.group_rows: list[list[int]] = []  # rows of each row group, per shard
+        for shard in self.shards:
+            try:
+                with self.fs.open_input_file(shard) as f:
+                    meta = pq.ParquetFile(f).metadata
+                    names = meta.schema.to_arrow_schema().names
+            except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+                raise DatasetError(f"parquet shard '{shard}' cannot be read: {e}") from None
+            if "image" not in names:
+                raise DatasetError(f"parquet shard '{shard}' has no 'image' column (has {names})")
+            self.group_rows.append([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        self.columns, self.has_label = names, "label" in names
+        self.shard_start = np.cumsum([0] + [sum(g) for g in self.group_rows])
+        self.cache: OrderedDict[tuple[int, int], tuple[list, list]] = OrderedDict()
+        self.cache_bytes, self.cached_bytes = cache_bytes, 0
+
+    def __len__(self):
+        return int(self.shard_start[-1])
+
+    def locate(self, i: int) -> tuple[int, int, int, int]:
+        """Item ``i`` -> (shard, row in shard, row group, row in group)."""
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        shard = int(np.searchsorted(self.shard_start, i, side="right") - 1)
+        row = i - int(self.shard_start[shard])
+        starts = np.cumsum([0] + self.group_rows[shard])
+        group = int(np.searchsorted(starts, row, side="right") - 1)
+        return shard, row, group, row - int(starts[group])
+
+    def _columns(self, table) -> tuple[list, list]:
+        images = table.column("image").to_pylist()
+        images = [im["bytes"] if isinstance(im, dict) else im for im in images]
+        labels = table.column("label").to_pylist() if self.has_label else [-1] * len(images)
+        return images, labels
+
+    def _open(self, shard: int):
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(self.fs.open_input_file(self.shards[shard]))
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"parquet shard '{self.shards[shard]}' cannot be read: {e}") from None
+
+    def _item(self, shard: int, row: int, image, label) -> tuple[torch.Tensor, int]:
+        where = f"parquet shard '{self.shards[shard]}' row {row}"
+        if label is None:
+            raise DatasetError(f"{where} has no label (column 'label' is null)")
+        return decode_image(image, self.resolution, self.channels, where), int(label)
+
+    def __getitem__(self, i):
+        shard, row, group, in_group = self.locate(int(i))
+        key = (shard, group)
+        if key not in self.cache:
+            cols = [c for c in ("image", "label") if c != "label" or self.has_label]
+            columns = self._columns(self._open(shard).read_row_group(group, columns=cols))
+            size = sum(len(b) for b in columns[0] if b)
+            while self.cache and self.cached_bytes + size > self.cache_bytes:
+                _, (old, _) = self.cache.popitem(last=False)
+                self.cached_bytes -= sum(len(b) for b in old if b)
+            self.cache[key], self.cached_bytes = columns, self.cached_bytes + size
+        self.cache.move_to_end(key)
+        images, labels = self.cache[key]
+        return self._item(shard, row, images[in_group], labels[in_group])
+
+    def iter_rows(self, indices=None) -> Iterator[tuple[torch.Tensor, int]]:
+        """Every item (or those of ``indices``, ascending), reading each shard once in record batches; with
+        ``indices``, only the row groups that hold one."""
+        wanted = None if indices is None else np.unique(np.asarray(list(indices), dtype=np.int64))
+        cols = [c for c in ("image", "label") if c != "label" or self.has_label]
+        for shard in range(len(self.shards)):
+            lo, hi = int(self.shard_start[shard]), int(self.shard_start[shard + 1])
+            group_start = np.cumsum([0] + self.group_rows[shard])
+            groups, keep = list(range(len(self.group_rows[shard]))), None
+            if wanted is not None:
+                rows = wanted[(wanted >= lo) & (wanted < hi)] - lo
+                if not len(rows):
+                    continue
+                keep = set(rows.tolist())
+                groups = sorted(set((np.searchsorted(group_start, rows, side="right") - 1).tolist()))
+            try:
+                reader = self._open(shard)
+                for group in groups:
+                    row = int(group_start[group])
+                    for batch in reader.iter_batches(batch_size=1024, row_groups=[group], columns=cols):
+                        images, labels = self._columns(batch)
+                        for image, label in zip(images, labels, strict=True):
+                            if keep is None or row in keep:
+                                yield self._item(shard, row, image, label)
+                            row += 1
+            except OSError as e:  # a shard truncated after its footer was read
+                raise DatasetError(f"parquet shard '{self.shards[shard]}' cannot be read: {e}") from None
+
+    def iter_batches(self, batch_size: int, indices=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The items (all, or ``indices`` in ascending order) in batches of ``batch_size``."""
+        return _batches_of(self.iter_rows(indices), batch_size)

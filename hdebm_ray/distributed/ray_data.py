@@ -1,0 +1,186 @@
+"""Ray Data ingestion: image folders and parquet shards (local paths or pyarrow-filesystem URIs) streamed into the
+Train workers, for datasets too big for every worker to hold.
+
+The driver builds one ``ray.data.Dataset`` per batch stream a stage reads (``StageBase.data_streams``): the files
+are read by Ray Data's read tasks (``read_parquet`` / ``read_binary_files``) and decoded, cropped, resized and
+mapped to [-1, 1] by ``decode_batch`` in ``map_batches`` CPU tasks, with the same ``data_files.decode_image`` the
+in-process readers use, so both paths see the same pixels and a bad file or row fails with its name. TorchTrainer
+splits each dataset across the workers (``streaming_split``, equal rows per rank); each rank pulls its share
+with ``iter_torch_batches`` (prefetching ``data.prefetch_batches``), epoch after epoch, without end.
+
+Shuffling, every epoch: the files are read in a new random order (``FileShuffleConfig``, seeded by ``run.seed``
+and the epoch: for an image folder that is every image, for parquet every shard) and each worker draws its
+batches from a local shuffle buffer of ``data.shuffle_buffer`` rows. Not a full global shuffle of parquet rows
+(``random_shuffle`` would hold and move the whole epoch before its first batch). After a restart the stream begins
+a fresh epoch: Ray Data keeps no position in a checkpoint.
+
+The read and decode tasks may hold ``data.preprocess_cpus`` CPUs at once (Ray Data's ``resource_limits``), on top
+of what the Train workers and eval actors hold, so preprocessing can neither starve them nor be starved.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..data import STREAMED, build_dataset
+from ..data_files import IMAGE_SUFFIXES, DatasetError, decode_uint8, uint8_to_unit
+
+ROWS_PER_DECODE_TASK = 256
+# Image files a read task may take on (Ray would otherwise pack many small files into few tasks). Parquet row
+# groups are packed into read tasks of at most 128 MiB by Ray itself (RAY_DATA_PARQUET_BIN_PACKING_BYTES).
+ROWS_PER_READ_TASK = 1024
+
+
+def uses_ray_data(cfg: Config) -> bool:
+    """Whether the stages read ``cfg``'s dataset through Ray Data (``data.loader``)."""
+    loader = cfg.data.loader
+    return cfg.data.dataset in STREAMED and loader in ("auto", "ray_data")
+
+
+def check_stream_fits(cfg: Config, num_items: int, batch_size: int) -> None:
+    """Refuse a global batch that no rank's share of an epoch can fill (the stream would yield no batch at all)
+    before any worker starts."""
+    workers = cfg.ray.num_workers
+    if uses_ray_data(cfg) and num_items // workers < batch_size // workers:
+        raise DatasetError(
+            f"data.path '{cfg.data.path}' holds {num_items} images: {num_items // workers} per worker, fewer than "
+            f"one batch of {batch_size // workers} per worker; lower the batch size or ray.num_workers"
+        )
+
+
+class DecodeBatch:
+    """The ``map_batches`` function: a batch of encoded images (+ labels or paths) -> ``image`` uint8
+    (B, C, R, R) and ``label`` int64. Blocks stay uint8 (a quarter of float32 in the object store and on the
+    wire); the worker maps them to [-1, 1] on its device (``data_files.uint8_to_unit``, as the in-process path)."""
+
+    def __init__(self, resolution: int, channels: int, root: str | None = None, classes: tuple[str, ...] = ()):
+        self.resolution, self.channels = resolution, channels
+        self.root, self.classes = root, {c: i for i, c in enumerate(classes)}
+
+    def label_of(self, path: str) -> int:
+        parts = path[len(self.root) + 1 :].split("/")
+        return self.classes.get(parts[0], -1) if len(parts) > 1 else -1
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        paths = batch["path"]
+        if "bytes" in batch:  # image files
+            images, labels = batch["bytes"], [self.label_of(p) for p in paths]
+            where = [f"image file '{p}'" for p in paths]
+        else:  # parquet rows; ``index`` (written by dataset convert) names the row
+            images = [im["bytes"] if isinstance(im, dict) else im for im in batch["image"]]
+            labels = batch["label"] if "label" in batch else np.full(len(images), -1)
+            rows = batch["index"] if "index" in batch else None
+            where = [
+                f"parquet shard '{p}'" + (f" row with index {int(rows[i])}" if rows is not None else "")
+                for i, p in enumerate(paths)
+            ]
+        out = [decode_uint8(im, self.resolution, self.channels, w).numpy() for im, w in zip(images, where, strict=True)]
+        return {"image": np.stack(out), "label": np.asarray(labels, dtype=np.int64)}
+
+
+def build_ray_dataset(cfg: Config):
+    """The stream of ``cfg``'s dataset as a ``ray.data.Dataset`` of ``image`` / ``label`` rows."""
+    import ray.data
+
+    d = cfg.data
+    task_cpus = min(1.0, d.preprocess_cpus)
+    # A new file order every epoch (an execution), reproducible from run.seed; streamed, unlike
+    # randomize_block_order / random_shuffle, which hold every block of the epoch before the first leaves.
+    shuffle = ray.data.FileShuffleConfig(seed=cfg.run.seed, reseed_after_execution=True)
+    files = build_dataset(cfg)  # lists the files once (and names a missing folder); holds no images
+    fs = files.fs
+    if d.dataset == "parquet":
+        columns = ["image"] + [c for c in ("label", "index") if c in files.columns]
+        ds = ray.data.read_parquet(
+            files.shards,
+            filesystem=fs,
+            columns=columns,
+            include_paths=True,
+            shuffle=shuffle,
+            num_cpus=task_cpus,
+        )
+        decode = DecodeBatch(d.resolution, d.channels)
+    else:
+        extensions = [s.lstrip(".") for s in IMAGE_SUFFIXES] + [s.lstrip(".").upper() for s in IMAGE_SUFFIXES]
+        ds = ray.data.read_binary_files(
+            files.files,
+            filesystem=fs,
+            include_paths=True,
+            shuffle=shuffle,
+            override_num_blocks=max(1, math.ceil(len(files) / ROWS_PER_READ_TASK)),
+            file_extensions=extensions,
+            ray_remote_args={"num_cpus": task_cpus},
+        )
+        decode = DecodeBatch(d.resolution, d.channels, files.base, tuple(files.classes))
+    ds = ds.map_batches(decode, batch_format="numpy", batch_size=ROWS_PER_DECODE_TASK, num_cpus=task_cpus)
+    # Every operator's progress bar, from each split coordinator, floods the logs; the stage's status line says
+    # how far training is. The dataset carries its own context into the coordinator.
+    ds.context.enable_progress_bars = ds.context.enable_operator_progress_bars = False
+    return ds
+
+
+def preprocess_limits(cfg: Config):
+    """What Ray Data's read and decode tasks may hold at once: ``data.preprocess_cpus`` CPUs and
+    ``data.preprocess_object_store_mb`` of decoded blocks in flight (Ray's backpressure holds the reads back
+    beyond it, so memory does not grow with the dataset; Ray's default is a share of the whole object store)."""
+    from ray.data import ExecutionResources
+
+    d = cfg.data
+    return ExecutionResources(cpu=d.preprocess_cpus, object_store_memory=d.preprocess_object_store_mb * 2**20)
+
+
+def trainer_data(cfg: Config, streams: tuple[str, ...]) -> dict:
+    """``TorchTrainer`` keyword arguments for a stage reading ``streams``: ``{}`` unless ``uses_ray_data``."""
+    if not uses_ray_data(cfg):
+        return {}
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    limits = ExecutionOptions(resource_limits=preprocess_limits(cfg))
+    return {
+        # callables: built again each time the worker group starts (after a failure too)
+        "datasets": {name: (lambda: build_ray_dataset(cfg)) for name in streams},
+        "dataset_config": DataConfig(datasets_to_split="all", execution_options=limits),
+    }
+
+
+class WorkerStreams:
+    """``WorkerContext.batches`` of a Train worker: each named stream's rank shard, batch after batch, epoch
+    after epoch; ``metrics()`` counts what arrived (``Data/`` in TensorBoard)."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.data, self.device = cfg.data, device
+        self.batches: dict[str, int] = {}
+        self.epochs: dict[str, int] = {}
+
+    def __call__(self, name: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        import ray.train
+
+        shard = ray.train.get_dataset_shard(name)  # a barrier: every rank asks for every stream
+        self.batches[name], self.epochs[name] = 0, 0
+        while True:
+            before = self.batches[name]
+            for batch in shard.iter_torch_batches(
+                batch_size=batch_size,
+                drop_last=True,
+                prefetch_batches=self.data.prefetch_batches,
+                local_shuffle_buffer_size=self.data.shuffle_buffer or None,
+                device=self.device,
+            ):
+                self.batches[name] += 1
+                yield uint8_to_unit(batch["image"]), batch["label"]
+            if self.batches[name] == before:
+                raise DatasetError(
+                    f"data stream {name!r}: an epoch held fewer than {batch_size} images for this rank; lower the "
+                    f"batch size or ray.num_workers, or add data"
+                )
+            self.epochs[name] += 1
+
+    def metrics(self) -> dict[str, float]:
+        out = {f"Data/{name}_batches": float(n) for name, n in self.batches.items()}
+        return out | {f"Data/{name}_epochs": float(n) for name, n in self.epochs.items()}
