@@ -57,7 +57,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_dataset_convert(args) -> int:
-    from .dataset_convert import prepare_output, write_parquet_shards
+    from .dataset_convert import check_not_inside, write_parquet_shards
 
     if args.shard_size < 1:
         raise ConfigError(f"--shard-size must be at least 1 (got {args.shard_size})")
@@ -70,8 +70,11 @@ def cmd_dataset_convert(args) -> int:
     from .data import build_dataset
 
     dataset = build_dataset(cfg)
-    prepare_output(args.out, args.overwrite)  # refuses a folder with shards before the first image is read
-    paths = write_parquet_shards(dataset, args.out, args.shard_size, progress=True, overwrite=args.overwrite)
+    check_not_inside(args.input, args.out)
+    # refuses a folder with shards (without --overwrite) before the first image is read
+    paths = write_parquet_shards(
+        dataset, args.out, args.shard_size, progress=True, overwrite=args.overwrite, shuffle=not args.keep_order
+    )
     print(f"wrote {len(paths)} shard(s) to {args.out}")
     return 0
 
@@ -158,9 +161,12 @@ def add_inference_commands(sub) -> None:
     dsub = p.add_subparsers(dest="dataset_command", required=True)
     c = dsub.add_parser("convert", help="write parquet shards of encoded images")
     c.add_argument("--source", required=True, choices=["digits", "cifar10", "image_folder", "parquet"])
-    c.add_argument("--in", dest="input", help="source folder (cifar10 root, image folder)")
+    c.add_argument("--in", dest="input", help="source folder or URI (cifar10 root, image folder, parquet shards)")
     c.add_argument("--out", required=True, help="output folder or URI (s3://, gs://, file://) for shard-*.parquet")
     c.add_argument("--overwrite", action="store_true", help="remove the shards already in --out first")
+    c.add_argument(
+        "--keep-order", action="store_true", help="write in the source's order (default: a seeded random order)"
+    )
     c.add_argument("--resolution", type=int)
     c.add_argument("--channels", type=int)
     c.add_argument("--shard-size", type=int, default=10000)

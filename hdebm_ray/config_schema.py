@@ -112,14 +112,14 @@ class DataSection:
         1.0,
         lo=0.0,
         lo_open=True,
-        doc="ray_data: CPUs the read and decode tasks may hold at once, besides the Train "
-        "workers' and eval actors' (an embedded local Ray adds them to its logical CPUs)",
+        doc="ray_data: CPUs the read and decode tasks of a stage's streams may hold at once, besides the Train "
+        "workers' and eval actors' (an embedded local Ray counts them in its logical CPUs)",
     )
     preprocess_object_store_mb: int = knob(
-        512, lo=16, doc="ray_data: decoded blocks in flight (MB of Ray's object store) before reads wait"
+        512, lo=16, doc="ray_data: decoded blocks in flight (MB of Ray's object store, a stage's streams together)"
     )
     shuffle_buffer: int = knob(1024, lo=0, doc="ray_data: rows in each worker's local shuffle buffer (0 = none)")
-    prefetch_batches: int = knob(2, lo=0, doc="ray_data: batches each worker decodes ahead of its step")
+    prefetch_batches: int = knob(2, lo=0, doc="ray_data: batches each worker fetches ahead of its step")
 
 
 @dataclass(frozen=True)
@@ -295,7 +295,7 @@ class EvalSection:
     num_samples: int = knob(10000, lo=2, doc="generated samples per evaluation (the papers use 50000)")
     ref_samples: int = knob(0, lo=0, doc="dataset images for the reference statistics; 0 = all")
     kid_reference_samples: int = knob(
-        10000, lo=2, doc="reference feature vectors kept (a uniform random subset) for KID; FID uses all images"
+        10000, lo=2, doc="reference feature vectors kept (a uniform random subset) for KID; FID's moments use them all"
     )
     batch_size: int = knob(256, lo=1, doc="samples per sampler call and images per feature-extraction batch")
     kid_subsets: int = knob(100, lo=1, doc="random subsets (up to 1000 samples each) averaged for KID")

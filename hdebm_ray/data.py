@@ -164,8 +164,10 @@ def _first_len(batch) -> int:
 def random_items(dataset: Dataset, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The images and labels of ``n`` items (all, if fewer) in a random order fixed by ``seed``. Read in one pass
     over the files they lie in; holds only the ``n`` items."""
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
-    xs, ys = zip(*iter_batches(dataset, 1024, idx.tolist()), strict=True) if len(idx) else ((), ())
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[: max(0, n)]
+    if not len(idx):
+        raise DatasetError(f"asked for {n} items of a dataset of {len(dataset)}")
+    xs, ys = zip(*iter_batches(dataset, 1024, idx.tolist()), strict=True)
     x, y = torch.cat(xs), torch.cat(ys)
     rank = torch.empty_like(idx)
     rank[idx.argsort()] = torch.arange(len(idx))  # ascending position of each drawn index

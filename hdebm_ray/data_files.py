@@ -60,8 +60,13 @@ def decode_uint8(data: bytes, resolution: int, channels: int, where: str) -> tor
     try:
         with Image.open(io.BytesIO(data)) as img:
             return pil_to_uint8(img, resolution, channels)
-    except (OSError, ValueError, TypeError) as e:  # truncated / not an image / not bytes
+    except (OSError, ValueError, TypeError, Image.DecompressionBombError) as e:  # truncated / not an image / not bytes
         raise DatasetError(f"cannot decode the image in {where}: {e}") from None
+
+
+def image_bytes(cell) -> bytes:
+    """A parquet ``image`` cell: encoded bytes, or a struct with a ``bytes`` field (as Hugging Face writes it)."""
+    return cell["bytes"] if isinstance(cell, dict) else cell
 
 
 def decode_image(data: bytes, resolution: int, channels: int, where: str) -> torch.Tensor:
@@ -121,8 +126,11 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def read(self, i: int) -> bytes:
-        with self.fs.open_input_file(self.files[i]) as f:
-            return f.read()
+        try:
+            with self.fs.open_input_file(self.files[i]) as f:
+                return f.read()
+        except OSError as e:
+            raise DatasetError(f"cannot read image file '{self.files[i]}': {e}") from None
 
     def __getitem__(self, i):
         return decode_image(self.read(i), self.resolution, self.channels, f"image file '{self.files[i]}'"), self.labels[
@@ -149,6 +157,7 @@ class ParquetImages(Dataset):
         if not self.shards:
             raise DatasetError(f"parquet folder '{root}' (data.path) holds no .parquet shards")
         self.group_rows: list[list[int]] = []  # rows of each row group, per shard
+        self.columns: list[str] | None = None
         for shard in self.shards:
             try:
                 with self.fs.open_input_file(shard) as f:
@@ -158,8 +167,14 @@ class ParquetImages(Dataset):
                 raise DatasetError(f"parquet shard '{shard}' cannot be read: {e}") from None
             if "image" not in names:
                 raise DatasetError(f"parquet shard '{shard}' has no 'image' column (has {names})")
+            if self.columns is not None and ("label" in names) != ("label" in self.columns):
+                raise DatasetError(
+                    f"parquet shard '{shard}' {'has' if 'label' in names else 'lacks'} a 'label' column, unlike "
+                    f"'{self.shards[0]}': every shard of a dataset needs the same columns"
+                )
+            self.columns = self.columns or names
             self.group_rows.append([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
-        self.columns, self.has_label = names, "label" in names
+        self.has_label = "label" in self.columns
         self.shard_start = np.cumsum([0] + [sum(g) for g in self.group_rows])
         self.cache: OrderedDict[tuple[int, int], tuple[list, list]] = OrderedDict()
         self.cache_bytes, self.cached_bytes = cache_bytes, 0
@@ -179,7 +194,7 @@ class ParquetImages(Dataset):
 
     def _columns(self, table) -> tuple[list, list]:
         images = table.column("image").to_pylist()
-        images = [im["bytes"] if isinstance(im, dict) else im for im in images]
+        images = [image_bytes(im) for im in images]
         labels = table.column("label").to_pylist() if self.has_label else [-1] * len(images)
         return images, labels
 
@@ -193,9 +208,13 @@ class ParquetImages(Dataset):
 
     def _item(self, shard: int, row: int, image, label) -> tuple[torch.Tensor, int]:
         where = f"parquet shard '{self.shards[shard]}' row {row}"
-        if label is None:
-            raise DatasetError(f"{where} has no label (column 'label' is null)")
-        return decode_image(image, self.resolution, self.channels, where), int(label)
+        try:
+            value = int(label) if label is not None and float(label).is_integer() else None
+        except (TypeError, ValueError):
+            value = None
+        if value is None:
+            raise DatasetError(f"{where} has a null or non-integer label ({label!r})")
+        return decode_image(image, self.resolution, self.channels, where), value
 
     def __getitem__(self, i):
         shard, row, group, in_group = self.locate(int(i))

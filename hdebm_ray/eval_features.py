@@ -17,6 +17,7 @@ Every extractor is a pair (``fn``, ``resize``) in clean-fid's own contract: ``re
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from torch import nn
 from .config import Config
 
 INCEPTION_PATH = Path("/tmp/inception-2015-12-05.pt")
+CLASSIFIER_MAX_IMAGES = 50_000  # the feature classifier's training set, drawn at random beyond that
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 
 
@@ -111,12 +113,16 @@ def train_classifier(
 ) -> tuple[FeatureClassifier, float]:
     """Fit the feature classifier on the dataset's labels; returns it and its held-out accuracy (last 10%).
     ``progress``: show progress over the epochs."""
-    from .data import build_dataset
+    from .data import build_dataset, iter_batches
     from .progress import progress as show_progress
 
     ds = build_dataset(cfg)
-    x = torch.stack([ds[i][0] for i in range(len(ds))])
-    y = torch.tensor([int(ds[i][1]) for i in range(len(ds))])
+    # all images, or a random CLASSIFIER_MAX_IMAGES of them: they are held in memory while it trains
+    subset = None
+    if len(ds) > CLASSIFIER_MAX_IMAGES:
+        subset = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:CLASSIFIER_MAX_IMAGES]
+    xs, ys = zip(*iter_batches(ds, 1024, None if subset is None else subset.tolist()), strict=True)
+    x, y = torch.cat(xs), torch.cat(ys)
     if y.min() < 0:
         raise EvalError(f"eval.features = 'classifier' needs a labelled dataset; {cfg.data.dataset!r} has no labels")
     g = torch.Generator().manual_seed(seed)
@@ -149,7 +155,7 @@ def classifier_extractor(cfg: Config, device: torch.device, cache_dir: Path, pro
         net, accuracy = train_classifier(cfg, progress=progress)
         print(f"[eval] trained the {cfg.data.dataset} feature classifier: held-out accuracy {accuracy:.3f}", flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         torch.save(net.state_dict(), tmp)
         tmp.replace(path)
     net = net.to(device).eval()

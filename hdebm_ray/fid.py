@@ -87,7 +87,7 @@ class ReferenceStats:
         import json
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # eval actors saving at once
         produced = np.array(json.dumps(self.produced_by))
         np.savez(tmp, mu=self.mu, sigma=self.sigma, kid_features=self.kid_features, n=self.n, produced_by=produced)
         tmp.replace(path)

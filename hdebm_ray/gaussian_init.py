@@ -10,13 +10,15 @@ weak long tail of the spectrum. Sampling is μ + F·u + √d ⊙ v, u, v ~ N(0, 
 The dataset is read once, in batches (``fit_gaussian_stream``), in memory that does not grow with its size: the
 mean and covariance (or per-pixel variance) accumulate in float64 (``moments.RunningMoments``), and above
 ``max_full_dim`` the principal directions come from a Frequent Directions sketch of 2·rank rows
-(``moments.FrequentDirections``) corrected for the mean. ``fit_gaussian`` is the same fit of a tensor in memory
-(randomised SVD of the centred data), kept as the reference the streamed fit is tested against. The fit is cached
-as plain tensors next to the dataset, like the FID reference statistics, and shows its progress on rank 0.
+(``moments.FrequentDirections``, a 4·rank × D float64 buffer) corrected for the mean. ``fit_gaussian`` is the
+same fit of a tensor in memory (randomised SVD of the centred data), kept as the reference the streamed fit is
+tested against. The fit is cached as plain tensors next to the dataset, like the FID reference statistics, and
+shows its progress on rank 0.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -160,7 +162,7 @@ def cached_gaussian(
             file=sys.stderr,
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks fitting at once never share a temporary
     torch.save(p0.state_dict(), tmp)
     tmp.replace(path)
     return p0

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -90,8 +91,11 @@ def test_image_folder_and_parquet_round_trip(tmp_path):
     assert len(list(out.glob("*.parquet"))) == 2
     pq_ds = build_dataset(cfg.replace(**{"data.dataset": "parquet", "data.path": str(out)}))
     assert len(pq_ds) == 6
-    for i in range(6):  # PNG is lossless: quantised images come back within one grey level
-        assert torch.allclose(pq_ds[i][0], ds[i][0], atol=1.01 / 127.5) and pq_ds[i][1] == ds[i][1]
+    # written in a shuffled order; the index column says where each row came from
+    source = [i for shard in pq_ds.shards for i in pq.read_table(shard).column("index").to_pylist()]
+    assert sorted(source) == list(range(6)) and source != list(range(6))
+    for i, j in enumerate(source):  # PNG is lossless: quantised images come back within one grey level
+        assert torch.allclose(pq_ds[i][0], ds[j][0], atol=1.01 / 127.5) and pq_ds[i][1] == ds[j][1]
 
 
 def test_digits_convert_to_parquet_via_cli(tmp_path):

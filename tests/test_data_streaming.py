@@ -31,7 +31,7 @@ def digits():
 @pytest.fixture(scope="module")
 def shards(digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("pq") / "digits"
-    write_parquet_shards(digits, str(out), shard_size=500)
+    write_parquet_shards(digits, str(out), shard_size=500, shuffle=False)  # the source's order, to compare
     return out
 
 
@@ -177,12 +177,16 @@ def test_fid_against_streamed_reference_statistics_equals_fid_against_all_featur
 def test_convert_refuses_a_folder_with_shards_and_overwrite_replaces_them(digits, tmp_path):
     out = tmp_path / "out"
     first = write_parquet_shards(digits, f"file://{out}", shard_size=400)
+    # shuffled by default: every shard holds every class, though the source lists them in runs
+    table = pq.read_table(first[0].removeprefix("file://"))
+    assert len(set(table.column("label").to_pylist())) == 10
+    assert sorted(pq.read_table(out).column("index").to_pylist()) == list(range(1797))
     assert [p.rsplit("/", 1)[1] for p in first] == [f"shard-0000{i}.parquet" for i in range(5)]
     assert not list(out.glob("*.tmp"))
     with pytest.raises(OutputExists, match="--overwrite"):
         write_parquet_shards(digits, str(out), shard_size=1000)
     assert len(list(out.glob("*.parquet"))) == 5  # untouched
-    write_parquet_shards(digits, str(out), shard_size=1000, overwrite=True)
+    write_parquet_shards(digits, str(out), shard_size=1000, overwrite=True, shuffle=False)
     assert sorted(p.name for p in out.glob("*.parquet")) == ["shard-00000.parquet", "shard-00001.parquet"]
     table = pq.read_table(out / "shard-00001.parquet")
     assert table.column("index").to_pylist() == list(range(1000, 1797))
@@ -193,3 +197,53 @@ def test_convert_refuses_a_folder_with_shards_and_overwrite_replaces_them(digits
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "--overwrite" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert len(list(out.glob("*.parquet"))) == 2
+    # --overwrite into the folder it reads from would delete the source before reading it: refused
+    cmd = [sys.executable, "-m", "hdebm_ray", "dataset", "convert", "--source", "parquet", "--in", str(out)]
+    r = subprocess.run(cmd + ["--out", str(out), "--overwrite"], capture_output=True, text=True)
+    assert r.returncode == 2 and "overlap" in r.stderr and "Traceback" not in r.stderr
+    assert len(list(out.glob("*.parquet"))) == 2
+
+
+def test_ray_data_decode_names_bad_rows_and_failures_surface_as_one_line(digits):
+    # The Ray Data side without Ray: the map_batches function, and how a run's failure is unwrapped.
+    from hdebm_ray.config import Config
+    from hdebm_ray.distributed.ray_data import DecodeBatch, data_error_in, stream_seed
+
+    decode = DecodeBatch(16, 1)
+    good = [digits_png(digits, i) for i in range(3)]
+    paths = np.array(["/d/part-0.parquet"] * 3)
+    out = decode({"image": np.array(good, dtype=object), "label": np.array([1, 2, 3]), "path": paths})
+    assert out["image"].dtype == np.uint8 and out["image"].shape == (3, 1, 16, 16)
+    assert out["label"].tolist() == [1, 2, 3]
+    with pytest.raises(DatasetError, match=r"part-0\.parquet' row with index 11 has a null"):
+        decode(
+            {
+                "image": np.array(good, dtype=object),
+                "label": np.array([1.0, np.nan, 3.0]),
+                "path": paths,
+                "index": np.array([10, 11, 12]),
+            }
+        )
+    with pytest.raises(DatasetError, match=r"cannot decode the image in image file '/d/c/x\.png'"):
+        DecodeBatch(16, 1, "/d", ("c",))(
+            {"bytes": np.array([b"not a png"], dtype=object), "path": np.array(["/d/c/x.png"])}
+        )
+    assert DecodeBatch(16, 1, "/d", ("a", "c")).label_of("/d/c/x.png") == 1
+
+    class WorkerGroupError(RuntimeError):  # as Ray Train raises it: the workers' errors by rank
+        def __init__(self, failures):
+            super().__init__("Training failed due to worker errors")
+            self.worker_failures = failures
+
+    try:
+        try:
+            raise DatasetError("cannot decode the image in image file '/d/c/x.png': truncated")
+        except DatasetError as e:
+            raise RuntimeError("ray task failed") from e
+    except RuntimeError as wrapped:
+        nested = WorkerGroupError({0: wrapped})
+    assert data_error_in(nested) == "cannot decode the image in image file '/d/c/x.png': truncated"
+    as_text = RuntimeError("...\nhdebm_ray.data_files.DatasetError: parquet shard 's' row 3 has a null label\n")
+    assert data_error_in(as_text) == "parquet shard 's' row 3 has a null label"
+    assert data_error_in(RuntimeError("something else")) is None
+    assert stream_seed(Config(), "train") != stream_seed(Config(), "labelled")

@@ -82,9 +82,13 @@ def submit(env, script: str, submission_id: str, args: list[str], extra_submit_a
 
 def test_pipeline_job_succeeds_and_writes_its_run_directory(local_head, tmp_path):
     from ray.job_submission import JobStatus
+    from ray.util.state import list_actors
 
-    storage = str(tmp_path)
-    # storage comes from HDEBM_STORAGE; the digits preset's eval actor scores Stage 1/2 (raw features in TINY)
+    # A file:// storage URI takes the object-store path (pyarrow filesystems, as for s3:// and gs://) end to end:
+    # checkpoints, chaining stages, bank snapshots, TensorBoard uploads, sample grids, eval results and
+    # pipeline.json. Storage comes from HDEBM_STORAGE; the digits preset's eval actor scores Stage 1/2 (raw
+    # features in TINY).
+    storage = f"file://{tmp_path}"
     overrides = small_digits_overrides(storage, "jobrun")[1:] + TINY + [f"data.path={tmp_path / 'data'}"]
     args = ["--preset", "digits"] + [a for o in overrides for a in ("--set", o)]
     done = submit({**local_head, "HDEBM_STORAGE": storage}, "submit_pipeline.sh", "hdebm-ok", args)
@@ -93,13 +97,59 @@ def test_pipeline_job_succeeds_and_writes_its_run_directory(local_head, tmp_path
     assert job_client(local_head).get_job_status("hdebm-ok") == JobStatus.SUCCEEDED
 
     run = tmp_path / "jobrun"
+    state = json.loads((run / "pipeline.json").read_text())
+    assert list(state) == ["diffusion", "distill", "stage1", "stage2"]
+    assert all(entry["checkpoint"].startswith(f"file://{run}/") for entry in state.values())
+    distill = json.loads(Path(state["distill"]["checkpoint"].removeprefix("file://"), "meta.json").read_text())
+    assert distill["done"] and [g["student_steps"] for g in distill["summary"]["distill_gaps"]] == [1]
     for stage in ("diffusion", "distill", "stage1", "stage2"):
         assert list((run / stage).glob("checkpoint_*/meta.json")), stage
         assert list((run / "tb" / stage).glob("events.out.tfevents.*")), stage
         assert (run / "samples" / f"{stage}.png").stat().st_size > 0
-    assert (run / "pipeline.json").is_file() and (run / "config.yaml").is_file()
+    assert (run / "config.yaml").is_file()
+    # the bank actor snapshotted the bank next to each Stage 1 checkpoint
+    assert sorted(p.name for p in (run / "stage1" / "bank").glob("*.arrow"))[-1] == "bank_step_0000000004.arrow"
     scored = [json.loads(line)["stage"] for line in (run / "eval.jsonl").read_text().splitlines()]
     assert sorted(scored) == ["stage1", "stage1", "stage2", "stage2"]  # TINY: 2 checkpoints each
+    check_tensorboard(run)
+    # no bank actor outlives its stage, no eval pool outlives the pipeline
+    alive = list_actors(address=local_head["RAY_ADDRESS"], filters=[("state", "=", "ALIVE")])
+    assert not [a for a in alive if (a.name or "").startswith(("bank-jobrun", "eval-jobrun"))], alive
+
+    # The same job again skips the finished stages and keeps their checkpoints.
+    again = submit({**local_head, "HDEBM_STORAGE": storage}, "submit_pipeline.sh", "hdebm-again", args)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert json.loads((run / "pipeline.json").read_text())["stage2"] == state["stage2"]
+    logs = job_client(local_head).get_job_logs("hdebm-again")
+    assert all(f"[pipeline] {stage}: already finished" in logs for stage in state), logs[-3000:]
+
+
+def check_tensorboard(run: Path) -> None:
+    """Every scalar group, the fixed-latent grids and Eval/fid at each checkpoint's images seen, read back with
+    TensorBoard's own EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    groups = {
+        "stage1": {"Loss", "Energy", "Langevin", "Bank", "Opt", "Timing"},
+        "stage2": {"Loss", "Energy", "Langevin", "Opt", "Timing"},
+    }
+    for stage, expected in groups.items():
+        acc = EventAccumulator(str(run / "tb" / stage), size_guidance={"images": 0, "scalars": 0})
+        acc.Reload()
+        scalars = acc.Tags()["scalars"]
+        assert expected <= {t.split("/")[0] for t in scalars}, scalars
+        assert {"Energy/data", "Energy/sample", "Energy/gap", "Langevin/drift_norm", "Langevin/clip_fraction"} <= set(
+            scalars
+        )
+        assert {"Langevin/residual_norm", "Opt/lr_energy", "Opt/grad_norm_energy", "Timing/images_per_sec"} <= set(
+            scalars
+        )
+        nimgs = sorted(json.loads(p.read_text())["nimg"] for p in (run / stage).glob("checkpoint_*/meta.json"))
+        for tag in ("Samples/generator", "Samples/final", "Samples/ema"):
+            assert [e.step for e in acc.Images(tag)] == nimgs  # one frame per checkpoint
+        assert len(acc.Images("Samples/data")) == 1
+        assert sorted(e.step for e in acc.Scalars("Eval/fid")) == nimgs
+        assert sorted(e.step for e in acc.Scalars("Eval/fid_generator")) == nimgs
 
 
 def test_long_job_stops_on_ray_job_stop_and_leaves_nothing_running(local_head, tmp_path):

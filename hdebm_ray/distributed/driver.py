@@ -159,13 +159,15 @@ def fit_stage(
     import ray
 
     from ..data import build_dataset
+    from ..data_files import DatasetError
     from ..stages import STAGES
     from .eval_pool import NotifyEvalPool, pool_name
-    from .ray_data import check_stream_fits, uses_ray_data
+    from .ray_data import check_stream_fits, data_error_in, uses_ray_data
 
     if uses_ray_data(cfg):
-        section = getattr(cfg, STAGES[stage].section_name or stage)
-        check_stream_fits(cfg, len(build_dataset(cfg)), section.batch_size)
+        section, n = getattr(cfg, STAGES[stage].section_name or stage), len(build_dataset(cfg))
+        for batch in (section.batch_size, getattr(section, "classifier_batch_size", 0)):
+            check_stream_fits(cfg, n, batch)
     pool = pool_name(cfg) if eval_pool is not None and stage in cfg.eval.stages else None
     if pool is not None:
         callbacks = [*callbacks, NotifyEvalPool(pool, stage, run_dir(cfg))]
@@ -175,7 +177,12 @@ def fit_stage(
         trainer = trainer_for(
             cfg, stage, init_from, callbacks, bank_name=name, report_hooks=report_hooks, eval_pool=pool
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as e:  # a bad file met by a worker or a Ray Data task: the user's, named in one line
+            if (message := data_error_in(e)) is not None:
+                raise DatasetError(message) from None
+            raise
     finally:
         if bank is not None:
             ray.kill(bank)

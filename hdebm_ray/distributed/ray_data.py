@@ -21,14 +21,17 @@ of what the Train workers and eval actors hold, so preprocessing can neither sta
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..config import Config
 from ..data import STREAMED, build_dataset
-from ..data_files import IMAGE_SUFFIXES, DatasetError, decode_uint8, uint8_to_unit
+from ..data_files import IMAGE_SUFFIXES, DatasetError, decode_uint8, image_bytes, uint8_to_unit
+from ..storage import is_uri
 
 ROWS_PER_DECODE_TASK = 256
 # Image files a read task may take on (Ray would otherwise pack many small files into few tasks). Parquet row
@@ -72,26 +75,34 @@ class DecodeBatch:
             images, labels = batch["bytes"], [self.label_of(p) for p in paths]
             where = [f"image file '{p}'" for p in paths]
         else:  # parquet rows; ``index`` (written by dataset convert) names the row
-            images = [im["bytes"] if isinstance(im, dict) else im for im in batch["image"]]
-            labels = batch["label"] if "label" in batch else np.full(len(images), -1)
+            images = [image_bytes(im) for im in batch["image"]]
             rows = batch["index"] if "index" in batch else None
             where = [
                 f"parquet shard '{p}'" + (f" row with index {int(rows[i])}" if rows is not None else "")
                 for i, p in enumerate(paths)
             ]
+            labels = batch["label"] if "label" in batch else np.full(len(images), -1)
+            if labels.dtype.kind not in "iu":  # nulls arrive as NaN / None
+                bad = next(i for i, v in enumerate(labels) if v is None or v != v or int(v) != v)
+                raise DatasetError(f"{where[bad]} has a null or non-integer label ({labels[bad]!r})")
         out = [decode_uint8(im, self.resolution, self.channels, w).numpy() for im, w in zip(images, where, strict=True)]
         return {"image": np.stack(out), "label": np.asarray(labels, dtype=np.int64)}
 
 
-def build_ray_dataset(cfg: Config):
-    """The stream of ``cfg``'s dataset as a ``ray.data.Dataset`` of ``image`` / ``label`` rows."""
+def stream_seed(cfg: Config, stream: str) -> int:
+    """The file-order seed of a stream: each its own (M-JEM's two streams must not read the files in step)."""
+    return zlib.crc32(f"{cfg.run.seed}/{stream}".encode())
+
+
+def build_ray_dataset(cfg: Config, stream: str = "train"):
+    """The stream ``stream`` of ``cfg``'s dataset as a ``ray.data.Dataset`` of ``image`` / ``label`` rows."""
     import ray.data
 
     d = cfg.data
     task_cpus = min(1.0, d.preprocess_cpus)
     # A new file order every epoch (an execution), reproducible from run.seed; streamed, unlike
     # randomize_block_order / random_shuffle, which hold every block of the epoch before the first leaves.
-    shuffle = ray.data.FileShuffleConfig(seed=cfg.run.seed, reseed_after_execution=True)
+    shuffle = ray.data.FileShuffleConfig(seed=stream_seed(cfg, stream), reseed_after_execution=True)
     files = build_dataset(cfg)  # lists the files once (and names a missing folder); holds no images
     fs = files.fs
     if d.dataset == "parquet":
@@ -108,7 +119,7 @@ def build_ray_dataset(cfg: Config):
     else:
         extensions = [s.lstrip(".") for s in IMAGE_SUFFIXES] + [s.lstrip(".").upper() for s in IMAGE_SUFFIXES]
         ds = ray.data.read_binary_files(
-            files.files,
+            files.base,  # the folder: one recursive listing, not a metadata request per file (object stores)
             filesystem=fs,
             include_paths=True,
             shuffle=shuffle,
@@ -124,14 +135,34 @@ def build_ray_dataset(cfg: Config):
     return ds
 
 
-def preprocess_limits(cfg: Config):
-    """What Ray Data's read and decode tasks may hold at once: ``data.preprocess_cpus`` CPUs and
-    ``data.preprocess_object_store_mb`` of decoded blocks in flight (Ray's backpressure holds the reads back
-    beyond it, so memory does not grow with the dataset; Ray's default is a share of the whole object store)."""
+def preprocess_limits(cfg: Config, streams: int = 1):
+    """What the read and decode tasks of one of ``streams`` streams may hold at once: their share of
+    ``data.preprocess_cpus`` CPUs and ``data.preprocess_object_store_mb`` of decoded blocks in flight (Ray's
+    backpressure holds the reads back beyond it; its default is a share of the whole object store)."""
     from ray.data import ExecutionResources
 
     d = cfg.data
-    return ExecutionResources(cpu=d.preprocess_cpus, object_store_memory=d.preprocess_object_store_mb * 2**20)
+    mb = d.preprocess_object_store_mb / streams
+    return ExecutionResources(cpu=d.preprocess_cpus / streams, object_store_memory=int(mb * 2**20))
+
+
+def data_error_in(error: BaseException) -> str | None:
+    """The message of a ``DatasetError`` behind a failed training run (raised in a worker, a Ray Data task or the
+    controller, and wrapped by Ray on the way), or None."""
+    import re
+
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DatasetError):
+            return str(e)
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        todo += list(getattr(e, "worker_failures", {}).values())
+    match = re.search(r"DatasetError: (.+)", str(error))  # a failure Ray kept only as text
+    return match.group(1).strip() if match else None
 
 
 def trainer_data(cfg: Config, streams: tuple[str, ...]) -> dict:
@@ -141,10 +172,12 @@ def trainer_data(cfg: Config, streams: tuple[str, ...]) -> dict:
     from ray.data import ExecutionOptions
     from ray.train import DataConfig
 
-    limits = ExecutionOptions(resource_limits=preprocess_limits(cfg))
+    limits = ExecutionOptions(resource_limits=preprocess_limits(cfg, len(streams)))
+    if not is_uri(cfg.data.path):  # the datasets are built in the Train controller, whose working dir differs
+        cfg = cfg.replace(**{"data.path": str(Path(cfg.data.path).expanduser().resolve())})
     return {
         # callables: built again each time the worker group starts (after a failure too)
-        "datasets": {name: (lambda: build_ray_dataset(cfg)) for name in streams},
+        "datasets": {name: (lambda name=name: build_ray_dataset(cfg, name)) for name in streams},
         "dataset_config": DataConfig(datasets_to_split="all", execution_options=limits),
     }
 
