@@ -94,6 +94,17 @@ def list_files(fs: pafs.FileSystem, path: str, suffixes: tuple[str, ...]) -> lis
     )
 
 
+def class_folder(base: str, path: str) -> str | None:
+    """The first-level folder below ``base`` that ``path`` lies in (its class), None for a file in ``base``."""
+    parts = path[len(base) + 1 :].split("/")
+    return parts[0] if len(parts) > 1 else None
+
+
+def folder_label(base: str, path: str, index: dict[str, int]) -> int:
+    """The label of an image file: its class folder's index, -1 outside any (or an unknown) class folder."""
+    return index.get(class_folder(base, path), -1)
+
+
 def _batches_of(items: Iterator, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     xs, ys = [], []
     for x, y in items:
@@ -117,10 +128,9 @@ class ImageFiles(Dataset):
         self.files = list_files(self.fs, base, IMAGE_SUFFIXES)
         if not self.files:
             raise DatasetError(f"image folder '{root}' (data.path) holds no {'/'.join(IMAGE_SUFFIXES)} files")
-        parts = [f[len(base) + 1 :].split("/") for f in self.files]
-        self.classes = sorted({p[0] for p in parts if len(p) > 1})
+        self.classes = sorted({c for c in (class_folder(base, f) for f in self.files) if c is not None})
         index = {c: i for i, c in enumerate(self.classes)}
-        self.labels = [index[p[0]] if len(p) > 1 else -1 for p in parts]
+        self.labels = [folder_label(base, f, index) for f in self.files]
 
     def __len__(self):
         return len(self.files)
@@ -175,6 +185,7 @@ class ParquetImages(Dataset):
             self.columns = self.columns or names
             self.group_rows.append([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
         self.has_label = "label" in self.columns
+        self.read_columns = ["image", "label"] if self.has_label else ["image"]
         self.shard_start = np.cumsum([0] + [sum(g) for g in self.group_rows])
         self.cache: OrderedDict[tuple[int, int], tuple[list, list]] = OrderedDict()
         self.cache_bytes, self.cached_bytes = cache_bytes, 0
@@ -220,7 +231,7 @@ class ParquetImages(Dataset):
         shard, row, group, in_group = self.locate(int(i))
         key = (shard, group)
         if key not in self.cache:
-            cols = [c for c in ("image", "label") if c != "label" or self.has_label]
+            cols = self.read_columns
             columns = self._columns(self._open(shard).read_row_group(group, columns=cols))
             size = sum(len(b) for b in columns[0] if b)
             while self.cache and self.cached_bytes + size > self.cache_bytes:
@@ -235,7 +246,7 @@ class ParquetImages(Dataset):
         """Every item (or those of ``indices``, ascending), reading each shard once in record batches; with
         ``indices``, only the row groups that hold one."""
         wanted = None if indices is None else np.unique(np.asarray(list(indices), dtype=np.int64))
-        cols = [c for c in ("image", "label") if c != "label" or self.has_label]
+        cols = self.read_columns
         for shard in range(len(self.shards)):
             lo, hi = int(self.shard_start[shard]), int(self.shard_start[shard + 1])
             group_start = np.cumsum([0] + self.group_rows[shard])

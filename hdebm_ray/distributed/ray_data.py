@@ -30,7 +30,7 @@ import torch
 
 from ..config import Config
 from ..data import STREAMED, build_dataset
-from ..data_files import IMAGE_SUFFIXES, DatasetError, decode_uint8, image_bytes, uint8_to_unit
+from ..data_files import IMAGE_SUFFIXES, DatasetError, decode_uint8, folder_label, image_bytes, uint8_to_unit
 from ..storage import is_uri
 
 ROWS_PER_DECODE_TASK = 256
@@ -66,8 +66,7 @@ class DecodeBatch:
         self.root, self.classes = root, {c: i for i, c in enumerate(classes)}
 
     def label_of(self, path: str) -> int:
-        parts = path[len(self.root) + 1 :].split("/")
-        return self.classes.get(parts[0], -1) if len(parts) > 1 else -1
+        return folder_label(self.root, path, self.classes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = batch["path"]
