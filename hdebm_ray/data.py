@@ -40,6 +40,15 @@ def cache_root(cfg: Config) -> Path:
     return home / hashlib.sha1(path.encode()).hexdigest()[:12] if path else home
 
 
+def data_fingerprint(cfg: Config, dataset=None) -> str:
+    """What a cache derived from the data is keyed on besides the config: for a dataset of files, the hash of
+    every file's path, size and modification time (``data_files.list_files``; ``dataset`` if already built);
+    '' for the in-memory datasets, which a package ships."""
+    if cfg.data.dataset not in STREAMED:
+        return ""
+    return (dataset if dataset is not None else build_dataset(cfg)).fingerprint
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Image helpers
 

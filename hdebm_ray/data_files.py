@@ -12,9 +12,11 @@ decoded is named in the error.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -87,11 +89,29 @@ def open_root(root: str, what: str) -> tuple[pafs.FileSystem, str]:
     return fs, path.rstrip("/")
 
 
-def list_files(fs: pafs.FileSystem, path: str, suffixes: tuple[str, ...]) -> list[str]:
+def list_files(fs: pafs.FileSystem, path: str, suffixes: tuple[str, ...]) -> tuple[list[str], str]:
+    """The files below ``path`` ending in ``suffixes`` (sorted), and their fingerprint: a hash of every file's
+    path, size and modification time, which keys the caches derived from them (so a ``dataset convert
+    --overwrite`` into the same folder, or an added image, invalidates them)."""
     selector = pafs.FileSelector(path, recursive=True)
-    return sorted(
-        i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File and i.path.lower().endswith(suffixes)
+    infos = sorted(
+        (i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File and i.path.lower().endswith(suffixes)),
+        key=lambda i: i.path,
     )
+    digest = hashlib.sha1()
+    for i in infos:
+        digest.update(f"{i.path[len(path) :]}\0{i.size}\0{i.mtime_ns}\n".encode())
+    return [i.path for i in infos], digest.hexdigest()[:12]
+
+
+@contextmanager
+def reading_shard(shard: str):
+    """pyarrow's errors while reading ``shard`` (an OSError, or ArrowInvalid, a ValueError: a garbage file, or a
+    shard truncated after its footer was read) as one DatasetError naming it."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"parquet shard '{shard}' cannot be read: {e}") from None
 
 
 def class_folder(base: str, path: str) -> str | None:
@@ -125,7 +145,7 @@ class ImageFiles(Dataset):
         self.root, self.resolution, self.channels = root, resolution, channels
         self.fs, base = open_root(root, "image folder")
         self.base = base  # the root as the filesystem names it (labels are the first folder below)
-        self.files = list_files(self.fs, base, IMAGE_SUFFIXES)
+        self.files, self.fingerprint = list_files(self.fs, base, IMAGE_SUFFIXES)
         if not self.files:
             raise DatasetError(f"image folder '{root}' (data.path) holds no {'/'.join(IMAGE_SUFFIXES)} files")
         self.classes = sorted({c for c in (class_folder(base, f) for f in self.files) if c is not None})
@@ -163,18 +183,15 @@ class ParquetImages(Dataset):
 
         self.root, self.resolution, self.channels = root, resolution, channels
         self.fs, base = open_root(root, "parquet folder")
-        self.shards = list_files(self.fs, base, (".parquet",))
+        self.shards, self.fingerprint = list_files(self.fs, base, (".parquet",))
         if not self.shards:
             raise DatasetError(f"parquet folder '{root}' (data.path) holds no .parquet shards")
         self.group_rows: list[list[int]] = []  # rows of each row group, per shard
         self.columns: list[str] | None = None
         for shard in self.shards:
-            try:
-                with self.fs.open_input_file(shard) as f:
-                    meta = pq.ParquetFile(f).metadata
-                    names = meta.schema.to_arrow_schema().names
-            except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-                raise DatasetError(f"parquet shard '{shard}' cannot be read: {e}") from None
+            with reading_shard(shard), self.fs.open_input_file(shard) as f:
+                meta = pq.ParquetFile(f).metadata
+                names = meta.schema.to_arrow_schema().names
             if "image" not in names:
                 raise DatasetError(f"parquet shard '{shard}' has no 'image' column (has {names})")
             if self.columns is not None and ("label" in names) != ("label" in self.columns):
@@ -212,10 +229,7 @@ class ParquetImages(Dataset):
     def _open(self, shard: int):
         import pyarrow.parquet as pq
 
-        try:
-            return pq.ParquetFile(self.fs.open_input_file(self.shards[shard]))
-        except (OSError, ValueError) as e:
-            raise DatasetError(f"parquet shard '{self.shards[shard]}' cannot be read: {e}") from None
+        return pq.ParquetFile(self.fs.open_input_file(self.shards[shard]))
 
     def _item(self, shard: int, row: int, image, label) -> tuple[torch.Tensor, int]:
         where = f"parquet shard '{self.shards[shard]}' row {row}"
@@ -231,8 +245,8 @@ class ParquetImages(Dataset):
         shard, row, group, in_group = self.locate(int(i))
         key = (shard, group)
         if key not in self.cache:
-            cols = self.read_columns
-            columns = self._columns(self._open(shard).read_row_group(group, columns=cols))
+            with reading_shard(self.shards[shard]):
+                columns = self._columns(self._open(shard).read_row_group(group, columns=self.read_columns))
             size = sum(len(b) for b in columns[0] if b)
             while self.cache and self.cached_bytes + size > self.cache_bytes:
                 _, (old, _) = self.cache.popitem(last=False)
@@ -257,7 +271,7 @@ class ParquetImages(Dataset):
                     continue
                 keep = set(rows.tolist())
                 groups = sorted(set((np.searchsorted(group_start, rows, side="right") - 1).tolist()))
-            try:
+            with reading_shard(self.shards[shard]):
                 reader = self._open(shard)
                 for group in groups:
                     row = int(group_start[group])
@@ -267,8 +281,6 @@ class ParquetImages(Dataset):
                             if keep is None or row in keep:
                                 yield self._item(shard, row, image, label)
                             row += 1
-            except OSError as e:  # a shard truncated after its footer was read
-                raise DatasetError(f"parquet shard '{self.shards[shard]}' cannot be read: {e}") from None
 
     def iter_batches(self, batch_size: int, indices=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The items (all, or ``indices`` in ascending order) in batches of ``batch_size``."""

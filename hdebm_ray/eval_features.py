@@ -100,8 +100,12 @@ class FeatureClassifier(nn.Module):
 
 
 def classifier_cache_path(cfg: Config, cache_dir: Path) -> Path:
+    from .data import data_fingerprint
+
     d = cfg.data
     key = f"{d.dataset}-{d.path}-{d.resolution}-{d.channels}"
+    if files := data_fingerprint(cfg):
+        key += f"-{files}"
     return (
         cache_dir
         / f"classifier-{d.dataset}-{d.resolution}px-{d.channels}ch-{hashlib.sha1(key.encode()).hexdigest()[:8]}.pt"

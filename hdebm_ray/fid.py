@@ -25,7 +25,7 @@ import torch
 
 from .checkpoint import load_meta
 from .config import Config
-from .data import build_dataset, cache_root, iter_batches
+from .data import build_dataset, cache_root, data_fingerprint, iter_batches
 from .eval_features import EvalError, build_extractor
 from .progress import progress as show_progress
 from .sampling import Sampler
@@ -154,6 +154,7 @@ class FeatureSpace:
             "features": e.features,
             "ref_samples": e.ref_samples,
             "kid_reference_samples": e.kid_reference_samples,
+            "files": data_fingerprint(self.cfg),
         }
         key = hashlib.sha1(json.dumps(produced_by, sort_keys=True).encode()).hexdigest()[:10]
         name = f"ref-{d.dataset}-{e.features}-{d.resolution}px-{d.channels}ch-n{e.ref_samples}-{key}.npz"

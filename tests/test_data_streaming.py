@@ -19,6 +19,7 @@ from hdebm_ray.config import load_config
 from hdebm_ray.data import build_dataset, iter_batches, random_items, unit_to_uint8
 from hdebm_ray.data_files import DatasetError
 from hdebm_ray.dataset_convert import OutputExists, write_parquet_shards
+from hdebm_ray.fid import FeatureSpace
 from hdebm_ray.gaussian_init import fit_gaussian, fit_gaussian_stream
 from hdebm_ray.moments import FrequentDirections, Reservoir, RunningMoments
 
@@ -127,6 +128,15 @@ def test_parquet_behind_a_uri_reads_lazily_in_the_same_order_and_names_bad_rows(
     (bad / "part-1.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DatasetError, match=r"part-1\.parquet' cannot be read"):
         build_dataset(load_config("digits", overrides=["data.dataset=parquet", f"data.path={bad}"]))
+    # a shard cut short after its footer was read: named on random access and when streamed
+    (bad / "part-1.parquet").unlink()
+    truncated = build_dataset(load_config("digits", overrides=["data.dataset=parquet", f"data.path={bad}"]))
+    data = (bad / "part-0.parquet").read_bytes()
+    (bad / "part-0.parquet").write_bytes(data[:20] + data[-(len(data) // 3) :])
+    with pytest.raises(DatasetError, match=r"part-0\.parquet' cannot be read"):
+        truncated[0]
+    with pytest.raises(DatasetError, match=r"part-0\.parquet' cannot be read"):
+        list(iter_batches(truncated, 4))
 
 
 def digits_png(digits, i: int) -> bytes:
@@ -155,7 +165,7 @@ def test_image_folder_behind_a_uri_labels_by_first_level_folder_and_names_a_bad_
 def test_fid_against_streamed_reference_statistics_equals_fid_against_all_features(tmp_path):
     from cleanfid.fid import fid_from_feats
 
-    from hdebm_ray.fid import FeatureSpace, frechet_to_reference
+    from hdebm_ray.fid import frechet_to_reference
 
     cfg = load_config("digits", overrides=["eval.features=raw", f"data.path={tmp_path}", "eval.batch_size=100"])
     space = FeatureSpace(cfg)
@@ -186,8 +196,15 @@ def test_convert_refuses_a_folder_with_shards_and_overwrite_replaces_them(digits
     with pytest.raises(OutputExists, match="--overwrite"):
         write_parquet_shards(digits, str(out), shard_size=1000)
     assert len(list(out.glob("*.parquet"))) == 5  # untouched
+    cfg = load_config("digits", overrides=["data.dataset=parquet", f"data.path={out}", "eval.features=raw"])
+    before = build_dataset(cfg).fingerprint
+    FeatureSpace(cfg).reference()
     write_parquet_shards(digits, str(out), shard_size=1000, overwrite=True, shuffle=False)
     assert sorted(p.name for p in out.glob("*.parquet")) == ["shard-00000.parquet", "shard-00001.parquet"]
+    # the caches derived from the data are keyed on its files: new shards, a new reference, not the stale one
+    assert build_dataset(cfg).fingerprint != before
+    FeatureSpace(cfg).reference()
+    assert len(list((out / "fid_cache").glob("ref-*.npz"))) == 2
     table = pq.read_table(out / "shard-00001.parquet")
     assert table.column("index").to_pylist() == list(range(1000, 1797))
 

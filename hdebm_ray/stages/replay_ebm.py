@@ -18,7 +18,7 @@ from .. import storage
 from ..augment import AugmentOptions, augment
 from ..config import Config, check_stage
 from ..contracts import WorkerContext
-from ..data import build_dataset, cache_root
+from ..data import build_dataset, cache_root, data_fingerprint
 from ..gaussian_init import GaussianInit, cached_gaussian
 from ..langevin import StepStats, frozen, sample_langevin
 from ..loop import barrier, status
@@ -48,11 +48,14 @@ def replay_spec(stage_name: str):
 
 def fit_p0(cfg: Config, section) -> GaussianInit:
     d = cfg.data
+    dataset = build_dataset(cfg)
     name = f"p0-{d.dataset}-{d.resolution}px-{d.channels}ch-full{section.p0_max_full_dim}-rank{section.p0_rank}"
     if section.p0_cov_jitter:
         name += f"-jitter{section.p0_cov_jitter:g}"
+    if files := data_fingerprint(cfg, dataset):
+        name += f"-files{files}"
     return cached_gaussian(
-        build_dataset(cfg),
+        dataset,
         cache_root(cfg) / "p0",
         name,
         section.p0_max_full_dim,
