@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .slot_store import LeaseTable, SlotStore, draw_free, list_snapshots, prune_snapshots
+from .slot_store import LeaseTable, SlotStore, SnapshotError, draw_free, list_snapshots, prune_snapshots
 
 
 class Bank:
@@ -240,6 +240,7 @@ class BankService:
             raise ValueError(f"unknown bank kind {kind!r}")
         self.kind, self.snapshot_dir, self.keep = kind, snapshot_dir, keep
         self.loaded_snapshot_step: int | None = None
+        self.rejected: list[str] = []  # snapshots ``restore`` found unusable, and why
 
     # Bank mode
     def checkout(self, n: int, owner: str) -> dict:
@@ -262,7 +263,11 @@ class BankService:
 
     # Both
     def stats(self) -> dict:
-        return {**self.core.stats(), "loaded_snapshot_step": self.loaded_snapshot_step}
+        return {
+            **self.core.stats(),
+            "loaded_snapshot_step": self.loaded_snapshot_step,
+            "rejected_snapshots": len(self.rejected),
+        }
 
     def snapshot(self, step: int) -> str:
         if not self.snapshot_dir:
@@ -273,16 +278,24 @@ class BankService:
         return path
 
     def restore(self, step: int | None = None) -> int | None:
-        """Load the snapshot of ``step`` (default: the latest); returns the loaded step, None if there is none."""
+        """Load the snapshot of ``step`` (default: the latest), verified (readable, this bank's size and fields,
+        its step); if it is unusable, the newest usable older one (each snapshot belongs to a checkpoint of its
+        step). Returns the loaded step, None if none is usable (the caller refills). ``rejected`` lists why
+        snapshots were passed over."""
         snaps = list_snapshots(self.snapshot_dir) if self.snapshot_dir else {}
-        if step is None:
-            step = max(snaps) if snaps else None
-        if step is None or step not in snaps:
-            return None
-        store, loaded = SlotStore.load(snaps[step])
-        self.core.load_store(store)
-        self.loaded_snapshot_step = loaded
-        return loaded
+        store = self.core.store
+        for candidate in sorted((s for s in snaps if step is None or s <= step), reverse=True):
+            try:
+                loaded_store, loaded = SlotStore.load(snaps[candidate])
+                loaded_store.check_matches(store.size, store.shapes, candidate, snaps[candidate])
+            except SnapshotError as e:
+                self.rejected.append(str(e))
+                print(f"[bank] {e}; trying an older snapshot", flush=True)
+                continue
+            self.core.load_store(loaded_store)
+            self.loaded_snapshot_step = loaded
+            return loaded
+        return None
 
 
 def as_numpy(fields: dict) -> dict:

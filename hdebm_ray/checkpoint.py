@@ -1,12 +1,16 @@
 """Checkpoints as plain directories: one ``<name>.pt`` state_dict per component, ``config.yaml`` and ``meta.json``.
 
 Everything is loaded with ``torch.load(weights_only=True)``: a checkpoint never holds pickled objects, so loading
-one cannot run code, and it stays readable without this package's classes.
+one cannot run code, and it stays readable without this package's classes. ``meta.json`` is written last and
+lists every state file's size (``files``): a directory without it, or whose files differ from it, is incomplete
+and never loaded (``CheckpointError``), nor evaluated.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,14 +23,40 @@ from .config import Config, load_config
 META_FILE, CONFIG_FILE = "meta.json", "config.yaml"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: incomplete, corrupt, or holding pickled objects."""
+
+
 def save_checkpoint(directory: str | Path, states: dict[str, dict], config: Config, meta: dict[str, Any]) -> Path:
+    """Write the checkpoint; ``meta.json`` last (with the state files' sizes), so that its presence means the
+    rest is complete. The in-process runner writes into a temporary directory and renames it."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     for name, state in states.items():
         torch.save(state, out / f"{name}.pt")
     (out / CONFIG_FILE).write_text(config.to_yaml())
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    files = {f"{name}.pt": (out / f"{name}.pt").stat().st_size for name in states}
+    (out / META_FILE).write_text(json.dumps({**meta, "files": files}, indent=2, sort_keys=True))
     return out
+
+
+def incomplete(directory: str | Path) -> str | None:
+    """Why the checkpoint at ``directory`` (path or URI) is incomplete, None if it is complete: its meta.json
+    is missing or unreadable, or a state file it lists is missing or of another size."""
+    try:
+        meta = load_meta(directory)
+    except FileNotFoundError:
+        return f"it has no {META_FILE}"
+    except (ValueError, OSError) as e:
+        return f"its {META_FILE} cannot be read ({e})"
+    fs, base = storage.fs_and_path(str(directory))
+    for name, size in (meta.get("files") or {}).items():
+        info = fs.get_file_info(f"{base}/{name}")
+        if not info.is_file:
+            return f"{name} is missing"
+        if info.size != size:
+            return f"{name} has {info.size} bytes, {META_FILE} says {size}"
+    return None
 
 
 def load_meta(directory: str | Path) -> dict[str, Any]:
@@ -50,11 +80,30 @@ def load_states(directory: str | Path, names: list[str] | None = None, map_locat
         raise FileNotFoundError(
             f"checkpoint '{d}' has no {missing[0]}.pt (has {sorted(p.name for p in d.glob('*.pt'))})"
         )
-    return {n: torch.load(d / f"{n}.pt", map_location=map_location, weights_only=True) for n in names}
+    if (d / META_FILE).is_file() and (why := incomplete(d)) is not None:
+        raise CheckpointError(f"checkpoint '{d}' is incomplete: {why}")
+    return {n: load_state_file(d / f"{n}.pt", map_location) for n in names}
 
 
-def checkpoint_meta(stage, step: int, resumed_from_step: int = 0, metrics: dict | None = None) -> dict:
+def load_state_file(path: Path, map_location="cpu") -> dict:
+    """One state file, with weights_only=True; a refused or unreadable file is a ``CheckpointError`` naming it."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"'{path}' holds pickled Python objects, which are not loaded (a checkpoint holds plain tensors and "
+            f"numbers only: loading objects could run code); it was not written by hdebm-ray"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"'{path}' is corrupt or truncated ({type(e).__name__}: {e})") from None
+
+
+def checkpoint_meta(
+    stage, step: int, resumed_from_step: int = 0, metrics: dict | None = None, guard: list | None = None
+) -> dict:
+    """A checkpoint's meta.json; ``guard``: the divergence guard's rollbacks of the stage so far."""
     return {
+        "guard": {"rollbacks": list(guard or [])},
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},  # the report this checkpoint rode on
         "stage": stage.name,
         "step": step,
@@ -76,6 +125,20 @@ def restore(stage, ckpt_dir, device) -> dict:
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The checkpoint of ``out_dir`` with the highest step, None if it has none."""
-    ckpts = sorted(out_dir.glob("checkpoint_*"), key=lambda p: load_meta(p)["step"])
+    """The complete checkpoint of ``out_dir`` with the highest step, None if it has none."""
+    ckpts = sorted(
+        (p for p in out_dir.glob("checkpoint_*") if incomplete(p) is None), key=lambda p: load_meta(p)["step"]
+    )
     return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint_atomically(directory: Path, states: dict[str, dict], config: Config, meta: dict) -> Path:
+    """``save_checkpoint`` into a temporary sibling, renamed into place: a crash never leaves half of one."""
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_checkpoint(tmp, states, config, meta)
+    if directory.exists():  # the same step again (a re-run that finished nothing new): replace it
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+    return directory

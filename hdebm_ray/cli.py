@@ -10,12 +10,15 @@ import argparse
 import dataclasses
 import sys
 
+from .checkpoint import CheckpointError
+from .cli_args import OneLineParser, at_least, checkpoint
 from .cli_inference import add_inference_commands
 from .config import ConfigError, check_stage, load_config, preset_names
 from .config_show import add_config_parser
 from .data import DatasetError
 from .distributed.ray_compat import UntestedRayError
 from .eval_features import EvalError
+from .guard import GuardStop
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -171,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .distributed.sweep import SCHEDULERS, SEARCHERS
     from .stages import STAGES
 
-    parser = argparse.ArgumentParser(prog="hdebm-ray", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="hdebm-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pipeline", help="run the stages in order, resuming a run of the same name")
@@ -182,24 +185,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run one stage")
     add_config_args(p)
     p.add_argument("--stage", required=True, choices=list(STAGES))
-    p.add_argument("--init-from", help="checkpoint dir of the previous stage (default: from this run)")
+    p.add_argument("--init-from", type=checkpoint, help="checkpoint dir of the previous stage (default: from this run)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("tune", help="Ray Tune sweep over one stage's config keys")
     add_config_args(p)
     p.add_argument("--space", required=True, help="search space YAML (see tune_spaces/)")
     p.add_argument("--name", help="sweep name (default tune-<run.name>-<stage>); re-use it with --resume")
-    p.add_argument("--samples", type=int, default=8, help="trials (per grid point)")
+    p.add_argument("--samples", type=at_least(1), default=8, help="trials (per grid point)")
     p.add_argument("--metric", help="reported metric to optimise (default: the space file's)")
     p.add_argument("--mode", choices=["min", "max"], help="default: the space file's")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="fifo")
     p.add_argument("--search", choices=SEARCHERS, default="random")
-    p.add_argument("--max-concurrent", type=int, default=1, help="trials running at once")
-    p.add_argument("--grace-period", type=int, default=1, help="ASHA: reports before a trial may be stopped")
-    p.add_argument("--workers-per-trial", type=int, help="= ray.num_workers for every trial")
-    p.add_argument("--cpus-per-worker", type=float, help="= ray.cpus_per_worker")
+    p.add_argument("--max-concurrent", type=at_least(1), default=1, help="trials running at once")
+    p.add_argument("--grace-period", type=at_least(1), default=1, help="ASHA: reports before a trial may be stopped")
+    p.add_argument("--workers-per-trial", type=at_least(1), help="= ray.num_workers for every trial")
+    p.add_argument("--cpus-per-worker", type=at_least(0.01, float), help="= ray.cpus_per_worker")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per Train worker")
-    p.add_argument("--init-from", help="checkpoint the swept stage starts from (default: from run.name)")
+    p.add_argument(
+        "--init-from", type=checkpoint, help="checkpoint the swept stage starts from (default: from run.name)"
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same --name")
     p.set_defaults(fn=cmd_tune)
 
@@ -215,9 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DatasetError, EvalError, FileNotFoundError, UntestedRayError) as e:
+    except (CheckpointError, ConfigError, DatasetError, EvalError, FileNotFoundError, UntestedRayError) as e:
         print(f"hdebm-ray: error: {e}", file=sys.stderr)
         return 2
+    except GuardStop as e:  # diverged past guard.max_rollbacks: the message says where; the checkpoints stay
+        print(f"hdebm-ray: stopped: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

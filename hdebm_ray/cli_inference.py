@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from .cli_args import at_least, checkpoint, device, existing_dir
 from .config import ConfigError, load_config, parse_override
 
 
@@ -23,9 +24,21 @@ def checkpoints_to_evaluate(args) -> list[str]:
     return found
 
 
+def results_location(ckpt: str) -> str:
+    """Where a checkpoint's results go: its run (``<run>/<stage>/checkpoint_*``, the stage named in its meta),
+    else, for a checkpoint outside a run, ``<checkpoint>/eval`` — never a folder above it that is not a run."""
+    from pathlib import Path
+
+    from .checkpoint import load_meta
+
+    path = Path(ckpt).resolve()
+    if path.parent.name == load_meta(path).get("stage"):
+        return str(path.parent.parent)
+    return str(path / "eval")
+
+
 def cmd_eval(args) -> int:
     """FID / KID of one checkpoint, or of every checkpoint of a run not evaluated yet (results kept per run)."""
-    from pathlib import Path
 
     from .checkpoint import load_config_of
     from .fid import FeatureSpaces, evaluate_checkpoint
@@ -36,7 +49,7 @@ def cmd_eval(args) -> int:
     todo = checkpoints_to_evaluate(args)
     spaces = FeatureSpaces(default_device(args.device), progress=True)
     for ckpt in progress(todo, desc="eval", unit="checkpoints", enabled=len(todo) > 1):
-        run_location = str(Path(ckpt).resolve().parent.parent)
+        run_location = results_location(ckpt)
         weights = None if args.ema is None else ("ema" if args.ema else "raw")
         if not args.force and str(ckpt) in evaluated(run_location, args.protocol, weights):
             write(f"[eval] {ckpt}: already evaluated (see {run_location}/eval.jsonl; --force to redo)")
@@ -59,8 +72,6 @@ def cmd_eval(args) -> int:
 def cmd_dataset_convert(args) -> int:
     from .dataset_convert import check_not_inside, write_parquet_shards
 
-    if args.shard_size < 1:
-        raise ConfigError(f"--shard-size must be at least 1 (got {args.shard_size})")
     overrides = [f"data.dataset={args.source}", f"data.path={args.input or ''}"]
     if args.resolution:
         overrides.append(f"data.resolution={args.resolution}")
@@ -147,14 +158,14 @@ def add_inference_commands(sub) -> None:
     """The commands above, on ``hdebm-ray``'s sub-command parser."""
     p = sub.add_parser("eval", help="FID / KID of a checkpoint (or of every checkpoint of a run)")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint", help="one checkpoint directory")
-    which.add_argument("--run", help="a run directory: every checkpoint not evaluated yet")
-    p.add_argument("--n", type=int, help="samples per checkpoint (default eval.num_samples)")
+    which.add_argument("--checkpoint", type=checkpoint, help="one checkpoint directory")
+    which.add_argument("--run", type=existing_dir, help="a run directory: every checkpoint not evaluated yet")
+    p.add_argument("--n", type=at_least(2), help="samples per checkpoint (default eval.num_samples)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. eval.features=classifier")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="re-evaluate checkpoints that have a result")
     add_sampler_args(p)
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", type=device, help="cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("dataset", help="dataset tools")
@@ -167,40 +178,44 @@ def add_inference_commands(sub) -> None:
     c.add_argument(
         "--keep-order", action="store_true", help="write in the source's order (default: a seeded random order)"
     )
-    c.add_argument("--resolution", type=int)
-    c.add_argument("--channels", type=int)
-    c.add_argument("--shard-size", type=int, default=10000)
+    c.add_argument("--resolution", type=at_least(1))
+    c.add_argument("--channels", type=int, choices=[1, 3])
+    c.add_argument("--shard-size", type=at_least(1), default=10000)
     c.set_defaults(fn=cmd_dataset_convert)
 
     p = sub.add_parser("sample", help="draw samples from a checkpoint with its stage's sampler")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (checkpoint_*)")
-    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--checkpoint", type=checkpoint, required=True, help="a checkpoint directory (checkpoint_*)")
+    p.add_argument("--n", type=at_least(1), default=64)
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--seed", type=int, default=0)
     add_sampler_args(p)
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", type=device, help="cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(fn=cmd_sample)
 
     p = sub.add_parser("enfe", help="equivalent NFE of a checkpoint's sampler against 1000-step diffusion")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--batches", type=int, default=100, help="sampler batches timed (the paper: 100)")
-    p.add_argument("--batch-size", type=int, default=32, help="the paper: 32")
-    p.add_argument("--diffusion-batches", type=int, help="1000-step diffusion batches timed (default: --batches)")
+    p.add_argument("--checkpoint", type=checkpoint, required=True)
+    p.add_argument("--batches", type=at_least(1), default=100, help="sampler batches timed (the paper: 100)")
+    p.add_argument("--batch-size", type=at_least(1), default=32, help="the paper: 32")
+    p.add_argument(
+        "--diffusion-batches", type=at_least(1), help="1000-step diffusion batches timed (default: --batches)"
+    )
     p.add_argument(
         "--diffusion-steps-timed",
-        type=int,
+        type=at_least(1),
         help="time this many (a divisor of 1000) of each diffusion batch's steps and scale to 1000 (default: all)",
     )
-    p.add_argument("--reference", help="checkpoint whose denoiser is timed (baselines have none of their own)")
-    p.add_argument("--device", help="default: cuda if available")
+    p.add_argument(
+        "--reference", type=checkpoint, help="checkpoint whose denoiser is timed (baselines have none of their own)"
+    )
+    p.add_argument("--device", type=device, help="default: cuda if available")
     p.set_defaults(fn=cmd_enfe)
 
     p = sub.add_parser("ood", help="AUROC of a checkpoint's energy as an out-of-distribution score")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", type=checkpoint, required=True)
     p.add_argument("--in", dest="in_source", help="in-distribution images (default: the checkpoint's dataset)")
     p.add_argument(
         "--out", dest="out_source", required=True, help="uniform, gaussian, constant, or a dataset (image_folder:PATH)"
     )
-    p.add_argument("--n", type=int, default=2000, help="images per side")
-    p.add_argument("--device", help="default: cuda if available")
+    p.add_argument("--n", type=at_least(2), default=2000, help="images per side")
+    p.add_argument("--device", type=device, help="default: cuda if available")
     p.set_defaults(fn=cmd_ood)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass
 from importlib import resources
@@ -26,6 +27,7 @@ from .config_schema import (
     DiffusionSection,
     DistillSection,
     EvalSection,
+    GuardSection,
     NetworkSection,
     RaySection,
     RunSection,
@@ -53,6 +55,7 @@ class Config:
     icd: ICDSection = ICDSection()
     eval: EvalSection = EvalSection()
     compute: ComputeSection = ComputeSection()
+    guard: GuardSection = GuardSection()
 
     def to_dict(self) -> dict:
         return to_plain(self)
@@ -187,8 +190,17 @@ def _is_pow2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 def validate(cfg: Config) -> None:
-    """Checks that relate several keys; single-key ranges are checked while building."""
+    """Checks that relate several keys or need more than a range; single-key ranges are checked while building."""
+    if not RUN_NAME.fullmatch(cfg.run.name):
+        # it names a folder under run.storage_path: no separators, no '..', nothing outside the storage root
+        raise ConfigError(
+            f"config key 'run.name' = {cfg.run.name!r} must be one folder name: letters, digits, '.', '_', '-' "
+            f"(at most 128, starting with a letter or digit)"
+        )
     d, n = cfg.diffusion, cfg.ray.num_workers
     if d.T_trunc >= d.T:
         raise ConfigError(f"config key 'diffusion.T_trunc' = {d.T_trunc} must be < diffusion.T = {d.T}")
@@ -308,7 +320,7 @@ def _read_yaml(text: str, origin: str) -> dict:
     try:
         tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{origin} is not valid YAML: {e}") from None
+        raise ConfigError(f"{origin} is not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{origin} must hold a mapping of config sections, got {type(tree).__name__}")
     return tree
@@ -326,6 +338,30 @@ def _merge(base: dict, top: dict) -> dict:
     for k, v in top.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def yaml_problem(err) -> str:
+    """A YAML parse error in one line: what is wrong and where (PyYAML's own message spans several)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(err, 'problem', None) or str(err).splitlines()[0]}{where}"
+
+
+def key_type(key: str):
+    """The declared type of a dotted config key (``int``, ``float``, ``str``, ``bool``, ``tuple[...]``);
+    ConfigError for a key that does not exist."""
+    cls = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            raise ConfigError(f"unknown config key '{key}' ('{'.'.join(parts[: i + 1])}')")
+        cls = hints[part]
+        if i < len(parts) - 1 and not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"unknown config key '{key}' ('{'.'.join(parts[: i + 1])}' is not a section)")
+    if dataclasses.is_dataclass(cls):
+        raise ConfigError(f"config key '{key}' is a section, not a value")
+    return cls
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

@@ -50,6 +50,7 @@ class RaySection:
     cpus_per_worker: float = knob(1.0, lo=0.0, lo_open=True, doc="logical CPUs each Ray Train worker reserves")
     max_failures: int = knob(1, lo=-1, doc="worker-group restarts per stage; -1 = unlimited")
     checkpoints_to_keep: int = knob(2, lo=1, doc="checkpoints Ray keeps per stage (bank snapshots: one more)")
+    connect_timeout_s: float = knob(30.0, lo=0.0, lo_open=True, doc="seconds to reach ray.address before failing")
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,11 @@ class DataSection:
     toy2d_std: float = knob(0.04, lo=0.0, lo_open=True, doc="std of each toy2d mixture component")
     toy2d_num_samples: int = knob(20000, lo=100, doc="points in the toy2d training set (drawn once from run.seed)")
     num_loader_workers: int = knob(0, lo=0, doc="DataLoader processes per Ray worker (the torch loader)")
+    verify: str = knob(
+        "first",
+        choices=("first", "all"),
+        doc="before a run starts, decode the first image, or every file / row once (a progress bar; names a bad one)",
+    )
     loader: str = knob(
         "auto",
         choices=("auto", "torch", "ray_data"),
@@ -276,6 +282,26 @@ class Stage2Section(EnergyOptimSection):
     drift_clip: float = knob(2.5, lo=0.0, doc="per-sample L2 bound on Y's drift (not the latents'); 0 = off")
     lr: float = knob(2e-5, lo=0.0, lo_open=True, doc="Adam learning rate of H (from Stage 1's H)")
     checkpoint_every: int = like(EnergyOptimSection, "checkpoint_every", 100)
+
+
+@dataclass(frozen=True)
+class GuardSection:
+    """The divergence guard of the EBM stages (stage1, stage2, mebm, mjem, icd): on a non-finite or out-of-bound
+    metric, roll back to the last checkpoint and back off (``guard.py``)."""
+
+    enabled: bool = knob(True, doc="check every step of the EBM stages; false: a divergence trains on")
+    check_every: int = knob(1, lo=1, doc="steps between reads of the per-step flags (each read: one all-gather)")
+    max_rollbacks: int = knob(3, lo=0, doc="rollbacks per stage before the run stops; 0 = stop at the first")
+    backoff: float = knob(0.5, lo=0.0, hi=1.0, lo_open=True, doc="each rollback multiplies the backed-off keys by this")
+    backoff_applies_to: str = knob(
+        "both", choices=("both", "step_size", "lr"), doc="what a rollback scales: Langevin step sizes, LRs, or both"
+    )
+    # healthy runs measured here stay far below both: digits |gap| <= 0.08, drift norms <= 1.2
+    max_energy_gap: float = knob(1e4, lo=0.0, doc="bound on Energy/abs_gap, |E(x-) - E(x+)| (batch means); 0 = none")
+    max_drift_norm: float = knob(
+        1e3, lo=0.0, doc="bound on Langevin/drift_norm, a chain's mean per-sample drift per step (L2); 0 = none"
+    )
+    inject_nan_at_step: int = knob(0, lo=0, doc="testing: H outputs NaN in this step (1-based) of the first try")
 
 
 STAGE_NAMES = ("diffusion", "distill", "stage1", "stage2", "mebm", "mjem", "icd")

@@ -189,11 +189,16 @@ def random_images(dataset: Dataset, n: int, seed: int = 0) -> torch.Tensor:
 
 
 def check_data_available(cfg: Config) -> None:
-    """Open the dataset once in the driver so a missing folder fails before any worker starts."""
+    """Open the dataset once in the driver so a missing folder or a bad file fails before any worker starts:
+    the first image decoded, or every one (``data.verify: all``, streamed with progress)."""
     ds = build_dataset(cfg)
     if len(ds) < cfg.ray.num_workers:
         raise DatasetError(f"dataset {cfg.data.dataset!r} has {len(ds)} samples, fewer than ray.num_workers")
-    ds[0]
+    if cfg.data.verify == "all":
+        for _ in iter_batches(ds, 256, progress=f"data.verify: decoding every image of {cfg.data.dataset}"):
+            pass
+    else:
+        ds[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

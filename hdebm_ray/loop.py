@@ -40,9 +40,10 @@ def mean_over_ranks(value: float) -> float:
     return value
 
 
-def seed_steps(seed: int, rank: int, start_step: int) -> None:
-    """Different noise per rank, and a restart does not replay the noise of the steps it redoes."""
-    torch.manual_seed(seed * 100003 + rank * 7919 + start_step)
+def seed_steps(seed: int, rank: int, start_step: int, attempt: int = 0) -> None:
+    """Different noise per rank, and a restart does not replay the noise of the steps it redoes; ``attempt``
+    (the guard's rollbacks so far) gives a rolled-back stretch new noise too."""
+    torch.manual_seed(seed * 100003 + rank * 7919 + start_step + attempt * 15485863)
 
 
 def status(line: str) -> None:
@@ -89,22 +90,35 @@ def check_replicas_agree(module: nn.Module, what: str) -> None:
 ReportFn = Callable[[int, dict[str, float], bool], None]
 
 
-def run_loop(stage: Stage, start_step: int, report: ReportFn) -> None:
-    """Train from ``start_step`` to ``stage.total_steps``; metrics are averaged over each report tick."""
+def run_loop(stage: Stage, start_step: int, report: ReportFn, guard=None):
+    """Train from ``start_step`` to ``stage.total_steps``; metrics are averaged over each report tick.
+
+    With ``guard`` (a ``guard.StepGuard``) every step's metrics are checked, and the loop returns the first
+    ``guard.Divergence`` any rank saw, before the report (and checkpoint) that would follow it; else None.
+    """
     stage.on_start(start_step)
     sums: dict[str, float | torch.Tensor] = {}
     counts: dict[str, int] = {}  # per key: some metrics appear only on some steps
     count, step_s, tick_start = 0, 0.0, time.perf_counter()
     for step in range(start_step, stage.total_steps):
         t0 = time.perf_counter()
-        for k, v in stage.train_step(step).items():
+        if guard is None:
+            step_metrics = stage.train_step(step)
+        else:
+            with guard.testing_hook(stage, step):
+                step_metrics = stage.train_step(step)
+            guard.observe(step, step_metrics)
+        for k, v in step_metrics.items():
             # Tensor metrics are summed on their device and read once per tick: no host sync per step.
             sums[k] = sums.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else float(v))
             counts[k] = counts.get(k, 0) + 1
         step_s += time.perf_counter() - t0
         count += 1
         done = step + 1
-        if done % stage.report_every == 0 or done == stage.total_steps:
+        tick = done % stage.report_every == 0 or done == stage.total_steps
+        if guard is not None and (tick or guard.due(done)) and (divergence := guard.poll()) is not None:
+            return divergence
+        if tick:
             metrics = {k: float(v) / counts[k] for k, v in sums.items()}  # the tick's one sync
             elapsed = time.perf_counter() - tick_start
             metrics["Timing/sec_per_step"] = elapsed / count
@@ -119,3 +133,4 @@ def run_loop(stage: Stage, start_step: int, report: ReportFn) -> None:
                 stage.before_checkpoint(done)
             report(done, metrics, with_ckpt)
             sums, counts, count, step_s, tick_start = {}, {}, 0, 0.0, time.perf_counter()
+    return None

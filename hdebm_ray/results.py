@@ -4,11 +4,13 @@ TensorBoard scalars beside the training ones, and which checkpoints a run has an
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
 from . import storage
+from .checkpoint import incomplete
 from .storage import as_uri, fs_and_path, staged_output
 
 
@@ -21,7 +23,11 @@ def start_note(result: dict) -> str:
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:
+    """Append one line (the whole file rewritten under a temporary name and moved: readers never see half a
+    line). A last line without its newline (cut short by hand or by another tool) is ended first."""
     text = storage.read_text(str(path)) if storage.exists(str(path)) else ""
+    if text and not text.endswith("\n"):
+        text += "\n"
     storage.write_text(str(path), text + json.dumps(record, sort_keys=True) + "\n")
 
 
@@ -44,7 +50,19 @@ def read_results(run_location: str) -> list[dict]:
     path = f"{run_location}/eval.jsonl"
     if not storage.exists(path):
         return []
-    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+    results = []
+    for number, line in enumerate(storage.read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            result = json.loads(line)
+            if not isinstance(result, dict) or "checkpoint" not in result:
+                raise ValueError("not a result")
+        except ValueError:  # a corrupt line must not block every later evaluation of the run
+            print(f"[eval] {path} line {number} is not a JSON result; skipped", file=sys.stderr, flush=True)
+            continue
+        results.append(result)
+    return results
 
 
 def evaluated(run_location: str, protocol: str | None = None, weights: str | None = None) -> set[str]:
@@ -72,5 +90,6 @@ def run_checkpoints(run_location: str, stages=None) -> list[str]:
             continue
         dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(base)) if i.type == pafs.FileType.Directory]
         ckpts = sorted(d for d in dirs if d.rsplit("/", 1)[-1].startswith("checkpoint_"))
-        found += [as_uri(d, run_location) for d in ckpts if fs.get_file_info(f"{d}/meta.json").is_file]
+        # complete ones only: meta.json is written last and lists every state file's size
+        found += [as_uri(d, run_location) for d in ckpts if incomplete(as_uri(d, run_location)) is None]
     return found

@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from .bank import BankService, LocalBankClient
-from .checkpoint import checkpoint_meta, latest_checkpoint, restore, save_checkpoint
+from .checkpoint import checkpoint_meta, latest_checkpoint, load_meta, restore, save_checkpoint_atomically
 from .config import Config
 from .contracts import WorkerContext
+from .guard import GuardLog, backed_off, roll_back, step_guard
 from .loop import run_loop, seed_steps
 from .stage_log import StageLogger
 from .stages import BANK_SPECS, build_stage
@@ -38,8 +39,20 @@ def run_in_process(
     device: str | torch.device = "cpu",
     log_dir: str | None = None,
 ):
-    """Run one stage in this process (rank 0 of 1), resuming from ``out_dir``'s latest checkpoint."""
+    """Run one stage in this process (rank 0 of 1), resuming from ``out_dir``'s latest checkpoint; a divergence
+    the guard sees rolls back to the latest checkpoint with the stage's step sizes / LRs backed off."""
     out = Path(out_dir)
+    log = GuardLog.read(cfg, str(out))
+    while True:
+        stage, divergence = _attempt(backed_off(cfg, stage_name, log), stage_name, out, init_dir, device, log_dir, log)
+        if divergence is None:
+            return stage, latest_checkpoint(out)
+        last = latest_checkpoint(out)
+        to_step = int(load_meta(last)["step"]) if last is not None else 0
+        print(roll_back(cfg, stage_name, str(out), log, divergence, to_step), flush=True)
+
+
+def _attempt(cfg: Config, stage_name: str, out: Path, init_dir, device, log_dir, log: GuardLog):
     torch.manual_seed(cfg.run.seed)
     ctx = WorkerContext(device=torch.device(device))
     if stage_name in BANK_SPECS:
@@ -48,18 +61,21 @@ def run_in_process(
     start = 0
     if (last := latest_checkpoint(out)) is not None:
         start = int(restore(stage, last, ctx.device)["step"])
-    seed_steps(cfg.run.seed, ctx.rank, start)
+    seed_steps(cfg.run.seed, ctx.rank, start, attempt=len(log.rollbacks))
     logger = StageLogger(stage, log_dir, enabled=True)
 
+    guard = step_guard(cfg, stage_name, ctx.device, len(log.rollbacks))
+
     def report(step, metrics, with_ckpt):
+        if guard is not None:
+            metrics = {**metrics, **log.metrics()}
         logger.log(step, metrics, with_images=with_ckpt)
         if with_ckpt:
-            save_checkpoint(
-                out / f"checkpoint_{step:08d}", stage.state_dict(), cfg, checkpoint_meta(stage, step, start, metrics)
-            )
+            meta = checkpoint_meta(stage, step, start, metrics, guard=log.rollbacks)
+            save_checkpoint_atomically(out / f"checkpoint_{step:08d}", stage.state_dict(), cfg, meta)
 
-    run_loop(stage, start, report)
-    if latest_checkpoint(out) is None:  # a stage with nothing to train still leaves its product
+    divergence = run_loop(stage, start, report, guard)
+    if divergence is None and latest_checkpoint(out) is None:  # a stage with nothing to train leaves its product
         report(stage.total_steps, {}, True)
     logger.close()
-    return stage, latest_checkpoint(out)
+    return stage, divergence

@@ -94,7 +94,26 @@ class SlotStore:
 
     @classmethod
     def load(cls, path: str) -> tuple[SlotStore, int]:
-        """The store saved at ``path`` and the step it was tagged with."""
+        """The store saved at ``path`` and the step it was tagged with; ``SnapshotError`` if the file cannot be
+        read (truncated, not Arrow, missing columns)."""
+        try:
+            return cls._load(path)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # pyarrow's errors included
+            raise SnapshotError(f"bank snapshot '{path}' cannot be read ({type(e).__name__}: {e})") from None
+
+    def check_matches(self, size: int, shapes: dict[str, tuple[int, ...]], step: int, path: str) -> None:
+        """``SnapshotError`` unless this loaded store has the expected size, fields and step tag."""
+        want = {k: tuple(v) for k, v in shapes.items()}
+        if self.size != size or self.shapes != want:
+            raise SnapshotError(
+                f"bank snapshot '{path}' holds {self.size} slots of {self.shapes}, this run's bank "
+                f"{size} of {want} (was stage1.bank_size / the buffer size changed?)"
+            )
+        if self.step != step:
+            raise SnapshotError(f"bank snapshot '{path}' is tagged step {self.step}, its name says {step}")
+
+    @classmethod
+    def _load(cls, path: str) -> tuple[SlotStore, int]:
         fs, p = fs_and_path(path)
         with fs.open_input_file(p) as f:
             table = ipc.open_file(f).read_all()
@@ -112,6 +131,10 @@ class SlotStore:
         step = int(meta["step"])
         store.step = step
         return store, step
+
+
+class SnapshotError(RuntimeError):
+    """A bank snapshot that cannot be used: unreadable, or not this run's bank."""
 
 
 def list_snapshots(directory: str) -> dict[int, str]:

@@ -56,6 +56,8 @@ def tick_line(stage, step: int, metrics: dict[str, float], resources: dict[str, 
     nimg = step * stage.images_per_step
     losses = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items() if k.startswith("Loss/"))
     parts = [f"[{stage.name}] step {step}/{stage.total_steps} kimg {nimg / 1000:.1f}"] + ([losses] if losses else [])
+    if rollbacks := int(metrics.get("Guard/rollbacks", 0)):  # the divergence guard has backed this stage off
+        parts.append(f"guard: {rollbacks} rollback(s), x{metrics.get('Guard/scale', 1):g}")
     sps = metrics.get("Timing/sec_per_step")
     if sps is not None:  # none: a stage with nothing to train
         parts.append(f"sec/step {sps:.3f}")

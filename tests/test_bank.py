@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import ray
 
-from hdebm_ray.bank import Bank, ReplayBuffer
+from hdebm_ray.bank import Bank, BankService, ReplayBuffer
 from hdebm_ray.distributed.bank_actor import create_bank_actor
 from hdebm_ray.slot_store import SlotStore, list_snapshots
 
@@ -70,6 +70,26 @@ def test_snapshot_restores_bit_identically(tmp_path):
     for k in SHAPES:
         assert loaded.arrays[k].tobytes() == store.arrays[k].tobytes()
     assert (loaded.written_step == store.written_step).all() and (loaded.writes == store.writes).all()
+
+
+def test_restore_passes_over_a_truncated_or_mismatched_snapshot_to_the_newest_usable_one(tmp_path, capsys):
+    service = BankService("bank", 16, SHAPES, str(tmp_path), keep=5)
+    for step in (2, 4, 6):
+        service.fill(0, step, _fields(16, float(step)))
+        service.snapshot(step)
+    snaps = list_snapshots(str(tmp_path))
+    data = open(snaps[6], "rb").read()
+    open(snaps[6], "wb").write(data[: len(data) // 2])  # the newest cut short
+    other = SlotStore(32, SHAPES)  # another bank size under step 4's name
+    other.write(np.arange(32), 4, **_fields(32, 4.0))
+    os.replace(other.snapshot(str(tmp_path / "other"), 4), snaps[4])
+    assert service.restore(6) == 2 and service.core.store.arrays["x"].max() == 2.0
+    assert len(service.rejected) == 2 and "cannot be read" in service.rejected[0]
+    assert "holds 32 slots" in service.rejected[1] and "bank_size" in service.rejected[1]
+    assert "trying an older snapshot" in capsys.readouterr().out
+    assert service.restore(4) == 2 and service.stats()["rejected_snapshots"] == 3
+    open(snaps[2], "wb").write(b"not arrow")
+    assert service.restore(6) is None  # nothing usable: the caller refills, no crash loop
 
 
 def test_replay_reinit_count_lies_in_binomial_bound():

@@ -1,7 +1,9 @@
-"""Stage 1 under failures on a real local Ray: a Train worker killed mid-run, and the bank actor killed mid-run."""
+"""Stages under failures on a real local Ray: a Train worker killed mid-run, the bank actor killed mid-run, and a
+divergence injected into M-EBM's energy (rolled back by the guard, with the replay buffer of that step)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -9,8 +11,9 @@ from pathlib import Path
 import helpers
 import ray
 from helpers import TINY, ExitOnce, small_digits_overrides
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from hdebm_ray.checkpoint import load_meta
+from hdebm_ray.checkpoint import load_config_of, load_meta
 from hdebm_ray.config import load_config
 from hdebm_ray.distributed.driver import bank_actor_name, fit_stage
 from hdebm_ray.runner import run_in_process
@@ -63,3 +66,23 @@ def test_killed_bank_actor_restarts_from_its_snapshot_and_training_finishes(ray_
     assert meta["step"] == 16 and meta["done"]
     reloads = meta["summary"].get("bank_reloads")
     assert reloads and reloads[0]["snapshot_step"] is not None and reloads[0]["snapshot_step"] >= 2
+
+
+def test_injected_divergence_rolls_back_to_the_checkpoint_and_its_buffer_and_the_run_finishes(ray_local, tmp_path):
+    overrides = ["mebm.steps=6", "guard.inject_nan_at_step=3", "ray.max_failures=0"]
+    cfg = load_config("digits", overrides=small_digits_overrides(str(tmp_path), "guard") + TINY + overrides)
+    out = fit_stage(cfg, "mebm")
+    meta = load_meta(out["checkpoint"])
+    assert meta["step"] == 6 and meta["done"]
+    (rollback,) = meta["guard"]["rollbacks"]
+    assert (rollback["step"], rollback["to"], rollback["value"]) == (3, 2, "nan")
+    # the second attempt resumed at step 2 with the buffer of step 2, backed off, and its checkpoints say so
+    assert meta["summary"]["buffer_restores"] == [{"checkpoint_step": 2, "buffer_step": 2}]
+    backed = load_config_of(out["checkpoint"])
+    assert backed.mebm.lr == cfg.mebm.lr / 2 and backed.mebm.sgld.step_size == cfg.mebm.sgld.step_size / 2
+    run = tmp_path / "guard"
+    assert json.loads((run / "mebm" / "guard.json").read_text())["scale"] == 0.5
+    assert not (run / "mebm" / "divergence.json").exists()
+    acc = EventAccumulator(str(run / "tb" / "mebm"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("Guard/rollbacks")][-1] == 1

@@ -13,9 +13,12 @@ import json
 import math
 import os
 
+import pyarrow.fs as pafs
+
 from .. import storage
 from ..checkpoint import load_meta
 from ..config import Config
+from ..guard import DIVERGENCE_FILE, GUARDED_STAGES, GuardLog, backed_off, roll_back, take_divergence
 from ..stages import BANK_SPECS, INIT_FROM, PIPELINE
 from ..storage import as_uri, run_dir
 
@@ -43,14 +46,44 @@ def init_ray(cfg: Config) -> None:
         # Eval actors hold their CPUs for the whole run: count them on top of the workers (logical CPUs), or the
         # next stage's workers could never be placed next to them on a small machine.
         num_cpus = max(os.cpu_count() or 1, math.ceil(resources_needed(cfg)["CPU"]))
-    ray.init(
-        address=address,
-        namespace=NAMESPACE,
-        num_cpus=num_cpus,
-        log_to_driver=True,
-        runtime_env=None if in_job else env,
-    )
+    else:
+        check_reachable(address, cfg.ray.connect_timeout_s)
+    try:
+        ray.init(
+            address=address,
+            namespace=NAMESPACE,
+            num_cpus=num_cpus,
+            log_to_driver=True,
+            runtime_env=None if in_job else env,
+        )
+    except (ConnectionError, RuntimeError) as e:  # something answered at the address, but not a Ray cluster
+        if address == "local":
+            raise
+        from ..config import ConfigError
+
+        raise ConfigError(f"ray.address {address!r}: no Ray cluster there ({str(e).splitlines()[0]})") from None
     storage.check_shared_storage(cfg, num_nodes=sum(1 for n in ray.nodes() if n.get("Alive")))
+
+
+def check_reachable(address: str, timeout_s: float) -> None:
+    """A ConfigError within ``timeout_s`` if nothing listens at a cluster address (``ray.init`` would retry for
+    minutes). 'auto' finds a local cluster by itself and fails at once without one."""
+    import socket
+
+    from ..config import ConfigError
+
+    if address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"ray.address {address!r} must be host:port, ray://host:port, 'auto', or '' (local)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(
+            f"ray.address {address!r}: nothing answers at {host}:{port} within {timeout_s:g} s ({e}); is the cluster "
+            f"up and reachable from here? (wait longer: ray.connect_timeout_s)"
+        ) from None
 
 
 def resources_needed(cfg: Config) -> dict[str, float]:
@@ -74,8 +107,10 @@ def trainer_for(
     bank_name: str | None = None,
     report_hooks=(),
     eval_pool: str | None = None,
+    guard_log=None,
 ):
-    """A TorchTrainer that runs ``stage`` with ``cfg.ray.num_workers`` DDP workers (gloo on CPU, nccl on GPU)."""
+    """A TorchTrainer that runs ``stage`` with ``cfg.ray.num_workers`` DDP workers (gloo on CPU, nccl on GPU);
+    ``guard_log``: the stage's rollbacks so far (``guard.GuardLog``)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -97,6 +132,9 @@ def trainer_for(
             "eval_pool": eval_pool,  # rank 0 adds the pool's latest Eval/fid to its reports
             # Callables hook(rank=, step=) every rank runs after each report (the tests inject faults with one).
             "report_hooks": list(report_hooks),
+            "stage_dir": f"{location}/{name or stage}",  # the Train run's directory: the guard's files go there
+            "guard_rollbacks": guard_log.rollbacks if guard_log is not None else [],
+            "guard_scale": guard_log.scale if guard_log is not None else 1.0,
         },
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -156,13 +194,10 @@ def fit_stage(
     With ``eval_pool`` (a running ``EvalPool``) and ``stage`` in ``eval.stages``, every checkpoint the run
     registers is handed to the pool as it lands; the pool's results do not hold the stage up.
     """
-    import ray
-
     from ..data import build_dataset
-    from ..data_files import DatasetError
     from ..stages import STAGES
     from .eval_pool import NotifyEvalPool, pool_name
-    from .ray_data import check_stream_fits, data_error_in, uses_ray_data
+    from .ray_data import check_stream_fits, uses_ray_data
 
     if uses_ray_data(cfg):
         section, n = getattr(cfg, STAGES[stage].section_name or stage), len(build_dataset(cfg))
@@ -171,14 +206,49 @@ def fit_stage(
     pool = pool_name(cfg) if eval_pool is not None and stage in cfg.eval.stages else None
     if pool is not None:
         callbacks = [*callbacks, NotifyEvalPool(pool, stage, run_dir(cfg))]
+    # The divergence guard: an attempt that diverged stops early; roll back (resume from the newest checkpoint,
+    # the last good one) with the stage's step sizes / LRs backed off, until it ends or GuardStop.
+    stage_dir, log = f"{run_dir(cfg)}/{stage}", None
+    if stage in GUARDED_STAGES:
+        log = GuardLog.read(cfg, stage_dir)
+    while True:
+        # first pass: a divergence left by an attempt whose driver died before it rolled back
+        if log is not None and (divergence := take_divergence(stage_dir)) is not None:
+            print(roll_back(cfg, stage, stage_dir, log, divergence, _latest_step(stage_dir)), flush=True)
+        attempt_cfg = backed_off(cfg, stage, log) if log is not None else cfg
+        result = _fit_attempt(attempt_cfg, stage, init_from, callbacks, report_hooks, pool, log)
+        if log is None or not storage.exists(f"{stage_dir}/{DIVERGENCE_FILE}"):
+            break
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {stage!r} finished without registering a checkpoint")
+    path = as_uri(result.checkpoint.path, run_dir(cfg))
+    meta = load_meta(path)
+    return {"checkpoint": path, "step": meta.get("step"), "summary": meta.get("summary", {})}
+
+
+def _fit_attempt(cfg: Config, stage: str, init_from, callbacks, report_hooks, pool, guard_log):
+    """One TorchTrainer run of the stage (with its bank actor, killed afterwards): to the end, or to the step
+    where the guard stopped it."""
+    import ray
+
+    from ..data_files import DatasetError
+    from .ray_data import data_error_in
+
     bank = start_bank(cfg, stage)
     try:
         name = bank_actor_name(cfg, stage) if bank is not None else None
         trainer = trainer_for(
-            cfg, stage, init_from, callbacks, bank_name=name, report_hooks=report_hooks, eval_pool=pool
+            cfg,
+            stage,
+            init_from,
+            callbacks,
+            bank_name=name,
+            report_hooks=report_hooks,
+            eval_pool=pool,
+            guard_log=guard_log,
         )
         try:
-            result = trainer.fit()
+            return trainer.fit()
         except Exception as e:  # a bad file met by a worker or a Ray Data task: the user's, named in one line
             if (message := data_error_in(e)) is not None:
                 raise DatasetError(message) from None
@@ -186,11 +256,17 @@ def fit_stage(
     finally:
         if bank is not None:
             ray.kill(bank)
-    if result.checkpoint is None:
-        raise RuntimeError(f"stage {stage!r} finished without registering a checkpoint")
-    path = as_uri(result.checkpoint.path, run_dir(cfg))
-    meta = load_meta(path)
-    return {"checkpoint": path, "step": meta.get("step"), "summary": meta.get("summary", {})}
+
+
+def _latest_step(stage_dir: str) -> int:
+    """The step of the stage's newest registered checkpoint (what a resume starts from), 0 if none."""
+    fs, path = storage.fs_and_path(stage_dir)
+    steps = [0]
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+            if storage.exists(f"{stage_dir}/{info.base_name}/meta.json"):
+                steps.append(int(load_meta(f"{stage_dir}/{info.base_name}")["step"]))
+    return max(steps)
 
 
 @contextlib.contextmanager

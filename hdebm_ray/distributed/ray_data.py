@@ -128,10 +128,15 @@ def build_ray_dataset(cfg: Config, stream: str = "train"):
         )
         decode = DecodeBatch(d.resolution, d.channels, files.base, tuple(files.classes))
     ds = ds.map_batches(decode, batch_format="numpy", batch_size=ROWS_PER_DECODE_TASK, num_cpus=task_cpus)
-    # Every operator's progress bar, from each split coordinator, floods the logs; the stage's status line says
-    # how far training is. The dataset carries its own context into the coordinator.
-    ds.context.enable_progress_bars = ds.context.enable_operator_progress_bars = False
+    quiet(ds.context)
     return ds
+
+
+def quiet(context) -> None:
+    """No progress bars and no start / plan / finish lines per epoch in a Ray Data context: from each split
+    coordinator they flood the logs (three lines an epoch), and the stage's status line says how far training is."""
+    context.enable_progress_bars = context.enable_operator_progress_bars = False
+    context.print_on_execution_start = False
 
 
 def preprocess_limits(cfg: Config, streams: int = 1):
@@ -168,9 +173,10 @@ def trainer_data(cfg: Config, streams: tuple[str, ...]) -> dict:
     """``TorchTrainer`` keyword arguments for a stage reading ``streams``: ``{}`` unless ``uses_ray_data``."""
     if not uses_ray_data(cfg):
         return {}
-    from ray.data import ExecutionOptions
+    from ray.data import DataContext, ExecutionOptions
     from ray.train import DataConfig
 
+    quiet(DataContext.get_current())  # the trainer hands the driver's context to the split coordinators
     limits = ExecutionOptions(resource_limits=preprocess_limits(cfg, len(streams)))
     if not is_uri(cfg.data.path):  # the datasets are built in the Train controller, whose working dir differs
         cfg = cfg.replace(**{"data.path": str(Path(cfg.data.path).expanduser().resolve())})

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, key_type, yaml_problem
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 TOP_LEVEL = {"stage", "metric", "mode", "params", "description"}
@@ -101,7 +101,7 @@ def parse_space(text: str, source: str, base: Config) -> SearchSpace:
     try:
         tree = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        _fail(source, "YAML", str(err))
+        _fail(source, "YAML", yaml_problem(err))
     if not isinstance(tree, dict):
         _fail(source, "top level", "expected a mapping with stage, metric, mode, params")
     unknown = sorted(set(tree) - TOP_LEVEL)
@@ -119,12 +119,50 @@ def parse_space(text: str, source: str, base: Config) -> SearchSpace:
         _fail(source, "params", "expected a non-empty mapping of dotted config keys to distributions")
     params = tuple(_param(source, str(k), v) for k, v in tree["params"].items())
     for p in params:
+        _check_kind(source, p)
         for value in p.extremes():
             try:
                 base.replace(**{p.key: value})
             except ConfigError as err:
                 _fail(source, f"params.{p.key}", f"value {value!r} is not a valid config value: {err}")
+    _check_corners(source, params, base)
     return SearchSpace(tree["stage"], str(tree["metric"]), mode, params, source)
+
+
+def _check_kind(source: str, p: Param) -> None:
+    """The distribution must produce the key's type: a float range on an integer key would hand trials 12.7."""
+    try:
+        typ = key_type(p.key)
+    except ConfigError as err:
+        _fail(source, f"params.{p.key}", str(err))
+    name = getattr(typ, "__name__", str(typ))
+    if p.kind in ("uniform", "loguniform") and typ is not float:
+        hint = " (use randint or choice)" if typ is int else " (use choice)"
+        _fail(source, f"params.{p.key}", f"{p.kind} draws real numbers but the key is {name}{hint}")
+    if p.kind == "randint" and typ not in (int, float):
+        _fail(source, f"params.{p.key}", f"randint draws integers but the key is {name} (use choice)")
+
+
+MAX_CORNERS = 4096
+
+
+def _check_corners(source: str, params: tuple[Param, ...], base: Config) -> None:
+    """Rules across keys (bank >= batch, divisibility by the workers, powers of two) hold at every combination
+    of the ends of the ranges and the listed values, where the cross-key violations lie (checked on a seeded
+    sample of them when there are more than MAX_CORNERS)."""
+    import itertools
+    import random
+
+    corners = list(itertools.product(*(p.extremes() for p in params)))
+    if len(corners) > MAX_CORNERS:
+        corners = random.Random(0).sample(corners, MAX_CORNERS)
+    for corner in corners:
+        values = {p.key: v for p, v in zip(params, corner, strict=True)}
+        try:
+            base.replace(**values)
+        except ConfigError as err:
+            combo = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            _fail(source, "params", f"the combination {combo} is not a valid config: {err}")
 
 
 def load_space(path: str | Path, base: Config) -> SearchSpace:

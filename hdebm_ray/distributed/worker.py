@@ -13,9 +13,10 @@ import ray.train
 import ray.train.torch
 import torch
 
-from ..checkpoint import checkpoint_meta, restore, save_checkpoint
+from ..checkpoint import CheckpointError, checkpoint_meta, restore, save_checkpoint
 from ..config import from_dict
 from ..contracts import WorkerContext
+from ..guard import step_guard, write_divergence
 from ..loop import run_loop, seed_steps, status
 from ..stage_log import StageLogger
 from ..stages import build_stage
@@ -23,6 +24,30 @@ from .bank_actor import ActorBankClient
 from .eval_pool import LatestEval
 from .ray_compat import quiet_train_report_log
 from .ray_data import WorkerStreams, uses_ray_data
+
+
+def restore_newest_usable(stage, ckpt, stage_dir: str, device, chief: bool) -> tuple[dict, str]:
+    """Restore Ray's checkpoint ``ckpt``; if it is incomplete or corrupt, the newest usable older one of the
+    stage (every rank walks the same list, so all agree). Returns (its meta, its path)."""
+    from ..results import run_checkpoints
+
+    try:
+        with ckpt.as_directory() as d:
+            return restore(stage, d, device), ckpt.path
+    except CheckpointError as e:
+        failed = str(e)
+    run_location, name = stage_dir.rsplit("/", 1)
+    for path in reversed(run_checkpoints(run_location, [name])):
+        if path.rstrip("/").endswith(ckpt.path.rstrip("/").rsplit("/", 1)[-1]):
+            continue
+        if chief:
+            status(f"[{stage.name}] {failed}; trying {path}")
+        try:
+            with ray.train.Checkpoint(path).as_directory() as d:
+                return restore(stage, d, device), path
+        except CheckpointError as e:
+            failed = str(e)
+    raise CheckpointError(f"{failed}, and stage {stage.name} has no older usable checkpoint")
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -51,12 +76,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     start, last_metrics = 0, {}
     if (ckpt := ray.train.get_checkpoint()) is not None:
-        with ckpt.as_directory() as d:
-            meta = restore(stage, d, ctx.device)
+        meta, path = restore_newest_usable(stage, ckpt, loop_config["stage_dir"], ctx.device, rank == 0)
         start, last_metrics = int(meta["step"]), meta.get("metrics", {})
         if rank == 0:
-            status(f"[{stage.name}] resumed from {ckpt.path} at step {start}")
-    seed_steps(cfg.run.seed, rank, start)
+            status(f"[{stage.name}] resumed from {path} at step {start}")
+    rollbacks = loop_config.get("guard_rollbacks") or []  # this stage's, so far (``guard.GuardLog``)
+    seed_steps(cfg.run.seed, rank, start, attempt=len(rollbacks))
+    guard = step_guard(cfg, stage.name, ctx.device, len(rollbacks))
+    guard_metrics = {}
+    if guard is not None:
+        guard_metrics = {"Guard/rollbacks": float(len(rollbacks)), "Guard/scale": loop_config.get("guard_scale", 1.0)}
 
     logger = StageLogger(stage, loop_config.get("log_dir"), enabled=rank == 0)
     report_hooks = loop_config.get("report_hooks") or ()  # callables (rank, step), e.g. a test's fault injection
@@ -64,6 +93,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     latest_eval = LatestEval(pool, stage.name) if pool and rank == 0 else None
 
     def report(step: int, metrics: dict, with_ckpt: bool) -> None:
+        metrics = {**metrics, **guard_metrics}
         if streams is not None:  # batches and epochs that arrived through Ray Data (rank 0's)
             metrics = {**metrics, **streams.metrics()}
         logger.log(step, metrics, with_images=with_ckpt)
@@ -72,7 +102,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {**metrics, **extra, "step": step, "nimg": step * stage.images_per_step}
         if with_ckpt and rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(tmp, stage.state_dict(), cfg, checkpoint_meta(stage, step, start, metrics))
+                meta = checkpoint_meta(stage, step, start, metrics, guard=rollbacks)
+                save_checkpoint(tmp, stage.state_dict(), cfg, meta)
                 ray.train.report(
                     metrics,
                     checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -83,7 +114,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for hook in report_hooks:
             hook(rank=rank, step=step)
 
-    run_loop(stage, start, report)
+    divergence = run_loop(stage, start, report, guard)
+    if divergence is not None:  # every rank stops here; the driver rolls back and starts the next attempt
+        if rank == 0:
+            write_divergence(loop_config["stage_dir"], divergence)
+            status(f"[{stage.name}] diverged at {divergence.describe()}")
+        logger.close()
+        return
     if start >= stage.total_steps:
         # Nothing left to train (e.g. a Tune trial restarted after its run had finished): report once anyway,
         # so the caller sees the final metrics, and register the product if no checkpoint exists yet.

@@ -89,8 +89,10 @@ class Stage1(StageBase):
                 restore = {"checkpoint_step": start_step, "bank_step": bank_step}
                 self.summary_state.setdefault("bank_restores", []).append(restore)
                 if bank_step is None:
-                    status(f"[stage1] no bank snapshot for step {start_step}; refilling from G")
+                    status(f"[stage1] no usable bank snapshot for step {start_step}; refilling from G")
                     self.fill_bank()
+                elif bank_step != start_step:
+                    status(f"[stage1] resuming at step {start_step} with the bank of step {bank_step}")
         barrier()
 
     def commit_landed(self) -> None:

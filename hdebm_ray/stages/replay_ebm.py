@@ -150,9 +150,15 @@ class ReplayEBMStage(StageBase):
 
     def on_start(self, start_step: int) -> None:
         if self.ctx.is_chief:
-            restored = start_step > 0 and self.bank.restore(start_step) is not None
-            if start_step > 0 and not restored:
-                status(f"[{self.name}] no buffer snapshot for step {start_step}; chains restart from chain_init")
+            restored = self.bank.restore(start_step) if start_step > 0 else None
+            if start_step > 0:  # which buffer a resumed run continued with (the checkpoint's own, normally)
+                restore = {"checkpoint_step": start_step, "buffer_step": restored}
+                self.summary_state.setdefault("buffer_restores", []).append(restore)
+            if start_step > 0 and restored is None:
+                status(f"[{self.name}] no usable buffer snapshot for step {start_step}; chains restart from chain_init")
+            elif restored is not None and restored != start_step:
+                status(f"[{self.name}] resuming at step {start_step} with the replay buffer of step {restored}")
+            restored = restored is not None
             if not restored and self.s.buffer_prefill:
                 self.prefill_buffer()
         barrier()
