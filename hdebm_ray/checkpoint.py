@@ -89,6 +89,8 @@ def load_state_file(path: Path, map_location="cpu") -> dict:
     """One state file, with weights_only=True; a refused or unreadable file is a ``CheckpointError`` naming it."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except torch.OutOfMemoryError:  # the device's fault, not the file's: every rank must see the same verdict
+        raise
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"'{path}' holds pickled Python objects, which are not loaded (a checkpoint holds plain tensors and "

@@ -19,6 +19,7 @@ from .data import DatasetError
 from .distributed.ray_compat import UntestedRayError
 from .eval_features import EvalError
 from .guard import GuardStop
+from .storage import check_run_name
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -39,7 +40,9 @@ def resolve(args) -> object:
     overrides = list(args.set)
     if getattr(args, "address", None):
         overrides.append(f"ray.address={args.address}")
-    return load_config(args.preset, args.config, overrides)
+    cfg = load_config(args.preset, args.config, overrides)
+    check_run_name(cfg.run.name, "config key 'run.name'")
+    return cfg
 
 
 def prepare_run(cfg) -> None:
@@ -131,6 +134,8 @@ def cmd_tune(args) -> int:
     space = load_space(args.space, cfg)  # checked before anything starts
     if args.metric or args.mode:
         space = dataclasses.replace(space, metric=args.metric or space.metric, mode=args.mode or space.mode)
+    if args.name:
+        check_run_name(args.name, "--name")
     opts = SweepOptions(
         name=args.name or f"tune-{cfg.run.name}-{space.stage}",
         samples=args.samples,

@@ -4,6 +4,7 @@ line naming the flag (``OneLineParser``), never a traceback later."""
 from __future__ import annotations
 
 import argparse
+import math
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -23,7 +24,7 @@ def at_least(lo: float, kind=int):
         except ValueError:
             what = "an integer" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if value < lo:
+        if not math.isfinite(value) or value < lo:
             raise argparse.ArgumentTypeError(f"must be at least {lo:g}, got {text}")
         return value
 
@@ -58,17 +59,21 @@ def checkpoint(text: str) -> str:
     return text
 
 
+def local_checkpoint(text: str) -> str:
+    """``checkpoint``, on a local path or mount: the offline commands (eval, sample, enfe, ood) read files."""
+    from .storage import is_uri
+
+    if is_uri(text):
+        raise argparse.ArgumentTypeError(
+            f"'{text}': the offline commands read a local checkpoint directory; copy it here first"
+        )
+    return checkpoint(text)
+
+
 def existing_dir(text: str) -> str:
-    """An argparse type: a directory that exists (local path or URI)."""
-    import pyarrow.fs as pafs
+    """An argparse type: a local directory that exists."""
+    from pathlib import Path
 
-    from .storage import fs_and_path
-
-    try:
-        fs, path = fs_and_path(text)
-        kind = fs.get_file_info(path).type
-    except (OSError, ValueError) as e:
-        raise argparse.ArgumentTypeError(f"'{text}' cannot be opened: {e}") from None
-    if kind != pafs.FileType.Directory:
+    if not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"'{text}' is not a directory")
     return text

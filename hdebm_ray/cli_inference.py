@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_args import at_least, checkpoint, device, existing_dir
+from .cli_args import at_least, device, existing_dir, local_checkpoint
 from .config import ConfigError, load_config, parse_override
 
 
@@ -158,7 +158,7 @@ def add_inference_commands(sub) -> None:
     """The commands above, on ``hdebm-ray``'s sub-command parser."""
     p = sub.add_parser("eval", help="FID / KID of a checkpoint (or of every checkpoint of a run)")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint", type=checkpoint, help="one checkpoint directory")
+    which.add_argument("--checkpoint", type=local_checkpoint, help="one checkpoint directory")
     which.add_argument("--run", type=existing_dir, help="a run directory: every checkpoint not evaluated yet")
     p.add_argument("--n", type=at_least(2), help="samples per checkpoint (default eval.num_samples)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. eval.features=classifier")
@@ -184,7 +184,7 @@ def add_inference_commands(sub) -> None:
     c.set_defaults(fn=cmd_dataset_convert)
 
     p = sub.add_parser("sample", help="draw samples from a checkpoint with its stage's sampler")
-    p.add_argument("--checkpoint", type=checkpoint, required=True, help="a checkpoint directory (checkpoint_*)")
+    p.add_argument("--checkpoint", type=local_checkpoint, required=True, help="a checkpoint directory (checkpoint_*)")
     p.add_argument("--n", type=at_least(1), default=64)
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--seed", type=int, default=0)
@@ -193,7 +193,7 @@ def add_inference_commands(sub) -> None:
     p.set_defaults(fn=cmd_sample)
 
     p = sub.add_parser("enfe", help="equivalent NFE of a checkpoint's sampler against 1000-step diffusion")
-    p.add_argument("--checkpoint", type=checkpoint, required=True)
+    p.add_argument("--checkpoint", type=local_checkpoint, required=True)
     p.add_argument("--batches", type=at_least(1), default=100, help="sampler batches timed (the paper: 100)")
     p.add_argument("--batch-size", type=at_least(1), default=32, help="the paper: 32")
     p.add_argument(
@@ -205,13 +205,15 @@ def add_inference_commands(sub) -> None:
         help="time this many (a divisor of 1000) of each diffusion batch's steps and scale to 1000 (default: all)",
     )
     p.add_argument(
-        "--reference", type=checkpoint, help="checkpoint whose denoiser is timed (baselines have none of their own)"
+        "--reference",
+        type=local_checkpoint,
+        help="checkpoint whose denoiser is timed (baselines have none of their own)",
     )
     p.add_argument("--device", type=device, help="default: cuda if available")
     p.set_defaults(fn=cmd_enfe)
 
     p = sub.add_parser("ood", help="AUROC of a checkpoint's energy as an out-of-distribution score")
-    p.add_argument("--checkpoint", type=checkpoint, required=True)
+    p.add_argument("--checkpoint", type=local_checkpoint, required=True)
     p.add_argument("--in", dest="in_source", help="in-distribution images (default: the checkpoint's dataset)")
     p.add_argument(
         "--out", dest="out_source", required=True, help="uniform, gaussian, constant, or a dataset (image_folder:PATH)"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import typing
 from dataclasses import dataclass
 from importlib import resources
@@ -190,17 +189,8 @@ def _is_pow2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
 
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
 def validate(cfg: Config) -> None:
-    """Checks that relate several keys or need more than a range; single-key ranges are checked while building."""
-    if not RUN_NAME.fullmatch(cfg.run.name):
-        # it names a folder under run.storage_path: no separators, no '..', nothing outside the storage root
-        raise ConfigError(
-            f"config key 'run.name' = {cfg.run.name!r} must be one folder name: letters, digits, '.', '_', '-' "
-            f"(at most 128, starting with a letter or digit)"
-        )
+    """Checks that relate several keys; single-key ranges are checked while building."""
     d, n = cfg.diffusion, cfg.ray.num_workers
     if d.T_trunc >= d.T:
         raise ConfigError(f"config key 'diffusion.T_trunc' = {d.T_trunc} must be < diffusion.T = {d.T}")

@@ -290,7 +290,9 @@ class GuardSection:
     metric, roll back to the last checkpoint and back off (``guard.py``)."""
 
     enabled: bool = knob(True, doc="check every step of the EBM stages; false: a divergence trains on")
-    check_every: int = knob(1, lo=1, doc="steps between reads of the per-step flags (each read: one all-gather)")
+    check_every: int = knob(
+        0, lo=0, doc="also read the per-step flags every this many steps (one all-gather); 0 = at report ticks only"
+    )
     max_rollbacks: int = knob(3, lo=0, doc="rollbacks per stage before the run stops; 0 = stop at the first")
     backoff: float = knob(0.5, lo=0.0, hi=1.0, lo_open=True, doc="each rollback multiplies the backed-off keys by this")
     backoff_applies_to: str = knob(

@@ -15,7 +15,7 @@ from .compute import Compute, default_compute
 from .contracts import WorkerContext
 from .loop import gather_across_ranks
 from .losses import ebm_loss
-from .optim import adam_with_schedule, ema_model, layerwise_clip_, load_ema, update_ema
+from .optim import adam_with_schedule, ema_model, layerwise_clip_, load_adam_with_schedule, load_ema, update_ema
 
 
 class EnergyTrainer:
@@ -53,6 +53,7 @@ class EnergyTrainer:
         self.ema = ema_model(self.net, ema_halflife_kimg, batch_size)
         self.grad_clip, self.temperature, self.data_jitter = grad_clip, temperature, data_jitter
         self.mad_k, self.energy_l2 = mad_k, energy_l2
+        self.poisoned = False  # testing (guard.inject_nan_at_step): this step's energies are NaN
 
     def update(self, x_pos, x_neg, labelled=None, extra_loss=None) -> dict[str, float]:
         """One θ step on the CD loss (+ the energy L2 regulariser).
@@ -68,6 +69,8 @@ class EnergyTrainer:
             energies, logits = self.ddp(torch.cat([x_pos, x_neg.detach()])), None
         else:
             energies, logits = self.ddp(torch.cat([x_pos, x_neg.detach(), labelled[0]]), with_logits=True)
+        if self.poisoned:  # outside the compiled / DDP modules, whatever they return
+            energies = energies * float("nan")
         n = len(x_pos)
         e_pos, e_neg = energies[:n], energies[n : 2 * n]
         # The MAD filter's median and MAD are over the global batch, not this rank's share of it.
@@ -127,8 +130,7 @@ class EnergyTrainer:
 
     def load_state_dict(self, states: dict[str, dict], prefix: str = "energy") -> None:
         self.net.load_state_dict(states[prefix])
-        self.opt.load_state_dict(states[f"{prefix}_opt"])
-        self.lr_sched.load_state_dict(states[f"{prefix}_sched"])
+        load_adam_with_schedule(self.opt, self.lr_sched, states[f"{prefix}_opt"], states[f"{prefix}_sched"])
         if self.ema is not None and f"{prefix}_ema" in states:
             load_ema(self.ema, states[f"{prefix}_ema"])
         if self.scaler.is_enabled() and f"{prefix}_scaler" in states:

@@ -9,8 +9,8 @@ The rollbacks are kept in ``<run>/<stage>/guard.json`` (so a resumed run keeps i
 checkpoint's metadata (``guard``) and in TensorBoard (``Guard/rollbacks``, ``Guard/scale``).
 
 The per-step check does not read the metrics on the host: each step's flags stay on the device, and one small
-all-gather every ``guard.check_every`` steps (and before every report, so no checkpoint follows an unseen
-violation) tells every rank whether any rank saw one.
+all-gather before every report (so no checkpoint follows an unseen violation), and every ``guard.check_every``
+steps if set, tells every rank whether any rank saw one.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ class StepGuard:
         self.finite = tuple(p for p in FINITE if not (p == "Opt/grad_norm" and cfg.compute.precision == "fp16"))
         self.bounds = {m: (key, float(getattr(g, key))) for m, key in BOUNDED.items() if getattr(g, key) > 0}
         self.names: list[str] = []  # the guarded metrics seen, in order (the same on every rank: the same code)
+        self.layouts: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # bounds, indices per key set
         # (flag, step, metric index, value) of the first violation since the last poll, on the device
         self.first = torch.zeros(4, device=device)
 
@@ -83,25 +84,30 @@ class StepGuard:
         return "not finite"
 
     def observe(self, step: int, metrics: dict) -> None:
-        """Flag this step's violations, if it is the first to have any since the last poll (no host read)."""
-        index, values = [], []
-        for k, v in metrics.items():
-            if k.startswith(self.finite) or k in self.bounds:
+        """Flag this step's violations, if it is the first to have any since the last poll. Nothing is read on
+        the host and nothing copied from it: the per-key-set bounds and indices are built once (a host-to-device
+        copy would wait for the device)."""
+        keys = tuple(k for k in metrics if k.startswith(self.finite) or k in self.bounds)
+        if not keys:
+            return
+        if keys not in self.layouts:
+            for k in keys:
                 if k not in self.names:
                     self.names.append(k)
-                index.append(self.names.index(k))
-                values.append(torch.as_tensor(v, dtype=torch.float32, device=self.device).detach().reshape(()))
-        if not index:
-            return
-        values_t = torch.stack(values)
-        bounds = torch.tensor([self.bounds.get(self.names[i], (None, math.inf))[1] for i in index], device=self.device)
-        bad = ~torch.isfinite(values_t) | (values_t.abs() > bounds)
+            bounds = [self.bounds.get(k, (None, math.inf))[1] for k in keys]
+            index = [float(self.names.index(k)) for k in keys]
+            self.layouts[keys] = (torch.tensor(bounds, device=self.device), torch.tensor(index, device=self.device))
+        bounds, index = self.layouts[keys]
+        values = torch.stack([self._scalar(metrics[k]) for k in keys])
+        bad = ~torch.isfinite(values) | (values.abs() > bounds)
         at = bad.to(torch.uint8).argmax()  # the first flagged metric (0 when none)
-        index_t = torch.tensor(index, dtype=torch.float32, device=self.device)
-        this = torch.stack(
-            [bad.any().float(), torch.tensor(float(step), device=self.device), index_t[at], values_t[at]]
-        )
+        this = torch.stack([bad.any().float(), torch.full((), float(step), device=self.device), index[at], values[at]])
         self.first = torch.where(self.first[0] > 0, self.first, this)
+
+    def _scalar(self, v) -> torch.Tensor:
+        if isinstance(v, torch.Tensor):
+            return v.detach().reshape(()).float()
+        return torch.full((), float(v), device=self.device)  # a fill, not a copy from the host
 
     def poll(self) -> Divergence | None:
         """The first violation since the last poll on any rank (one all-gather and host read), else None."""
@@ -115,22 +121,24 @@ class StepGuard:
         return Divergence(int(step), metric, value, self.rule_of(metric))
 
     def due(self, done: int) -> bool:
-        return done % self.check_every == 0
+        """Whether to read the flags after step ``done`` besides at every report tick (``guard.check_every``)."""
+        return self.check_every > 0 and done % self.check_every == 0
 
     @contextmanager
     def testing_hook(self, stage, step: int):
-        """``guard.inject_nan_at_step``: H's output is NaN during that step of the first attempt (no rollback
-        yet), on every rank: a divergence the tests can place."""
+        """``guard.inject_nan_at_step``: H's energies are NaN during that step of the first attempt (no rollback
+        yet), on every rank: a divergence the tests can place (in the trainer, so it holds under torch.compile and
+        for networks returning logits too)."""
         at = self.cfg.guard.inject_nan_at_step
-        net = getattr(getattr(stage, "energy", None), "net", None)
-        if not (at and step + 1 == at and self.rollbacks == 0 and net is not None):
+        trainer = getattr(stage, "energy", None)
+        if not (at and step + 1 == at and self.rollbacks == 0 and trainer is not None):
             yield
             return
-        handle = net.register_forward_hook(lambda module, args, out: out * float("nan"))
+        trainer.poisoned = True
         try:
             yield
         finally:
-            handle.remove()
+            trainer.poisoned = False
 
 
 def step_guard(cfg: Config, stage: str, device: torch.device, rollbacks: int) -> StepGuard | None:

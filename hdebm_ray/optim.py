@@ -53,6 +53,17 @@ def adam_with_schedule(
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(schedule, warmup_steps, total_steps))
 
 
+def load_adam_with_schedule(opt, sched, opt_state: dict, sched_state: dict) -> None:
+    """Restore Adam and its schedule, keeping the learning rate they were built with: a checkpoint's state would
+    put back its own (the divergence guard's backed-off LR, or a resumed run's new ``--set`` LR, would be lost)."""
+    base_lrs = list(sched.base_lrs)
+    opt.load_state_dict(opt_state)
+    sched.load_state_dict(sched_state)
+    sched.base_lrs = base_lrs
+    for group, base, factor in zip(opt.param_groups, base_lrs, sched.lr_lambdas, strict=True):
+        group["initial_lr"], group["lr"] = base, base * factor(sched.last_epoch)
+
+
 def ema_model(model: nn.Module, halflife_kimg: float, batch_size: int):
     """An EMA copy whose decay per step gives a half-life in images, so batch-size changes keep its meaning."""
     if halflife_kimg <= 0:

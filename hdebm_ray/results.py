@@ -45,6 +45,9 @@ def record(run_location: str, result: dict) -> None:
                     writer.add_scalar(f"Eval/{key}{suffix}", result[key], result["nimg"])
 
 
+_WARNED: set[tuple[str, int]] = set()
+
+
 def read_results(run_location: str) -> list[dict]:
     """Every result in ``<run>/eval.jsonl`` (empty if none)."""
     path = f"{run_location}/eval.jsonl"
@@ -59,7 +62,9 @@ def read_results(run_location: str) -> list[dict]:
             if not isinstance(result, dict) or "checkpoint" not in result:
                 raise ValueError("not a result")
         except ValueError:  # a corrupt line must not block every later evaluation of the run
-            print(f"[eval] {path} line {number} is not a JSON result; skipped", file=sys.stderr, flush=True)
+            if (path, number) not in _WARNED:  # once per process: the pool reads the file at every result
+                _WARNED.add((path, number))
+                print(f"[eval] {path} line {number} is not a JSON result; skipped", file=sys.stderr, flush=True)
             continue
         results.append(result)
     return results

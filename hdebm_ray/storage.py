@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,6 +28,19 @@ NETWORK_FS_TYPES = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "
 
 def is_uri(path: str) -> bool:
     return "://" in str(path)
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_run_name(name: str, key: str = "run.name") -> None:
+    """A run (or sweep) name names one folder under run.storage_path: no separators, no '..'. Checked where
+    runs are created (the CLI), not on every config load, so old checkpoints stay readable."""
+    if not RUN_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{key} = {name!r} must be one folder name: letters, digits, '.', '_', '-' (at most 128, starting "
+            f"with a letter or digit)"
+        )
 
 
 def run_dir(cfg: Config) -> str:

@@ -96,6 +96,9 @@ def test_injected_nan_rolls_back_to_the_last_checkpoint_with_its_buffer_and_fini
     acc.Reload()
     rollbacks = {e.step: e.value for e in acc.Scalars("Guard/rollbacks")}
     assert rollbacks[4 * 64] == 0 and rollbacks[12 * 64] == 1  # at images seen: 64 a step
+    # the optimiser really runs at the backed-off rate (a restored Adam state would put its own back)
+    lrs = {e.step: e.value for e in acc.Scalars("Opt/lr_energy")}
+    assert lrs[4 * 64] == pytest.approx(cfg.mebm.lr) and lrs[12 * 64] == pytest.approx(cfg.mebm.lr / 2)
     # resumed later: the backed-off settings and the count survive
     again, _ = run_in_process(cfg.replace(**{"mebm.steps": 14}), "mebm", tmp_path / "run")
     assert again.cfg.mebm.lr == cfg.mebm.lr / 2

@@ -12,8 +12,7 @@ import contextlib
 import json
 import math
 import os
-
-import pyarrow.fs as pafs
+import time
 
 from .. import storage
 from ..checkpoint import load_meta
@@ -56,7 +55,7 @@ def init_ray(cfg: Config) -> None:
             log_to_driver=True,
             runtime_env=None if in_job else env,
         )
-    except (ConnectionError, RuntimeError) as e:  # something answered at the address, but not a Ray cluster
+    except ConnectionError as e:  # something answered at the address, but not a Ray cluster
         if address == "local":
             raise
         from ..config import ConfigError
@@ -134,7 +133,6 @@ def trainer_for(
             "report_hooks": list(report_hooks),
             "stage_dir": f"{location}/{name or stage}",  # the Train run's directory: the guard's files go there
             "guard_rollbacks": guard_log.rollbacks if guard_log is not None else [],
-            "guard_scale": guard_log.scale if guard_log is not None else 1.0,
         },
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -229,7 +227,6 @@ def fit_stage(
 def _fit_attempt(cfg: Config, stage: str, init_from, callbacks, report_hooks, pool, guard_log):
     """One TorchTrainer run of the stage (with its bank actor, killed afterwards): to the end, or to the step
     where the guard stopped it."""
-    import ray
 
     from ..data_files import DatasetError
     from .ray_data import data_error_in
@@ -255,18 +252,30 @@ def _fit_attempt(cfg: Config, stage: str, init_from, callbacks, report_hooks, po
             raise
     finally:
         if bank is not None:
-            ray.kill(bank)
+            kill_bank(bank, bank_actor_name(cfg, stage))
+
+
+def kill_bank(bank, name: str, timeout_s: float = 60.0) -> None:
+    """Kill the bank actor and wait until its name is free: ``ray.kill`` returns first, and the next attempt's
+    ``get_if_exists`` would otherwise find the dying actor (with what was committed after a divergence)."""
+    import ray
+
+    ray.kill(bank)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.1)
 
 
 def _latest_step(stage_dir: str) -> int:
-    """The step of the stage's newest registered checkpoint (what a resume starts from), 0 if none."""
-    fs, path = storage.fs_and_path(stage_dir)
-    steps = [0]
-    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
-            if storage.exists(f"{stage_dir}/{info.base_name}/meta.json"):
-                steps.append(int(load_meta(f"{stage_dir}/{info.base_name}")["step"]))
-    return max(steps)
+    """The step of the stage's newest complete checkpoint (what the next attempt resumes from), 0 if none."""
+    from ..results import run_checkpoints
+
+    run_location, stage = stage_dir.rsplit("/", 1)
+    return max([0] + [int(load_meta(p)["step"]) for p in run_checkpoints(run_location, [stage])])
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import torch
 from ..checkpoint import CheckpointError, checkpoint_meta, restore, save_checkpoint
 from ..config import from_dict
 from ..contracts import WorkerContext
-from ..guard import step_guard, write_divergence
+from ..guard import GuardLog, step_guard, write_divergence
 from ..loop import run_loop, seed_steps, status
 from ..stage_log import StageLogger
 from ..stages import build_stage
@@ -28,24 +28,25 @@ from .ray_data import WorkerStreams, uses_ray_data
 
 def restore_newest_usable(stage, ckpt, stage_dir: str, device, chief: bool) -> tuple[dict, str]:
     """Restore Ray's checkpoint ``ckpt``; if it is incomplete or corrupt, the newest usable older one of the
-    stage (every rank walks the same list, so all agree). Returns (its meta, its path)."""
+    stage. The verdicts depend on the files only (an out-of-memory error is raised, not taken for corruption),
+    so every rank walks the same list to the same checkpoint. Returns (its meta, its path)."""
     from ..results import run_checkpoints
 
     try:
         with ckpt.as_directory() as d:
             return restore(stage, d, device), ckpt.path
-    except CheckpointError as e:
+    except (CheckpointError, FileNotFoundError) as e:
         failed = str(e)
     run_location, name = stage_dir.rsplit("/", 1)
-    for path in reversed(run_checkpoints(run_location, [name])):
-        if path.rstrip("/").endswith(ckpt.path.rstrip("/").rsplit("/", 1)[-1]):
-            continue
+    ray_name = ckpt.path.rstrip("/").rsplit("/", 1)[-1]
+    # names are checkpoint_<step, 8 digits>_<ms>: older ones sort first
+    for path in reversed([p for p in run_checkpoints(run_location, [name]) if p.rsplit("/", 1)[-1] < ray_name]):
         if chief:
             status(f"[{stage.name}] {failed}; trying {path}")
         try:
             with ray.train.Checkpoint(path).as_directory() as d:
                 return restore(stage, d, device), path
-        except CheckpointError as e:
+        except (CheckpointError, FileNotFoundError) as e:
             failed = str(e)
     raise CheckpointError(f"{failed}, and stage {stage.name} has no older usable checkpoint")
 
@@ -83,9 +84,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rollbacks = loop_config.get("guard_rollbacks") or []  # this stage's, so far (``guard.GuardLog``)
     seed_steps(cfg.run.seed, rank, start, attempt=len(rollbacks))
     guard = step_guard(cfg, stage.name, ctx.device, len(rollbacks))
-    guard_metrics = {}
-    if guard is not None:
-        guard_metrics = {"Guard/rollbacks": float(len(rollbacks)), "Guard/scale": loop_config.get("guard_scale", 1.0)}
+    guard_metrics = GuardLog(rollbacks, cfg.guard.backoff).metrics() if guard is not None else {}
 
     logger = StageLogger(stage, loop_config.get("log_dir"), enabled=rank == 0)
     report_hooks = loop_config.get("report_hooks") or ()  # callables (rank, step), e.g. a test's fault injection

@@ -19,7 +19,7 @@ from ..langevin import StepStats, sample_residual
 from ..loop import barrier, status
 from ..losses import generator_loss
 from ..networks import latent_shape, sample_shape
-from ..optim import adam_with_schedule, ema_model, layerwise_clip_, load_ema, update_ema
+from ..optim import adam_with_schedule, ema_model, layerwise_clip_, load_adam_with_schedule, load_ema, update_ema
 from ..transfer import HostStaging
 from .base import StageBase
 from .ebm_common import energy_trainer, fixed_sample_grids, toy2d_tick_metrics
@@ -210,8 +210,7 @@ class Stage1(StageBase):
     def load_state_dict(self, states: dict[str, dict]) -> None:
         self.energy.load_state_dict(states, "energy")
         self.hat.g1.load_state_dict(states["generator"])
-        self.opt_g.load_state_dict(states["generator_opt"])
-        self.sched_g.load_state_dict(states["generator_sched"])
+        load_adam_with_schedule(self.opt_g, self.sched_g, states["generator_opt"], states["generator_sched"])
         if self.ema_g is not None and "generator_ema" in states:
             load_ema(self.ema_g, states["generator_ema"])
         if self.scaler_g.is_enabled() and "generator_scaler" in states:
