@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import helpers
+import pytest
 import ray
 from helpers import TINY, ExitOnce, small_digits_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -21,17 +22,21 @@ from hdebm_ray.runner import run_in_process
 LONGER = ["stage1.steps=12", "stage1.report_every=2", "stage1.checkpoint_every=2", "ray.max_failures=1"]
 
 
-def _distilled(cfg, tmp_path):
-    _, ck = run_in_process(cfg, "diffusion", tmp_path / "d")
-    return str(run_in_process(cfg, "distill", tmp_path / "k", init_dir=ck)[1])
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """One tiny distilled digits model both Stage 1 tests start from (in process: the tests are about Stage 1)."""
+    root = tmp_path_factory.mktemp("distilled")
+    cfg = load_config("digits", overrides=small_digits_overrides(str(root), "base") + TINY)
+    _, ck = run_in_process(cfg, "diffusion", root / "d")
+    return str(run_in_process(cfg, "distill", root / "k", init_dir=ck)[1])
 
 
-def test_killed_train_worker_resumes_with_the_bank_of_the_restored_checkpoint(ray_local, tmp_path):
+def test_killed_train_worker_resumes_with_the_bank_of_the_restored_checkpoint(ray_local, distilled, tmp_path):
     cfg = load_config("digits", overrides=small_digits_overrides(str(tmp_path), "wkill") + TINY + LONGER)
     marker = tmp_path / "failed-once"
     # Workers cannot import the tests' modules: the hook travels by value.
     ray.cloudpickle.register_pickle_by_value(helpers)
-    out = fit_stage(cfg, "stage1", _distilled(cfg, tmp_path), report_hooks=[ExitOnce(1, 6, str(marker))])
+    out = fit_stage(cfg, "stage1", distilled, report_hooks=[ExitOnce(1, 6, str(marker))])
     assert marker.exists()  # the worker did die
     meta = load_meta(out["checkpoint"])
     assert meta["step"] == 12 and meta["done"]
@@ -41,11 +46,11 @@ def test_killed_train_worker_resumes_with_the_bank_of_the_restored_checkpoint(ra
         assert r["bank_step"] == r["checkpoint_step"]
 
 
-def test_killed_bank_actor_restarts_from_its_snapshot_and_training_finishes(ray_local, tmp_path):
+def test_killed_bank_actor_restarts_from_its_snapshot_and_training_finishes(ray_local, distilled, tmp_path):
     cfg = load_config(
         "digits", overrides=small_digits_overrides(str(tmp_path), "akill") + TINY + LONGER + ["stage1.steps=16"]
     )
-    init = _distilled(cfg, tmp_path)
+    init = distilled
     bank_dir = Path(tmp_path) / "akill" / "stage1" / "bank"
     killed = {}
 
