@@ -65,9 +65,9 @@ def kl_loss(frozen_energy, x_hat: torch.Tensor, reference: torch.Tensor | None, 
     """Improved CD's L_KL = E_frozen(x̂⁻) − w·H_NN(x̂⁻); returns (L_KL, H_NN). ``x_hat`` carries the graph of the last
     Langevin step to θ, ``frozen_energy`` (E with no gradients to θ) only scores it, so θ learns through the
     sampler alone. Without a ``reference`` (a buffer too empty to measure against) the entropy term is left out
-    and H_NN is returned as NaN."""
+    and H_NN is None (not NaN: a NaN metric would read as a divergence)."""
     energy = frozen_energy(x_hat).mean()
     if reference is None:
-        return energy, torch.tensor(float("nan"))
+        return energy, None
     entropy = nearest_neighbour_entropy(x_hat, reference)
     return energy - entropy_weight * entropy, entropy

@@ -8,6 +8,8 @@
 #                    cluster/local starts; `ray dashboard cluster/aws/hdebm-gpu.yaml` forwards a remote one there)
 #   HDEBM_STORAGE    run.storage_path for the job: a URI (s3://, gs://) or a path every node mounts. Defaults to
 #                    ./runs of this checkout, which is only right for a cluster on this machine.
+#   RAY_AUTH_MODE    token (every shipped cluster runs Ray's token auth), with RAY_AUTH_TOKEN_PATH or
+#                    RAY_AUTH_TOKEN holding the cluster's token (cluster/local start prints them)
 #   SUBMISSION_ID    optional job id (to `ray job stop` / `ray job logs` it later)
 #   SUBMIT_ARGS      extra `ray job submit` flags, e.g. "--no-wait" or "--entrypoint-num-cpus 1"
 set -euo pipefail

@@ -139,3 +139,34 @@ def test_runtime_env_is_accepted_by_ray_and_keeps_data_out_of_the_upload():
         RuntimeEnv(**{**env, "env_vars": {"N": 1}})
     for excluded in ("runs/", "data/", ".venv/", ".git/"):
         assert excluded in env["excludes"]
+
+
+@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.parent.name)
+def test_launcher_clusters_require_the_token_and_keep_the_dashboard_on_loopback(path):
+    config = yaml.safe_load(path.read_text())
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token ray start" in c for c in starts)
+    (head,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in path.read_text()
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # the same token on every node
+
+
+def test_kuberay_clusters_require_the_token_and_a_network_policy_confines_their_ports():
+    for path in KUBERAY:
+        doc = yaml.safe_load(path.read_text())
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        assert spec["authOptions"] == {"mode": "token", "secretName": "hdebm-ray-auth"}, path
+        templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+        if doc["kind"] == "RayJob":
+            templates.append(doc["spec"]["submitterPodTemplate"])
+            env = {e["name"]: e for e in doc["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["env"]}
+            assert env["RAY_AUTH_MODE"]["value"] == "token"
+            assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hdebm-ray-auth"
+        assert all(t["metadata"]["labels"]["app"] == "hdebm" for t in templates), path
+        assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"  # reached by port-forward only
+    policy = yaml.safe_load((ROOT / "cluster" / "kuberay" / "networkpolicy.yaml").read_text())
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["podSelector"]["matchLabels"] == {"app": "hdebm"}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    same_cluster, operator = policy["spec"]["ingress"]
+    assert same_cluster == {"from": [{"podSelector": {"matchLabels": {"app": "hdebm"}}}]}  # all ports, own pods
+    assert operator["ports"] == [{"protocol": "TCP", "port": 8265}]  # the operator: the dashboard only

@@ -1,8 +1,9 @@
 """The `ray job submit` path for real: a head started on 127.0.0.1 by cluster/local, jobs sent by jobs/*.sh.
 
-A short digits pipeline must SUCCEED and leave checkpoints, TensorBoard events and sample grids in its run
-directory; a long job must stop on `ray job stop` and leave nothing running; only the head this test started
-is stopped at the end.
+The head runs with token authentication (cluster/local's default): a submission or a Jobs API request without
+the token is refused; with it, a short digits pipeline must SUCCEED and leave checkpoints, TensorBoard events
+and sample grids in its run directory; a long job must stop on `ray job stop` and leave nothing running; only
+the head this test started is stopped at the end.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def session_processes(temp_dir: str) -> list[str]:
     return [line for line in out.splitlines() if "pgrep" not in line]
 
 
+AUTH = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
+
+
 @pytest.fixture(scope="module")
 def local_head(tmp_path_factory):
     temp_dir = f"/tmp/ray-hdebm-test-{uuid.uuid4().hex[:6]}"  # short: Ray's socket paths have a length limit
@@ -41,7 +45,9 @@ def local_head(tmp_path_factory):
         **os.environ,
         # the job's `python` must be this interpreter (the head starts job drivers with its own PATH)
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "RAY_AUTH_MODE": "disabled",  # explicit: a loopback-only test cluster
+        # token auth, cluster/local's default; the token file is this test's (cluster/local creates it)
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(tmp_path_factory.mktemp("auth") / "token"),
         "DASHBOARD_PORT": str(free_port()),
         "GCS_PORT": str(free_port()),
         "RAY_TEMP_DIR": temp_dir,
@@ -53,11 +59,20 @@ def local_head(tmp_path_factory):
     )
     assert start.returncode == 0, start.stdout + start.stderr
     address = f"http://127.0.0.1:{env['DASHBOARD_PORT']}"
-    assert f"RAY_ADDRESS={address}" in start.stdout
+    assert f"RAY_ADDRESS={address} RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=" in start.stdout
+    token = Path(env["RAY_AUTH_TOKEN_PATH"])
+    assert len(token.read_text()) == 64 and token.stat().st_mode & 0o077 == 0  # private to its owner
     env["RAY_ADDRESS"] = address
+    saved = {k: os.environ.get(k) for k in AUTH}
+    os.environ.update({k: env[k] for k in AUTH})  # this process's Ray clients (job status, state API) too
     try:
         yield env
     finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         stop = subprocess.run([str(ROOT / "cluster" / "local"), "stop"], env=env, capture_output=True, text=True)
         assert stop.returncode == 0, stop.stdout + stop.stderr
     for _ in range(50):
@@ -78,6 +93,38 @@ def submit(env, script: str, submission_id: str, args: list[str], extra_submit_a
     return subprocess.run(
         [str(ROOT / "jobs" / script), *args], env=run_env, cwd=ROOT, capture_output=True, text=True, timeout=900
     )
+
+
+def test_the_head_refuses_a_submission_or_request_without_the_token(local_head):
+    import urllib.error
+    import urllib.request
+
+    anonymous = {k: v for k, v in local_head.items() if k not in AUTH}
+    refused = subprocess.run(
+        ["ray", "job", "submit", "--address", local_head["RAY_ADDRESS"], "--", "echo", "should-not-run"],
+        env={**anonymous, "RAY_AUTH_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode != 0 and "should-not-run" not in refused.stdout
+    assert "Missing authentication token" in refused.stdout + refused.stderr
+    wrong = subprocess.run(
+        ["ray", "job", "submit", "--address", local_head["RAY_ADDRESS"], "--", "echo", "should-not-run"],
+        env={**anonymous, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert wrong.returncode != 0 and "Invalid authentication token" in wrong.stdout + wrong.stderr
+    with pytest.raises(urllib.error.HTTPError) as denied:  # the Jobs API over HTTP, no header
+        urllib.request.urlopen(f"{local_head['RAY_ADDRESS']}/api/jobs/", timeout=30)
+    assert denied.value.code == 401
+    token = Path(local_head["RAY_AUTH_TOKEN_PATH"]).read_text()
+    request = urllib.request.Request(
+        f"{local_head['RAY_ADDRESS']}/api/jobs/", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert urllib.request.urlopen(request, timeout=30).status == 200
 
 
 def test_pipeline_job_succeeds_and_writes_its_run_directory(local_head, tmp_path):

@@ -67,7 +67,10 @@ class ICDStage(ReplayEBMStage):
 
         def kl_term():
             loss, entropy = kl_loss(detached(self.energy.net), x_hat, reference, s.entropy_weight)
-            return s.kl_weight * loss, {"Loss/kl": loss.detach(), "Loss/nn_entropy": entropy.detach()}
+            metrics = {"Loss/kl": loss.detach()}
+            if entropy is not None:  # reported from the step the buffer holds enough to measure against
+                metrics["Loss/nn_entropy"] = entropy.detach()
+            return s.kl_weight * loss, metrics
 
         return self.energy.update(x_pos, x_neg, extra_loss=kl_term)
 
