@@ -63,16 +63,9 @@ def local_head(tmp_path_factory):
     token = Path(env["RAY_AUTH_TOKEN_PATH"])
     assert len(token.read_text()) == 64 and token.stat().st_mode & 0o077 == 0  # private to its owner
     env["RAY_ADDRESS"] = address
-    saved = {k: os.environ.get(k) for k in AUTH}
-    os.environ.update({k: env[k] for k in AUTH})  # this process's Ray clients (job status, state API) too
     try:
         yield env
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         stop = subprocess.run([str(ROOT / "cluster" / "local"), "stop"], env=env, capture_output=True, text=True)
         assert stop.returncode == 0, stop.stdout + stop.stderr
     for _ in range(50):
@@ -83,9 +76,29 @@ def local_head(tmp_path_factory):
 
 
 def job_client(env):
+    """This process's Jobs API client, with the token in an explicit header: Ray reads RAY_AUTH_MODE once per
+    process, and the earlier test modules set this one up without auth."""
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(env["RAY_ADDRESS"])
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text()
+    return JobSubmissionClient(env["RAY_ADDRESS"], headers={"Authorization": f"Bearer {token}"})
+
+
+LIVE = """
+import json, sys
+from ray.util.state import list_actors, list_placement_groups
+actors = list_actors(address=sys.argv[1], filters=[("state", "=", "ALIVE")])
+groups = list_placement_groups(address=sys.argv[1], filters=[("state", "!=", "REMOVED")])
+print(json.dumps({"actors": [[a.name or "", a.class_name] for a in actors], "groups": len(groups)}))
+"""
+
+
+def live(env) -> dict:
+    """The head's live actors ([name, class]) and unremoved placement groups, asked from a process with the token
+    (the state API's client has no header option)."""
+    r = subprocess.run([sys.executable, "-c", LIVE, env["RAY_ADDRESS"]], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def submit(env, script: str, submission_id: str, args: list[str], extra_submit_args: str = ""):
@@ -129,7 +142,6 @@ def test_the_head_refuses_a_submission_or_request_without_the_token(local_head):
 
 def test_pipeline_job_succeeds_and_writes_its_run_directory(local_head, tmp_path):
     from ray.job_submission import JobStatus
-    from ray.util.state import list_actors
 
     # A file:// storage URI takes the object-store path (pyarrow filesystems, as for s3:// and gs://) end to end:
     # checkpoints, chaining stages, bank snapshots, TensorBoard uploads, sample grids, eval results and
@@ -160,8 +172,8 @@ def test_pipeline_job_succeeds_and_writes_its_run_directory(local_head, tmp_path
     assert sorted(scored) == ["stage1", "stage1", "stage2", "stage2"]  # TINY: 2 checkpoints each
     check_tensorboard(run)
     # no bank actor outlives its stage, no eval pool outlives the pipeline
-    alive = list_actors(address=local_head["RAY_ADDRESS"], filters=[("state", "=", "ALIVE")])
-    assert not [a for a in alive if (a.name or "").startswith(("bank-jobrun", "eval-jobrun"))], alive
+    alive = live(local_head)["actors"]
+    assert not [a for a in alive if a[0].startswith(("bank-jobrun", "eval-jobrun"))], alive
 
     # The same job again skips the finished stages and keeps their checkpoints.
     again = submit({**local_head, "HDEBM_STORAGE": storage}, "submit_pipeline.sh", "hdebm-again", args)
@@ -201,7 +213,6 @@ def check_tensorboard(run: Path) -> None:
 
 def test_long_job_stops_on_ray_job_stop_and_leaves_nothing_running(local_head, tmp_path):
     from ray.job_submission import JobStatus
-    from ray.util.state import list_actors, list_placement_groups
 
     client = job_client(local_head)
     overrides = small_digits_overrides(str(tmp_path), "long")[1:] + ["diffusion.steps=100000"]
@@ -227,15 +238,11 @@ def test_long_job_stops_on_ray_job_stop_and_leaves_nothing_running(local_head, t
 
     # Nothing left running: no live actor (controller, workers, bank) and no reserved placement group. Ray Train's
     # cluster-wide detached coordinator is Ray's own, shared by every job, and stays.
-    address = local_head["RAY_ADDRESS"]
     deadline = time.time() + 120
     while True:
-        actors = [
-            a
-            for a in list_actors(address=address, filters=[("state", "=", "ALIVE")])
-            if a.class_name not in RAY_CLUSTER_SINGLETONS
-        ]
-        groups = list_placement_groups(address=address, filters=[("state", "!=", "REMOVED")])
+        state = live(local_head)
+        actors = [a for a in state["actors"] if a[1] not in RAY_CLUSTER_SINGLETONS]
+        groups = state["groups"]
         if not actors and not groups:
             break
         assert time.time() < deadline, (actors, groups)
