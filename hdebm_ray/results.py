@@ -96,5 +96,5 @@ def run_checkpoints(run_location: str, stages=None) -> list[str]:
         dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(base)) if i.type == pafs.FileType.Directory]
         ckpts = sorted(d for d in dirs if d.rsplit("/", 1)[-1].startswith("checkpoint_"))
         # complete ones only: meta.json is written last and lists every state file's size
-        found += [as_uri(d, run_location) for d in ckpts if incomplete(as_uri(d, run_location)) is None]
+        found += [uri for uri in (as_uri(d, run_location) for d in ckpts) if incomplete(uri) is None]
     return found

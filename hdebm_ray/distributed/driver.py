@@ -227,13 +227,12 @@ def fit_stage(
 def _fit_attempt(cfg: Config, stage: str, init_from, callbacks, report_hooks, pool, guard_log):
     """One TorchTrainer run of the stage (with its bank actor, killed afterwards): to the end, or to the step
     where the guard stopped it."""
-
     from ..data_files import DatasetError
     from .ray_data import data_error_in
 
     bank = start_bank(cfg, stage)
+    name = bank_actor_name(cfg, stage) if bank is not None else None
     try:
-        name = bank_actor_name(cfg, stage) if bank is not None else None
         trainer = trainer_for(
             cfg,
             stage,
@@ -252,7 +251,7 @@ def _fit_attempt(cfg: Config, stage: str, init_from, callbacks, report_hooks, po
             raise
     finally:
         if bank is not None:
-            kill_bank(bank, bank_actor_name(cfg, stage))
+            kill_bank(bank, name)
 
 
 def kill_bank(bank, name: str, timeout_s: float = 60.0) -> None:

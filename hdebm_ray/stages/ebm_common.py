@@ -9,6 +9,7 @@ from ..config import Config
 from ..contracts import WorkerContext
 from ..data import toy2d_centres
 from ..energy_trainer import EnergyTrainer
+from ..loop import status
 from ..networks import build_energy
 from ..toy_metrics import mode_coverage
 
@@ -45,6 +46,20 @@ def energy_trainer(
         betas=tuple(betas),
         compute=compute,
     )
+
+
+def restore_snapshot(stage, start_step: int, noun: str, refill: str) -> int | None:
+    """Rank 0 of a resumed stage: load the ``stage.bank`` snapshot of the checkpoint Ray restored (which need not
+    be the newest), or the newest usable older one; record it in the summary (``<noun>_restores``) and say when it
+    is not the checkpoint's own. Returns the loaded step; None when none is usable (the caller does ``refill``)."""
+    loaded = stage.bank.restore(start_step)
+    restores = stage.summary_state.setdefault(f"{noun}_restores", [])
+    restores.append({"checkpoint_step": start_step, f"{noun}_step": loaded})
+    if loaded is None:
+        status(f"[{stage.name}] no usable {noun} snapshot for step {start_step}; {refill}")
+    elif loaded != start_step:
+        status(f"[{stage.name}] resuming at step {start_step} with the {noun} of step {loaded}")
+    return loaded
 
 
 def toy2d_tick_metrics(cfg: Config, ctx: WorkerContext, sample) -> dict[str, float]:

@@ -16,13 +16,13 @@ from ..config import Config
 from ..contracts import WorkerContext
 from ..hat import HatGenerator
 from ..langevin import StepStats, sample_residual
-from ..loop import barrier, status
+from ..loop import barrier
 from ..losses import generator_loss
 from ..networks import latent_shape, sample_shape
 from ..optim import adam_with_schedule, ema_model, layerwise_clip_, load_adam_with_schedule, load_ema, update_ema
 from ..transfer import HostStaging
 from .base import StageBase
-from .ebm_common import energy_trainer, fixed_sample_grids, toy2d_tick_metrics
+from .ebm_common import energy_trainer, fixed_sample_grids, restore_snapshot, toy2d_tick_metrics
 from .hdebm_common import HatSampler, fast_hat, hat_generator, latents
 
 
@@ -83,16 +83,8 @@ class Stage1(StageBase):
         if self.ctx.is_chief:
             if start_step == 0:
                 self.fill_bank()
-            else:
-                # The bank must match the checkpoint Ray restored, which need not be the newest one.
-                bank_step = self.bank.restore(start_step)
-                restore = {"checkpoint_step": start_step, "bank_step": bank_step}
-                self.summary_state.setdefault("bank_restores", []).append(restore)
-                if bank_step is None:
-                    status(f"[stage1] no usable bank snapshot for step {start_step}; refilling from G")
-                    self.fill_bank()
-                elif bank_step != start_step:
-                    status(f"[stage1] resuming at step {start_step} with the bank of step {bank_step}")
+            elif restore_snapshot(self, start_step, "bank", "refilling from G") is None:
+                self.fill_bank()
         barrier()
 
     def commit_landed(self) -> None:

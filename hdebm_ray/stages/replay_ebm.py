@@ -21,11 +21,11 @@ from ..contracts import WorkerContext
 from ..data import build_dataset, cache_root, data_fingerprint
 from ..gaussian_init import GaussianInit, cached_gaussian
 from ..langevin import StepStats, frozen, sample_langevin
-from ..loop import barrier, status
+from ..loop import barrier
 from ..networks import build_energy, sample_shape
 from ..slot_store import SlotStore, snapshot_location
 from .base import SamplerBase, StageBase
-from .ebm_common import energy_trainer, fixed_sample_grids, toy2d_tick_metrics
+from .ebm_common import energy_trainer, fixed_sample_grids, restore_snapshot, toy2d_tick_metrics
 
 DATA_RANGE = (-1.0, 1.0)
 
@@ -150,15 +150,9 @@ class ReplayEBMStage(StageBase):
 
     def on_start(self, start_step: int) -> None:
         if self.ctx.is_chief:
-            restored = self.bank.restore(start_step) if start_step > 0 else None
-            if start_step > 0:  # which buffer a resumed run continued with (the checkpoint's own, normally)
-                restore = {"checkpoint_step": start_step, "buffer_step": restored}
-                self.summary_state.setdefault("buffer_restores", []).append(restore)
-            if start_step > 0 and restored is None:
-                status(f"[{self.name}] no usable buffer snapshot for step {start_step}; chains restart from chain_init")
-            elif restored is not None and restored != start_step:
-                status(f"[{self.name}] resuming at step {start_step} with the replay buffer of step {restored}")
-            restored = restored is not None
+            restored = start_step > 0 and (
+                restore_snapshot(self, start_step, "buffer", "chains restart from chain_init") is not None
+            )
             if not restored and self.s.buffer_prefill:
                 self.prefill_buffer()
         barrier()
