@@ -37,7 +37,7 @@ class Bank:
         self.seq += 1
         return {"lease": lease.lease_id, "idx": idx, "seq": self.seq, **self.store.read(idx)}
 
-    def commit(self, lease_id: int, step: int, **fields: np.ndarray) -> dict:
+    def commit(self, lease_id: str, step: int, **fields: np.ndarray) -> dict:
         """Overwrite exactly the leased slots and release them; a reclaimed lease's commit is refused."""
         lease = self.table.take(lease_id)
         if lease is None:
@@ -53,6 +53,28 @@ class Bank:
 
     def is_filled(self) -> bool:
         return bool((self.store.written_step >= 0).all())
+
+    def audit(self, last_step: int, global_batch: int) -> list[str]:
+        """What breaks "every slot written by exactly one committer per step" in steps 1..last_step: a step with
+        other than ``global_batch`` slot writes (a commit lost or applied twice), a slot written twice in one
+        step, a slot written after ``last_step``, per-slot write counts that do not add up. [] when it holds."""
+        store, problems = self.store, []
+        counts = np.zeros(last_step + 1, dtype=np.int64)
+        n = min(len(store.step_writes), last_step + 1)
+        counts[:n] = store.step_writes[:n]
+        wrong = np.flatnonzero(counts[1:] != global_batch) + 1
+        if len(wrong):
+            shown = ", ".join(f"step {s}: {counts[s]}" for s in wrong[:5])
+            problems.append(f"{len(wrong)} step(s) without exactly {global_batch} slot writes ({shown})")
+        if store.double_writes:
+            problems.append(f"{store.double_writes} write(s) to a slot already written in the same step")
+        if (store.written_step > last_step).any() or len(store.step_writes) > last_step + 1:
+            problems.append(f"slots written after step {last_step}")
+        if (store.written_step < 0).any():
+            problems.append(f"{int((store.written_step < 0).sum())} slot(s) never written")
+        if store.writes.sum() != store.step_writes.sum():
+            problems.append(f"per-slot writes add up to {store.writes.sum()}, per-step to {store.step_writes.sum()}")
+        return problems
 
     def stats(self) -> dict[str, float]:
         return {**self.store.stats(), **self.table.stats()}
@@ -146,7 +168,7 @@ class ReplayBuffer:
             out["reference"] = self.store.read(ref)
         return out
 
-    def push(self, lease_id: int, step: int, **fields: np.ndarray) -> bool:
+    def push(self, lease_id: str, step: int, **fields: np.ndarray) -> bool:
         """Write a lease's chain ends back by the write policy; False if the lease was reclaimed meanwhile."""
         lease = self.table.take(lease_id)
         if lease is None:
@@ -239,6 +261,9 @@ class BankService:
         else:
             raise ValueError(f"unknown bank kind {kind!r}")
         self.kind, self.snapshot_dir, self.keep = kind, snapshot_dir, keep
+        # New with every construction (a restarted actor's included) and unchanged by restores: a worker that
+        # sees it change knows the bank went back to a snapshot behind its back.
+        self.generation = self.core.table.table_id
         self.loaded_snapshot_step: int | None = None
         self.rejected: list[str] = []  # snapshots ``restore`` found unusable, and why
 
@@ -246,9 +271,9 @@ class BankService:
     def checkout(self, n: int, owner: str) -> dict:
         out = self.core.checkout(n, owner)
         out["written"] = self.core.store.written_step[out["idx"]] >= 0
-        return out
+        return {**out, "generation": self.generation}
 
-    def commit(self, lease_id: int, step: int, fields: dict) -> dict:
+    def commit(self, lease_id: str, step: int, fields: dict) -> dict:
         return self.core.commit(lease_id, step, **fields)
 
     def fill(self, start: int, step: int, fields: dict) -> None:
@@ -256,10 +281,13 @@ class BankService:
 
     # Replay mode
     def sample(self, n: int, owner: str, extra: int = 0) -> dict:
-        return self.core.sample(n, owner, extra)
+        return {**self.core.sample(n, owner, extra), "generation": self.generation}
 
-    def push(self, lease_id: int, step: int, fields: dict) -> bool:
+    def push(self, lease_id: str, step: int, fields: dict) -> bool:
         return self.core.push(lease_id, step, **fields)
+
+    def audit(self, last_step: int, global_batch: int) -> list[str]:
+        return self.core.audit(last_step, global_batch)
 
     # Both
     def stats(self) -> dict:
@@ -315,10 +343,10 @@ class LocalBankClient:
     def wait(self, handle):
         return handle
 
-    def commit(self, lease_id: int, step: int, **fields) -> bool:
+    def commit(self, lease_id: str, step: int, **fields) -> bool:
         return self.service.commit(lease_id, step, as_numpy(fields))["ok"]
 
-    def commit_async(self, lease_id: int, step: int, **fields) -> dict:
+    def commit_async(self, lease_id: str, step: int, **fields) -> dict:
         return self.service.commit(lease_id, step, as_numpy(fields))
 
     def fill(self, start: int, step: int, **fields) -> None:
@@ -327,11 +355,14 @@ class LocalBankClient:
     def sample(self, n: int, extra: int = 0):
         return self.service.sample(n, self.owner, extra)
 
-    def push(self, lease_id: int, step: int, **fields) -> bool:
+    def push(self, lease_id: str, step: int, **fields) -> bool:
         return self.service.push(lease_id, step, as_numpy(fields))
 
     def stats(self) -> dict:
         return self.service.stats()
+
+    def audit(self, last_step: int, global_batch: int) -> list[str]:
+        return self.service.audit(last_step, global_batch)
 
     def snapshot(self, step: int) -> str:
         return self.service.snapshot(step)

@@ -120,7 +120,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .distributed.search_space import load_space
+    from .distributed.search_space import check_metric, load_space
     from .distributed.sweep import SweepOptions
 
     overrides = list(args.set)
@@ -134,6 +134,7 @@ def cmd_tune(args) -> int:
     space = load_space(args.space, cfg)  # checked before anything starts
     if args.metric or args.mode:
         space = dataclasses.replace(space, metric=args.metric or space.metric, mode=args.mode or space.mode)
+        check_metric(space, "--metric")
     if args.name:
         check_run_name(args.name, "--name")
     opts = SweepOptions(

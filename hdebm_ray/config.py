@@ -192,6 +192,9 @@ def _is_pow2(n: int) -> bool:
 def validate(cfg: Config) -> None:
     """Checks that relate several keys; single-key ranges are checked while building."""
     d, n = cfg.diffusion, cfg.ray.num_workers
+    sha = cfg.eval.inception_sha256
+    if sha and not (len(sha) == 64 and all(c in "0123456789abcdefABCDEF" for c in sha)):
+        raise ConfigError(f"config key 'eval.inception_sha256' = {sha!r} must be 64 hex digits (or '')")
     if d.T_trunc >= d.T:
         raise ConfigError(f"config key 'diffusion.T_trunc' = {d.T_trunc} must be < diffusion.T = {d.T}")
     n0 = cfg.distill.n0_steps

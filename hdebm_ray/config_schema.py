@@ -107,6 +107,12 @@ class DataSection:
         choices=("first", "all"),
         doc="before a run starts, decode the first image, or every file / row once (a progress bar; names a bad one)",
     )
+    on_bad_image: str = knob(
+        "fail",
+        choices=("fail", "skip"),
+        doc="an image that cannot be decoded during training: fail (stop, naming the file) or skip it (a line "
+        "naming the file; Data/skipped_images counts them; image_folder / parquet)",
+    )
     loader: str = knob(
         "auto",
         choices=("auto", "torch", "ray_data"),
@@ -320,6 +326,16 @@ class EvalSection:
         "a TorchScript file, or the raw samples (toy2d points; pixels only for smoke tests)",
     )
     torchscript_path: str = knob("", doc="eval.features = torchscript: the file")
+    inception_path: str = knob(
+        "",
+        doc="eval.features = inception: clean-fid's InceptionV3 TorchScript file; '' = /tmp/inception-2015-12-05.pt, "
+        "where clean-fid downloads it on first use",
+    )
+    inception_sha256: str = knob(
+        "",
+        doc="the weights' expected SHA-256 (64 hex digits), checked before every use; '' = the hash pinned in "
+        "<file>.sha256 the first time the file was used (written then, and printed to pin here)",
+    )
     num_samples: int = knob(10000, lo=2, doc="generated samples per evaluation (the papers use 50000)")
     ref_samples: int = knob(0, lo=0, doc="dataset images for the reference statistics; 0 = all")
     kid_reference_samples: int = knob(

@@ -43,14 +43,17 @@ class BankClient(SnapshotClient, Protocol):
         can overlap the step's Langevin chain."""
 
     def wait(self, handle: Any) -> dict:
-        """The lease: ``{"lease": id, "idx": slots, <field>: array, ...}``."""
+        """The lease: ``{"lease": id, "idx": slots, "generation": the bank's, <field>: array, ...}``."""
 
-    def commit(self, lease_id: int, step: int, **fields: Any) -> bool:
+    def commit(self, lease_id: str, step: int, **fields: Any) -> bool:
         """Overwrite the leased slots; False if the lease was reclaimed meanwhile (the write is dropped)."""
 
-    def commit_async(self, lease_id: int, step: int, **fields: Any) -> Any:
+    def commit_async(self, lease_id: str, step: int, **fields: Any) -> Any:
         """``commit`` without waiting for it: a handle that ``wait`` turns into ``{"ok": bool}``. The fields are
         copied before it returns, and the bank applies one caller's calls in order."""
+
+    def audit(self, last_step: int, global_batch: int) -> list[str]:
+        """What breaks "one committer per slot per step" in steps 1..last_step ([] if nothing)."""
 
 
 @runtime_checkable
@@ -58,10 +61,10 @@ class ReplayClient(SnapshotClient, Protocol):
     """A baseline's replay buffer of persistent chains."""
 
     def sample(self, n: int, extra: int = 0) -> dict:
-        """Lease ``n`` chain starts (``x``, ``reinit``, ``idx``, ``filled``) and ``extra`` read-only ``reference``
-        states."""
+        """Lease ``n`` chain starts (``x``, ``reinit``, ``idx``, ``filled``, ``generation``) and ``extra``
+        read-only ``reference`` states."""
 
-    def push(self, lease_id: int, step: int, **fields: Any) -> bool:
+    def push(self, lease_id: str, step: int, **fields: Any) -> bool:
         """Write the chain ends back by the buffer's write policy; False if the lease was reclaimed."""
 
 

@@ -138,10 +138,10 @@ def build_dataset(cfg: Config) -> Dataset:
         return Toy2D(d.toy2d_mixture, d.toy2d_std, d.toy2d_num_samples, seed=cfg.run.seed)
     if d.dataset == "cifar10":
         return PILDataset(cifar10_dataset(d.path, d.download), d.resolution, d.channels)
-    if d.dataset == "image_folder":
-        return ImageFiles(d.path, d.resolution, d.channels)
-    if d.dataset == "parquet":
-        return ParquetImages(d.path, d.resolution, d.channels)
+    if d.dataset in ("image_folder", "parquet"):
+        files = (ImageFiles if d.dataset == "image_folder" else ParquetImages)(d.path, d.resolution, d.channels)
+        files.on_bad_image = d.on_bad_image
+        return files
     raise DatasetError(f"unknown data.dataset {d.dataset!r}")
 
 
@@ -197,6 +197,8 @@ def check_data_available(cfg: Config) -> None:
     if cfg.data.verify == "all":
         for _ in iter_batches(ds, 256, progress=f"data.verify: decoding every image of {cfg.data.dataset}"):
             pass
+        if getattr(ds, "skipped", None):
+            print(f"data.verify: {len(ds.skipped)} image(s) cannot be decoded; training skips them", flush=True)
     else:
         ds[0]
 

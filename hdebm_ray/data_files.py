@@ -125,6 +125,39 @@ def folder_label(base: str, path: str, index: dict[str, int]) -> int:
     return index.get(class_folder(base, path), -1)
 
 
+class BadImagePolicy:
+    """``data.on_bad_image`` for the file datasets: ``fail`` raises the ``DatasetError`` that names the file;
+    ``skip`` says so once per image (counting them in ``skipped``) and goes on without it."""
+
+    on_bad_image = "fail"
+
+    def decoded(self, i: int, decode, *args):
+        """``decode(*args)``, or None where image ``i`` cannot be decoded and is skipped."""
+        try:
+            return decode(*args)
+        except DatasetError as e:
+            if self.on_bad_image != "skip":
+                raise
+            if i not in self.skipped:
+                self.skipped.add(i)
+                print(f"[data] skipping ({len(self.skipped)} so far, data.on_bad_image: skip): {e}", flush=True)
+            return None
+
+    @property
+    def skipped(self) -> set[int]:
+        if "_skipped" not in self.__dict__:
+            self._skipped: set[int] = set()
+        return self._skipped
+
+    def first_good(self, i: int, decode_at):
+        """Item ``i``, or under ``skip`` the next decodable one after it (random access keeps its batch full)."""
+        for j in range(len(self)):
+            k = (i + j) % len(self)
+            if (item := self.decoded(k, decode_at, k)) is not None:
+                return item
+        raise DatasetError(f"no image under '{self.root}' (data.path) can be decoded")
+
+
 def _batches_of(items: Iterator, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     xs, ys = [], []
     for x, y in items:
@@ -137,7 +170,7 @@ def _batches_of(items: Iterator, batch_size: int) -> Iterator[tuple[torch.Tensor
         yield torch.stack(xs), torch.tensor(ys, dtype=torch.long)
 
 
-class ImageFiles(Dataset):
+class ImageFiles(BadImagePolicy, Dataset):
     """(image in [-1, 1], label) for every image file below ``root``; labels index the first-level folders
     (sorted), -1 for images directly in ``root``. Holds only the file list."""
 
@@ -162,18 +195,22 @@ class ImageFiles(Dataset):
         except OSError as e:
             raise DatasetError(f"cannot read image file '{self.files[i]}': {e}") from None
 
-    def __getitem__(self, i):
+    def _decode_at(self, i: int):
         return decode_image(self.read(i), self.resolution, self.channels, f"image file '{self.files[i]}'"), self.labels[
             i
         ]
 
+    def __getitem__(self, i):
+        return self.first_good(int(i), self._decode_at)
+
     def iter_batches(self, batch_size: int, indices=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The items (all, or ``indices`` in ascending order) in batches of ``batch_size``."""
+        """The items (all, or ``indices`` in ascending order; skipped images left out) in batches."""
         order = range(len(self)) if indices is None else sorted(int(i) for i in indices)
-        return _batches_of((self[i] for i in order), batch_size)
+        items = (self.decoded(i, self._decode_at, i) for i in order)
+        return _batches_of((item for item in items if item is not None), batch_size)
 
 
-class ParquetImages(Dataset):
+class ParquetImages(BadImagePolicy, Dataset):
     """(image in [-1, 1], label) from every ``*.parquet`` shard below ``root``: column ``image`` (encoded bytes,
     or a struct with a ``bytes`` field as Hugging Face writes it), optional ``label`` (else -1). Holds the shard
     list and row counts; rows are read on demand."""
@@ -242,7 +279,10 @@ class ParquetImages(Dataset):
         return decode_image(image, self.resolution, self.channels, where), value
 
     def __getitem__(self, i):
-        shard, row, group, in_group = self.locate(int(i))
+        return self.first_good(int(i), self._decode_at)
+
+    def _decode_at(self, i: int):
+        shard, row, group, in_group = self.locate(i)
         key = (shard, group)
         if key not in self.cache:
             with reading_shard(self.shards[shard]):
@@ -279,7 +319,9 @@ class ParquetImages(Dataset):
                         images, labels = self._columns(batch)
                         for image, label in zip(images, labels, strict=True):
                             if keep is None or row in keep:
-                                yield self._item(shard, row, image, label)
+                                item = self.decoded(lo + row, self._item, shard, row, image, label)
+                                if item is not None:
+                                    yield item
                             row += 1
 
     def iter_batches(self, batch_size: int, indices=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

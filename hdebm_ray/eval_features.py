@@ -4,8 +4,9 @@ Every extractor is a pair (``fn``, ``resize``) in clean-fid's own contract: ``re
 [0, 255] (numpy) to the extractor's input size, ``fn`` maps a float batch B×3×h×w in [0, 255] to B×D features.
 
 - ``inception``: clean-fid's TorchScript InceptionV3, ``mode="clean"`` (PIL bicubic to 299×299) — the FID of the
-  papers. Its weights are downloaded on first use to ``/tmp/inception-2015-12-05.pt``; offline machines must have
-  the file there already.
+  papers. Its weights (``eval.inception_path``) are downloaded on first use to ``/tmp/inception-2015-12-05.pt``;
+  offline machines must have the file already. Its SHA-256 is checked before every use: against
+  ``eval.inception_sha256``, else against the hash pinned beside the file when it was first used.
 - ``classifier``: a small CNN trained once on the dataset's labels and cached; its penultimate layer (128-d). For
   CPU datasets such as ``digits`` where Inception is meaningless and unavailable. **Not Inception-FID**: numbers
   compare only with each other.
@@ -46,21 +47,68 @@ def clean_resize():
     return build_resizer("clean")
 
 
-def inception_extractor(device: torch.device):
-    from cleanfid.features import build_feature_extractor
+def inception_extractor(cfg: Config, device: torch.device):
+    """clean-fid's InceptionV3 (``mode="clean"``) from ``eval.inception_path``, its checksum verified first."""
+    path = Path(cfg.eval.inception_path) if cfg.eval.inception_path else INCEPTION_PATH
+    if not path.is_file():
+        if path != INCEPTION_PATH:
+            raise EvalError(f"eval.inception_path = '{path}': no such file (clean-fid's {INCEPTION_URL})")
+        download_inception()
+    verify_sha256(path, cfg.eval.inception_sha256)
+    from cleanfid.inception_torchscript import InceptionV3W
 
-    missing = not INCEPTION_PATH.is_file()
-    try:  # clean-fid loads the weights from INCEPTION_PATH, downloading them there on first use
-        return build_feature_extractor("clean", device, use_dataparallel=False), clean_resize()
+    model = InceptionV3W.__new__(InceptionV3W)  # clean-fid's wrapper, loading our verified file
+    nn.Module.__init__(model)
+    model.base = torch.jit.load(str(path), map_location="cpu").eval()
+    model.layers, model.resize_inside = model.base.layers, False
+    model = model.to(device).eval()
+
+    def fn(x):
+        return model(x)
+
+    return fn, clean_resize()
+
+
+def download_inception() -> None:
+    """clean-fid's own download to ``INCEPTION_PATH``; an offline machine gets a message saying what to copy."""
+    from cleanfid.downloads_helper import check_download_inception
+
+    try:
+        check_download_inception(str(INCEPTION_PATH.parent))
     except Exception as err:
-        if not missing:
-            raise
+        INCEPTION_PATH.unlink(missing_ok=True)  # no half-downloaded file left to be taken for the weights
         raise EvalError(
             f"eval.features = 'inception' needs clean-fid's InceptionV3 weights at {INCEPTION_PATH}, which are "
             f"missing and could not be downloaded ({type(err).__name__}: {err}). On an offline machine copy "
-            f"{INCEPTION_URL} to {INCEPTION_PATH} on every node that evaluates (see cluster/ for where), or use "
+            f"{INCEPTION_URL} there (or set eval.inception_path) on every node that evaluates, or use "
             "eval.features = 'classifier'."
         ) from err
+
+
+def verify_sha256(path: Path, expected: str) -> str:
+    """The file's SHA-256, which must equal ``expected`` (or, if that is '', the hash pinned in ``<path>.sha256``
+    when the file was first used: pinned now if there is none). ``EvalError`` naming both hashes otherwise."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    pin = path.with_name(path.name + ".sha256")
+    where = "eval.inception_sha256"
+    if not expected and pin.is_file():
+        expected, where = pin.read_text().strip(), f"the hash pinned in '{pin}' at first use"
+    if expected and digest != expected.lower():
+        raise EvalError(
+            f"'{path}' has SHA-256 {digest}, not {expected} ({where}): a corrupt or different weights file; "
+            "replace it (or, if it is the intended file, remove the pin / set eval.inception_sha256)"
+        )
+    if not expected:
+        try:
+            pin.write_text(digest + "\n")
+        except OSError:
+            pass  # a read-only location: nothing pinned, the hash is still printed
+        print(f"[eval] Inception weights '{path}' SHA-256 {digest} (set eval.inception_sha256 to pin it)", flush=True)
+    return digest
 
 
 def torchscript_extractor(path: str, device: torch.device):
@@ -184,7 +232,7 @@ def build_extractor(cfg: Config, device: torch.device, cache_dir: Path, progress
     if cfg.data.dataset == "toy2d":
         raise EvalError(f"eval.features = {kind!r} works on images; toy2d needs eval.features = 'raw'")
     if kind == "inception":
-        return inception_extractor(device)
+        return inception_extractor(cfg, device)
     if kind == "classifier":
         return classifier_extractor(cfg, device, cache_dir, progress)
     return torchscript_extractor(cfg.eval.torchscript_path, device)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +32,12 @@ def snapshot_location(checkpoint: str, step: int) -> str:
 class SlotStore:
     """N slots of named float32 fields (e.g. z1, z2, x) with, per slot, the step of the last write, the number of
     writes and a lineage id (which chain the slot's state descends from; -1 = none), plus named integer counters
-    that travel with snapshots (a replay buffer's ring position and next lineage id)."""
+    that travel with snapshots (a replay buffer's ring position and next lineage id).
+
+    For audits it also counts, per training step, the slots written with that step (``step_writes``; step 0 is
+    the initial fill) and the writes that hit a slot already written in the same step (``double_writes``): with
+    the per-slot steps and counts these say whether every slot was written by exactly one committer per step,
+    across restarts and restores (both travel with snapshots)."""
 
     def __init__(self, size: int, shapes: dict[str, tuple[int, ...]]):
         self.size, self.shapes = size, {k: tuple(v) for k, v in shapes.items()}
@@ -41,11 +47,19 @@ class SlotStore:
         self.lineage = np.full(size, -1, dtype=np.int64)
         self.counters: dict[str, int] = {}
         self.step = 0  # latest training step seen in a write
+        self.step_writes = np.zeros(0, dtype=np.int64)  # [s]: slots written with step s
+        self.double_writes = 0
 
     def write(self, idx: np.ndarray, step: int, lineage: np.ndarray | None = None, **fields: np.ndarray) -> None:
         missing = set(self.shapes) - set(fields)
         if missing:
             raise ValueError(f"write is missing fields {sorted(missing)}")
+        idx = np.asarray(idx, dtype=np.int64)
+        if step > 0:  # fills (step 0) may rewrite slots: a refill after an unusable snapshot
+            self.double_writes += int((self.written_step[idx] == step).sum()) + len(idx) - len(np.unique(idx))
+        if step >= len(self.step_writes):
+            self.step_writes = np.concatenate([self.step_writes, np.zeros(step + 1 - len(self.step_writes), np.int64)])
+        self.step_writes[step] += len(idx)
         for k, v in fields.items():
             self.arrays[k][idx] = v
         self.written_step[idx] = step
@@ -84,6 +98,8 @@ class SlotStore:
             "size": str(self.size),
             **{f"shape:{k}": ",".join(map(str, s)) for k, s in self.shapes.items()},
             **{f"counter:{k}": str(v) for k, v in self.counters.items()},
+            "step_writes": encode_runs(self.step_writes),
+            "double_writes": str(self.double_writes),
         }
         table = pa.table(cols).replace_schema_metadata(meta)
         path, tmp = f"{base}/{snapshot_name(step)}", f"{base}/.{snapshot_name(step)}.tmp"
@@ -128,9 +144,26 @@ class SlotStore:
         if "lineage" in table.column_names:
             store.lineage[:] = table.column("lineage").to_numpy()
         store.counters = {k[8:]: int(v) for k, v in meta.items() if k.startswith("counter:")}
+        store.step_writes = decode_runs(meta.get("step_writes", ""))
+        store.double_writes = int(meta.get("double_writes", 0))
         step = int(meta["step"])
         store.step = step
         return store, step
+
+
+def encode_runs(counts: np.ndarray) -> str:
+    """Run-length text of per-step counts ("48x1,32x500": 48 once, then 32 for 500 steps): a long run's counts
+    are nearly all the global batch, so this stays a few bytes in the snapshot's metadata."""
+    if not len(counts):
+        return ""
+    starts = np.flatnonzero(np.diff(counts, prepend=counts[0] - 1))
+    lengths = np.diff(np.append(starts, len(counts)))
+    return ",".join(f"{counts[s]}x{n}" for s, n in zip(starts, lengths, strict=True))
+
+
+def decode_runs(text: str) -> np.ndarray:
+    runs = np.array([[int(v) for v in run.split("x")] for run in text.split(",") if run], dtype=np.int64)
+    return np.repeat(runs[:, 0], runs[:, 1]) if len(runs) else np.zeros(0, dtype=np.int64)
 
 
 class SnapshotError(RuntimeError):
@@ -160,7 +193,7 @@ def prune_snapshots(directory: str, keep_steps: set[int]) -> None:
 
 @dataclass
 class Lease:
-    lease_id: int
+    lease_id: str
     owner: str
     idx: np.ndarray
     expires_at: float
@@ -175,8 +208,11 @@ class LeaseTable:
 
     def __init__(self, size: int, timeout_s: float):
         self.timeout_s = timeout_s
-        self.leases: dict[int, Lease] = {}
+        self.leases: dict[str, Lease] = {}
         self.leased = np.zeros(size, dtype=bool)
+        # Lease ids are unique across tables: a commit retried from before an actor restart can never match a
+        # lease the restarted actor granted to another rank.
+        self.table_id = uuid.uuid4().hex[:12]
         self._ids = itertools.count(1)
         self.reclaimed = 0
         self.rejected = 0
@@ -192,12 +228,12 @@ class LeaseTable:
         return candidates[~self.leased[candidates]]
 
     def grant(self, owner: str, idx: np.ndarray, extra: dict | None = None) -> Lease:
-        lease = Lease(next(self._ids), owner, idx, time.monotonic() + self.timeout_s, extra)
+        lease = Lease(f"{self.table_id}-{next(self._ids)}", owner, idx, time.monotonic() + self.timeout_s, extra)
         self.leases[lease.lease_id] = lease
         self.leased[idx] = True
         return lease
 
-    def take(self, lease_id: int) -> Lease | None:
+    def take(self, lease_id: str) -> Lease | None:
         """The lease, released; None (counted) if it was reclaimed or never existed."""
         lease = self.leases.get(lease_id)
         if lease is None:

@@ -105,21 +105,6 @@ def distilled_toy(root: Path) -> str:
     return str(ckpt)
 
 
-class ExitOnce:
-    """A report hook (``fit_stage(report_hooks=...)``): rank ``rank`` exits its process right after the report of
-    ``step``, once — the ``marker`` file it leaves lets the restarted worker get past that step."""
-
-    def __init__(self, rank: int, step: int, marker: str):
-        self.rank, self.step, self.marker = rank, step, marker
-
-    def __call__(self, rank: int, step: int) -> None:
-        import os
-
-        if rank == self.rank and step == self.step and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            os._exit(1)
-
-
 class RecordNode:
     """A report hook: each rank writes the id of the Ray node it runs on to ``<folder>/rank<r>``."""
 

@@ -54,6 +54,51 @@ def test_dead_owner_lease_is_reclaimed_and_its_late_commit_refused():
     assert again["idx"].size == 8
 
 
+def _steps(bank, first, last, owners=("rank0", "rank1"), n=8, skip=()):
+    """Steps first..last: each owner leases n slots and commits them with the step, except (step, owner) in skip."""
+    for step in range(first, last + 1):
+        leases = {o: bank.checkout(n, o) for o in owners}
+        for owner, lease in leases.items():
+            if (step, owner) not in skip:
+                assert bank.commit(lease["lease"], step, **_fields(n, float(step)))["ok"]
+
+
+def test_audit_finds_a_lost_commit_and_a_double_write_and_survives_a_restore(tmp_path):
+    bank = Bank(32, SHAPES, seed=1)
+    bank.fill(0, 0, **_fields(32, 0.0))
+    _steps(bank, 1, 6)
+    assert bank.audit(6, 16) == []
+    assert "slots written after step 5" in bank.audit(5, 16)[0]
+    snap = bank.store.snapshot(str(tmp_path), 6)
+    _steps(bank, 7, 8, skip={(8, "rank1")})  # rank1's commit of step 8 never lands
+    (lost,) = bank.audit(8, 16)
+    assert lost == "1 step(s) without exactly 16 slot writes (step 8: 8)"
+    # Back to the snapshot of step 6 (what a worker-group restart does), then steps 7 and 8 again: clean.
+    bank.load_store(SlotStore.load(snap)[0])
+    assert bank.audit(6, 16) == []
+    _steps(bank, 7, 8)
+    assert bank.audit(8, 16) == []
+    # Two committers writing one slot in one step is found, even when the per-step count is right.
+    lease = bank.checkout(8, "rank0")
+    bank.commit(lease["lease"], 9, **_fields(8, 9.0))
+    bank.store.write(lease["idx"][:8], 9, **_fields(8, 9.5))
+    assert bank.audit(9, 16) == ["8 write(s) to a slot already written in the same step"]
+    again = SlotStore.load(bank.store.snapshot(str(tmp_path), 9))[0]
+    assert again.double_writes == 8 and np.array_equal(again.step_writes, bank.store.step_writes)
+
+
+def test_a_lease_from_before_a_restart_is_refused_by_the_restarted_bank():
+    old = BankService("bank", 16, SHAPES, None)
+    stale = old.checkout(8, "rank0")
+    new = BankService("bank", 16, SHAPES, None)  # the restarted actor: same arguments, empty
+    mine = new.checkout(8, "rank1")
+    assert stale["generation"] != new.generation == mine["generation"]
+    # The retried commit of rank0's old lease must not land in the slots rank1 now holds.
+    assert not new.commit(stale["lease"], 1, _fields(8, 5.0))["ok"]
+    assert new.commit(mine["lease"], 1, _fields(8, 1.0))["ok"]
+    assert (new.core.store.arrays["x"][mine["idx"], 0, 0, 0] == 1.0).all()
+
+
 def test_snapshot_restores_bit_identically(tmp_path):
     rng = np.random.default_rng(0)
     store = SlotStore(50, SHAPES)

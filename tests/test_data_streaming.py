@@ -264,3 +264,53 @@ def test_ray_data_decode_names_bad_rows_and_failures_surface_as_one_line(digits)
     assert data_error_in(as_text) == "parquet shard 's' row 3 has a null label"
     assert data_error_in(RuntimeError("something else")) is None
     assert stream_seed(Config(), "train") != stream_seed(Config(), "labelled")
+
+
+def test_on_bad_image_skip_names_the_file_counts_it_and_keeps_batches_full(digits, tmp_path, capfd):
+    from hdebm_ray.distributed.ray_data import DecodeBatch, WorkerStreams
+    from hdebm_ray.runner import run_in_process
+
+    # Ray Data's decode marks the bad row (a line names the file); the worker drops it and tops the batch up.
+    good = [digits_png(digits, i) for i in range(3)]
+    batch = {"bytes": np.array([good[0], b"broken", good[1]], dtype=object), "path": np.array(["/d/a", "/d/b", "/d/c"])}
+    out = DecodeBatch(16, 1, "/d", (), on_bad_image="skip")(batch)
+    assert out["bad"].tolist() == [0, 1, 0] and (out["image"][1] == 0).all()
+    assert (
+        "skipping an image (data.on_bad_image: skip): cannot decode the image in image file '/d/b'"
+        in capfd.readouterr().out
+    )
+    streams = WorkerStreams(load_config("digits", overrides=["data.on_bad_image=skip"]), torch.device("cpu"))
+    streams.skipped["train"] = 0
+    marks = [[0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]  # 3 of 12 rows bad
+    incoming = [
+        {"image": torch.arange(4 * b, 4 * b + 4), "label": torch.arange(4), "bad": torch.tensor(m)}
+        for b, m in enumerate(marks)
+    ]
+    got = [x.tolist() for x, _ in streams._without_bad("train", iter(incoming), 4)]
+    assert got == [[0, 2, 3, 6], [7, 8, 9, 10]] and streams.skipped["train"] == 3  # full batches, order kept
+    assert streams.metrics()["Data/skipped_images"] == 3
+
+    # The in-process path over an image folder: training reads past the broken file, naming it once.
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(16):
+        (folder / f"{i:02d}.png").write_bytes(digits_png(digits, i))
+    (folder / "05.png").write_bytes(b"\x89PNG broken")
+    overrides = [f"run.storage_path={tmp_path}", "data.dataset=image_folder", f"data.path={folder}"]
+    overrides += ["diffusion.steps=3", "diffusion.batch_size=16", "diffusion.report_every=3"]
+    overrides += [
+        "diffusion.checkpoint_every=3",
+        "network.unet.channels=16",
+        "network.unet.channel_mult=[1]",
+        "network.unet.attn_resolutions=[]",
+    ]
+    with pytest.raises(DatasetError, match=r"05\.png"):
+        run_in_process(load_config("digits", overrides=overrides), "diffusion", tmp_path / "fail")
+    capfd.readouterr()
+    metrics, _ = run_in_process(
+        load_config("digits", overrides=[*overrides, "data.on_bad_image=skip"]), "diffusion", tmp_path / "skip"
+    )
+    printed = capfd.readouterr().out
+    assert printed.count("05.png") == 1 and "(1 so far, data.on_bad_image: skip)" in printed
+    ds = build_dataset(load_config("digits", overrides=[*overrides, "data.on_bad_image=skip"]))
+    assert len(torch.cat([x for x, _ in iter_batches(ds, 4)])) == 15 and ds.skipped == {5}

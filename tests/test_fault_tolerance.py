@@ -1,25 +1,30 @@
-"""Stages under failures on a real local Ray: a Train worker killed mid-run, the bank actor killed mid-run, and a
-divergence injected into M-EBM's energy (rolled back by the guard, with the replay buffer of that step)."""
+"""Stages under failures on a real local Ray: the chaos test (SIGKILL of a Train worker, the bank actor, an eval
+actor and the driver of one Stage 1 run), and a divergence injected into M-EBM's energy (rolled back by the
+guard, with the replay buffer of that step)."""
 
 from __future__ import annotations
 
 import json
-import threading
+import math
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import helpers
 import pytest
 import ray
-from helpers import TINY, ExitOnce, small_digits_overrides
+from helpers import TINY, small_digits_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from hdebm_ray.bank import Bank
 from hdebm_ray.checkpoint import load_config_of, load_meta
 from hdebm_ray.config import load_config
 from hdebm_ray.distributed.driver import bank_actor_name, fit_stage
+from hdebm_ray.results import read_results
 from hdebm_ray.runner import run_in_process
-
-LONGER = ["stage1.steps=12", "stage1.report_every=2", "stage1.checkpoint_every=2", "ray.max_failures=1"]
+from hdebm_ray.slot_store import SlotStore, snapshot_name
 
 
 @pytest.fixture(scope="module")
@@ -31,46 +36,96 @@ def distilled(tmp_path_factory):
     return str(run_in_process(cfg, "distill", root / "k", init_dir=ck)[1])
 
 
-def test_killed_train_worker_resumes_with_the_bank_of_the_restored_checkpoint(ray_local, distilled, tmp_path):
-    cfg = load_config("digits", overrides=small_digits_overrides(str(tmp_path), "wkill") + TINY + LONGER)
-    marker = tmp_path / "failed-once"
-    # Workers cannot import the tests' modules: the hook travels by value.
-    ray.cloudpickle.register_pickle_by_value(helpers)
-    out = fit_stage(cfg, "stage1", distilled, report_hooks=[ExitOnce(1, 6, str(marker))])
-    assert marker.exists()  # the worker did die
-    meta = load_meta(out["checkpoint"])
-    assert meta["step"] == 12 and meta["done"]
-    restores = meta["summary"]["bank_restores"]
-    assert restores, "the restarted worker group did not restore from a checkpoint"
-    for r in restores:  # Ray may restore an older checkpoint than the newest; the bank must follow it
-        assert r["bank_step"] == r["checkpoint_step"]
+def _newest_step(stage_dir: Path) -> int:
+    """The newest registered (complete) checkpoint's step, 0 if none."""
+    steps = [load_meta(m.parent)["step"] for m in stage_dir.glob("checkpoint_*/meta.json") if m.exists()]
+    return max(steps, default=0)
 
 
-def test_killed_bank_actor_restarts_from_its_snapshot_and_training_finishes(ray_local, distilled, tmp_path):
-    cfg = load_config(
-        "digits", overrides=small_digits_overrides(str(tmp_path), "akill") + TINY + LONGER + ["stage1.steps=16"]
-    )
-    init = distilled
-    bank_dir = Path(tmp_path) / "akill" / "stage1" / "bank"
-    killed = {}
+def _wait(predicate, what: str, timeout_s: float = 240.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
 
-    def killer():
-        deadline = time.time() + 300
-        while time.time() < deadline and not list(bank_dir.glob("bank_step_*.arrow")):
-            time.sleep(0.05)
-        actor = ray.get_actor(bank_actor_name(cfg, "stage1"), namespace="hdebm")
-        ray.kill(actor, no_restart=False)  # Ray restarts it (max_restarts=-1)
-        killed["at"] = sorted(p.name for p in bank_dir.glob("bank_step_*.arrow"))
 
-    t = threading.Thread(target=killer)
-    t.start()
-    out = fit_stage(cfg, "stage1", init)
-    t.join()
-    assert killed["at"]
-    meta = load_meta(out["checkpoint"])
-    assert meta["step"] == 16 and meta["done"]
-    reloads = meta["summary"].get("bank_reloads")
-    assert reloads and reloads[0]["snapshot_step"] is not None and reloads[0]["snapshot_step"] >= 2
+def _alive_pids(class_name: str, name: str | None = None) -> list[int]:
+    from ray.util.state import list_actors
+
+    alive = [("class_name", "=", class_name), ("state", "=", "ALIVE")]
+    found = list_actors(filters=alive, raise_on_missing_output=False)
+    return [a.pid for a in found if a.pid and (name is None or a.name == name)]
+
+
+def _sigkill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    _wait(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], "death")
+
+
+def test_chaos_sigkill_of_a_train_worker_the_bank_an_eval_actor_and_the_driver(ray_local, distilled, tmp_path):
+    """One 2-worker digits Stage 1 with the eval pool on, started from the CLI as its own driver process against
+    this module's Ray; SIGKILLed in turn: a Train worker, the bank actor, the eval actor, the driver (then the same
+    command again). The run completes; the bank's own records show every step's 16 slots written once each
+    (nothing lost or doubled across three restores), and every checkpoint has exactly one evaluation."""
+    run = tmp_path / "chaos"
+    overrides = small_digits_overrides(str(tmp_path), "chaos") + TINY
+    overrides += ["stage1.steps=16", "ray.num_workers=2", "ray.max_failures=3", "ray.checkpoints_to_keep=10"]
+    overrides += ["eval.actors=1", "eval.stages=[stage1]"]
+    address = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "hdebm_ray", "train", "--stage", "stage1", "--preset", "digits"]
+    cmd += ["--init-from", distilled, "--address", address] + [a for o in overrides for a in ("--set", o)]
+    cfg = load_config("digits", overrides=overrides)
+    bank_name = bank_actor_name(cfg, "stage1")
+    logs = [tmp_path / "driver-1.log", tmp_path / "driver-2.log"]
+    with open(logs[0], "w") as log:
+        driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    killed: dict[str, tuple[int, int]] = {}  # what -> (pid, newest checkpoint step when killed)
+
+    def kill_after_next_checkpoint(what: str, pid_of) -> None:
+        before = max([0, *(step for _, step in killed.values())])
+        step = _wait(lambda: (s := _newest_step(run / "stage1")) > before and s, f"a checkpoint after {before}")
+        pid = _wait(pid_of, f"a live {what}")
+        _sigkill(pid)
+        killed[what] = (pid, step)
+
+    kill_after_next_checkpoint("train worker", lambda: next(iter(_alive_pids("RayTrainWorker")), None))
+    kill_after_next_checkpoint("bank actor", lambda: next(iter(_alive_pids("BankActor", bank_name)), None))
+    kill_after_next_checkpoint("eval actor", lambda: next(iter(_alive_pids("EvalActor")), None))
+    kill_after_next_checkpoint("driver", lambda: driver.poll() is None and driver.pid)
+    assert driver.wait(timeout=30) == -signal.SIGKILL
+    assert [step for _, step in killed.values()] == sorted({step for _, step in killed.values()})
+    assert killed["driver"][1] < 16, "the run finished before the driver could be killed"
+    # The same command again: a new driver resumes the run from its newest checkpoint.
+    with open(logs[1], "w") as log:
+        assert subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=600).returncode == 0
+    first, second = (p.read_text() for p in logs)
+
+    metas = (run / "stage1").glob("checkpoint_*/meta.json")
+    ckpts = sorted((load_meta(m.parent)["step"], str(m.parent)) for m in metas)
+    final = load_meta(ckpts[-1][1])
+    assert final["step"] == 16 and final["done"]
+    assert "actor was restarted" in first  # the workers saw the bank come back empty and rolled back
+    # Every restart restored the bank of the very checkpoint it resumed from: after the worker, the bank actor,
+    # and the driver were killed.
+    restores = final["summary"]["bank_restores"]
+    assert len(restores) >= 3 and all(r["bank_step"] == r["checkpoint_step"] for r in restores)
+    assert final["resumed_from_step"] >= killed["driver"][1]
+    # The bank audit, by the run itself and again here from the final snapshot's slot ids and step counts.
+    assert final["summary"]["bank_audit"] == {"step": 16, "problems": []}
+    store, _ = SlotStore.load(str(run / "stage1" / "bank" / snapshot_name(16)))
+    bank = Bank(store.size, store.shapes)
+    bank.load_store(store)
+    assert bank.audit(16, 16) == [] and list(store.step_writes[1:]) == [16] * 16
+    assert store.writes.sum() == 48 + 16 * 16  # the fill, then each step's 16 slots once
+
+    # Every registered checkpoint scored exactly once, across the killed eval actor and the two drivers.
+    results = read_results(str(run))
+    scored = sorted(r["checkpoint"] for r in results)
+    assert scored == sorted(set(scored)) and set(c for _, c in ckpts) <= set(scored)
+    assert all(math.isfinite(r["fid"]) for r in results)
+    assert "stage1 finished in" in second
 
 
 def test_injected_divergence_rolls_back_to_the_checkpoint_and_its_buffer_and_the_run_finishes(ray_local, tmp_path):

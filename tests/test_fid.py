@@ -10,7 +10,7 @@ from helpers import TINY, small_digits_overrides
 
 from hdebm_ray import eval_features
 from hdebm_ray.cli import main as cli_main
-from hdebm_ray.config import load_config
+from hdebm_ray.config import ConfigError, load_config
 from hdebm_ray.data import build_dataset
 from hdebm_ray.eval_features import EvalError, train_classifier
 from hdebm_ray.fid import FeatureSpace, frechet_distance, frechet_to_reference, kernel_distance, write_png_folder
@@ -110,18 +110,51 @@ def test_raw_toy2d_features_separate_a_shifted_mixture(tmp_path):
 
 
 def test_missing_inception_weights_offline_give_a_clear_error(monkeypatch, tmp_path, digits_cfg):
-    import urllib.error
-
-    import cleanfid.features
+    import urllib.request
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(eval_features, "INCEPTION_PATH", tmp_path / "inception-2015-12-05.pt")
-    monkeypatch.setattr(cleanfid.features, "build_feature_extractor", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)  # clean-fid's own download, offline
     with pytest.raises(EvalError) as err:
         FeatureSpace(digits_cfg.replace(**{"eval.features": "inception"}))
     assert "inception-2015-12-05.pt" in str(err.value) and "eval.features" in str(err.value)
+    assert not (tmp_path / "inception-2015-12-05.pt").exists()  # no partial file left behind
+    with pytest.raises(EvalError, match="eval.inception_path = '/nope/w.pt': no such file"):
+        FeatureSpace(digits_cfg.replace(**{"eval.features": "inception", "eval.inception_path": "/nope/w.pt"}))
+
+
+def test_inception_weights_are_verified_by_checksum_before_use(tmp_path, digits_cfg, capsys):
+    """A TorchScript file with clean-fid's contract (``layers``) stands in for the 92 MB weights: its hash is
+    pinned at first use, a changed file is refused before it is loaded, and a configured hash is enforced."""
+    import hashlib
+
+    class Stand(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.Sequential(
+                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 2048)
+            )
+
+        def forward(self, x):
+            return self.layers(x)
+
+    weights = tmp_path / "w.pt"
+    torch.jit.script(Stand()).save(str(weights))
+    cfg = digits_cfg.replace(**{"eval.features": "inception", "eval.inception_path": str(weights)})
+    fn, _ = eval_features.build_extractor(cfg, torch.device("cpu"), tmp_path)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert (tmp_path / "w.pt.sha256").read_text().strip() == digest and digest in capsys.readouterr().out
+    assert fn(torch.full((2, 3, 299, 299), 128.0)).shape == (2, 2048)
+    weights.write_bytes(weights.read_bytes() + b"tampered")
+    with pytest.raises(EvalError, match=rf"w\.pt' has SHA-256 [0-9a-f]{{64}}, not {digest} \(the hash pinned"):
+        eval_features.build_extractor(cfg, torch.device("cpu"), tmp_path)
+    pinned = cfg.replace(**{"eval.inception_sha256": "0" * 64})
+    with pytest.raises(EvalError, match=r"not 0{64} \(eval.inception_sha256\)"):
+        eval_features.build_extractor(pinned, torch.device("cpu"), tmp_path)
+    with pytest.raises(ConfigError, match="eval.inception_sha256"):
+        cfg.replace(**{"eval.inception_sha256": "abc"})
 
 
 def test_eval_command_records_each_checkpoint_once_in_jsonl_and_tensorboard(tmp_path, digits_cfg, monkeypatch):

@@ -42,6 +42,8 @@ def space(params: str, head: str = "stage: stage1\nmetric: Energy/abs_gap\nmode:
         ("stage: stage1\nmetric: m\nmode: best\nparams: {stage1.steps: {choice: [1]}}\n", "mode", "'min' or 'max'"),
         ("stage: stage1\nparams: {stage1.steps: {choice: [1]}}\n", "metric", "missing"),
         ("stage: stage1\nmetric: m\nsamples: 3\nparams: {stage1.steps: {choice: [1]}}\n", "samples", "unknown key"),
+        ("stage: stage1\nmetric: Eval/FID\nparams: {stage1.steps: {choice: [8]}}\n", "metric", "mean Eval/fid?"),
+        ("stage: diffusion\nmetric: Loss/energy\nparams: {diffusion.lr: {choice: [1e-4]}}\n", "metric", "not report"),
     ],
 )
 def test_bad_spaces_are_rejected_naming_the_key(text, key, message):
@@ -81,3 +83,29 @@ def test_cli_rejects_a_bad_space_before_ray_starts(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "params.stage1.langevin.stepsize" in err and "bad.yaml" in err
     assert not ray.is_initialized() and not (tmp_path / "toy2d").exists()
+
+
+def test_the_declared_metrics_are_what_each_stage_reports(tmp_path):
+    """Every key a stage's report carries is declared (so a space may tune on it), and every declared key of its
+    own turns up, but for those that need Ray, filled buffers or a guard event."""
+    from hdebm_ray.checkpoint import load_meta
+    from hdebm_ray.runner import run_in_process
+    from hdebm_ray.stages import STAGES
+    from hdebm_ray.stages.reported import LOOP, OWN, reported_metrics
+
+    short = [f"{s}.steps=2" for s in ("diffusion", "stage1", "stage2", "mebm", "mjem", "icd")]
+    short += [f"{s}.report_every=2" for s in STAGES] + [f"{s}.checkpoint_every=2" for s in STAGES]
+    short += ["distill.n0_steps=2", "distill.steps_per_stage=2", "icd.entropy_min_filled=1000000"]
+    cfg = load_config("toy2d", overrides=short)
+    conditional = {"Bank/loaded_snapshot_step", "Bank/reconstructed", "Loss/nn_entropy"}
+    init = None
+    for stage in ("diffusion", "distill", "stage1", "stage2", "mebm", "mjem", "icd"):
+        _, ckpt = run_in_process(cfg, stage, tmp_path / stage, init_dir=init if stage in INIT else None)
+        init = ckpt if stage in ("diffusion", "distill", "stage1") else init
+        reported = set(load_meta(ckpt)["metrics"])  # the report the checkpoint rode on
+        assert reported <= reported_metrics(stage, STAGES[stage].data_streams), stage
+        assert OWN[stage] - conditional - {"Guard/rollbacks", "Guard/scale"} <= reported, stage
+        assert LOOP <= reported
+
+
+INIT = {"distill", "stage1", "stage2"}

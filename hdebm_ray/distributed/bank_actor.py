@@ -1,8 +1,11 @@
 """The bank as a Ray actor: one shared store for all Train workers, created by the driver.
 
 Created by name in the ``hdebm`` namespace with ``get_if_exists`` (so workers and a re-run driver find it) and
-``max_restarts=-1``: a restarted actor only reruns ``__init__``, so it reloads its latest snapshot there by
-itself. Data travel as numpy arrays (zero-copy, read-only on arrival; the client copies before writing).
+``max_restarts=-1``. A restarted actor comes back empty, with a new generation: the first worker whose lease
+shows it raises ``BankRestarted``, Ray Train restarts the worker group from its latest checkpoint, and rank 0
+restores that checkpoint's snapshot, so weights and bank again belong to one step (reloading the actor's own
+latest snapshot instead could pair the bank of step S with weights of a later step). Data travel as numpy arrays
+(zero-copy, read-only on arrival; the client copies before writing).
 """
 
 from __future__ import annotations
@@ -20,16 +23,12 @@ NAMESPACE = "hdebm"
 class BankActor(BankService):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.incarnation = 0
         with warnings.catch_warnings():  # Ray 2.60's own property calls its deprecated actor_id
             warnings.simplefilter("ignore", DeprecationWarning)
-            reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
-        if reconstructed:
-            self.incarnation = 1
-            self.restore()  # latest snapshot; leases of the old incarnation are void
+            self.reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
 
     def stats(self) -> dict:
-        return {**super().stats(), "reconstructed": bool(self.incarnation)}
+        return {**super().stats(), "reconstructed": float(self.reconstructed)}
 
 
 def create_bank_actor(
@@ -64,10 +63,10 @@ class ActorBankClient:
     def wait(self, handle):
         return ray.get(handle)
 
-    def commit(self, lease_id: int, step: int, **fields) -> bool:
+    def commit(self, lease_id: str, step: int, **fields) -> bool:
         return ray.get(self.commit_async(lease_id, step, **fields))["ok"]
 
-    def commit_async(self, lease_id: int, step: int, **fields):
+    def commit_async(self, lease_id: str, step: int, **fields):
         return self.actor.commit.remote(lease_id, step, as_numpy(fields))  # arguments are serialised here
 
     def fill(self, start: int, step: int, **fields) -> None:
@@ -76,11 +75,14 @@ class ActorBankClient:
     def sample(self, n: int, extra: int = 0):
         return ray.get(self.actor.sample.remote(n, self.owner, extra))
 
-    def push(self, lease_id: int, step: int, **fields) -> bool:
+    def push(self, lease_id: str, step: int, **fields) -> bool:
         return ray.get(self.actor.push.remote(lease_id, step, as_numpy(fields)))
 
     def stats(self) -> dict:
         return ray.get(self.actor.stats.remote())
+
+    def audit(self, last_step: int, global_batch: int) -> list[str]:
+        return ray.get(self.actor.audit.remote(last_step, global_batch))
 
     def snapshot(self, step: int) -> str:
         return ray.get(self.actor.snapshot.remote(step))

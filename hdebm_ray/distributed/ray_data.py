@@ -61,9 +61,17 @@ class DecodeBatch:
     (B, C, R, R) and ``label`` int64. Blocks stay uint8 (a quarter of float32 in the object store and on the
     wire); the worker maps them to [-1, 1] on its device (``data_files.uint8_to_unit``, as the in-process path)."""
 
-    def __init__(self, resolution: int, channels: int, root: str | None = None, classes: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        resolution: int,
+        channels: int,
+        root: str | None = None,
+        classes: tuple[str, ...] = (),
+        on_bad_image: str = "fail",
+    ):
         self.resolution, self.channels = resolution, channels
         self.root, self.classes = root, {c: i for i, c in enumerate(classes)}
+        self.on_bad_image = on_bad_image
 
     def label_of(self, path: str) -> int:
         return folder_label(self.root, path, self.classes)
@@ -84,8 +92,21 @@ class DecodeBatch:
             if labels.dtype.kind not in "iu":  # nulls arrive as NaN / None
                 bad = next(i for i, v in enumerate(labels) if v is None or v != v or int(v) != v)
                 raise DatasetError(f"{where[bad]} has a null or non-integer label ({labels[bad]!r})")
-        out = [decode_uint8(im, self.resolution, self.channels, w).numpy() for im, w in zip(images, where, strict=True)]
-        return {"image": np.stack(out), "label": np.asarray(labels, dtype=np.int64)}
+        pairs = zip(images, where, strict=True)
+        if self.on_bad_image == "fail":
+            out = [decode_uint8(im, self.resolution, self.channels, w).numpy() for im, w in pairs]
+            return {"image": np.stack(out), "label": np.asarray(labels, dtype=np.int64)}
+        # skip: a bad image stays a blank row marked ``bad``, so the worker can count what it drops
+        blank = np.zeros((self.channels, self.resolution, self.resolution), np.uint8)
+        out, bad = [], np.zeros(len(images), np.uint8)
+        for i, (im, w) in enumerate(pairs):
+            try:
+                out.append(decode_uint8(im, self.resolution, self.channels, w).numpy())
+            except DatasetError as e:
+                print(f"[data] skipping an image (data.on_bad_image: skip): {e}", flush=True)
+                out.append(blank)
+                bad[i] = 1
+        return {"image": np.stack(out), "label": np.asarray(labels, dtype=np.int64), "bad": bad}
 
 
 def stream_seed(cfg: Config, stream: str) -> int:
@@ -114,7 +135,7 @@ def build_ray_dataset(cfg: Config, stream: str = "train"):
             shuffle=shuffle,
             num_cpus=task_cpus,
         )
-        decode = DecodeBatch(d.resolution, d.channels)
+        decode = DecodeBatch(d.resolution, d.channels, on_bad_image=d.on_bad_image)
     else:
         extensions = [s.lstrip(".") for s in IMAGE_SUFFIXES] + [s.lstrip(".").upper() for s in IMAGE_SUFFIXES]
         ds = ray.data.read_binary_files(
@@ -126,7 +147,7 @@ def build_ray_dataset(cfg: Config, stream: str = "train"):
             file_extensions=extensions,
             ray_remote_args={"num_cpus": task_cpus},
         )
-        decode = DecodeBatch(d.resolution, d.channels, files.base, tuple(files.classes))
+        decode = DecodeBatch(d.resolution, d.channels, files.base, tuple(files.classes), d.on_bad_image)
     ds = ds.map_batches(decode, batch_format="numpy", batch_size=ROWS_PER_DECODE_TASK, num_cpus=task_cpus)
     quiet(ds.context)
     return ds
@@ -195,23 +216,25 @@ class WorkerStreams:
         self.data, self.device = cfg.data, device
         self.batches: dict[str, int] = {}
         self.epochs: dict[str, int] = {}
+        self.skipped: dict[str, int] = {}
 
     def __call__(self, name: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         import ray.train
 
         shard = ray.train.get_dataset_shard(name)  # a barrier: every rank asks for every stream
-        self.batches[name], self.epochs[name] = 0, 0
+        self.batches[name], self.epochs[name], self.skipped[name] = 0, 0, 0
         while True:
             before = self.batches[name]
-            for batch in shard.iter_torch_batches(
+            batches = shard.iter_torch_batches(
                 batch_size=batch_size,
                 drop_last=True,
                 prefetch_batches=self.data.prefetch_batches,
                 local_shuffle_buffer_size=self.data.shuffle_buffer or None,
                 device=self.device,
-            ):
+            )
+            for x, y in self._without_bad(name, batches, batch_size):
                 self.batches[name] += 1
-                yield uint8_to_unit(batch["image"]), batch["label"]
+                yield uint8_to_unit(x), y
             if self.batches[name] == before:
                 raise DatasetError(
                     f"data stream {name!r}: an epoch held fewer than {batch_size} images for this rank; lower the "
@@ -219,6 +242,30 @@ class WorkerStreams:
                 )
             self.epochs[name] += 1
 
+    def _without_bad(self, name: str, batches, batch_size: int):
+        """(image, label) batches of ``batch_size``; under ``on_bad_image: skip`` the rows marked bad are dropped
+        (counted) and the batch topped up from the next one."""
+        if self.data.on_bad_image == "fail":
+            for batch in batches:
+                yield batch["image"], batch["label"]
+            return
+        held_x, held_y = [], []
+        for batch in batches:
+            bad = batch["bad"].bool()
+            skipped = int(bad.sum())  # one small read per batch, paid only when skipping is on
+            if not skipped and not held_x:
+                yield batch["image"], batch["label"]
+                continue
+            self.skipped[name] += skipped
+            held_x.append(batch["image"][~bad])
+            held_y.append(batch["label"][~bad])
+            x, y = torch.cat(held_x), torch.cat(held_y)
+            while len(x) >= batch_size:
+                yield x[:batch_size], y[:batch_size]
+                x, y = x[batch_size:], y[batch_size:]
+            held_x, held_y = ([x], [y]) if len(x) else ([], [])
+
     def metrics(self) -> dict[str, float]:
         out = {f"Data/{name}_batches": float(n) for name, n in self.batches.items()}
+        out |= {"Data/skipped_images": float(sum(self.skipped.values()))} if self.data.on_bad_image == "skip" else {}
         return out | {f"Data/{name}_epochs": float(n) for name, n in self.epochs.items()}

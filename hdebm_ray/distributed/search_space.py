@@ -18,6 +18,7 @@ Distributions: ``loguniform: [lo, hi]`` (0 < lo < hi), ``uniform: [lo, hi]``, ``
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,21 @@ def parse_space(text: str, source: str, base: Config) -> SearchSpace:
             except ConfigError as err:
                 _fail(source, f"params.{p.key}", f"value {value!r} is not a valid config value: {err}")
     _check_corners(source, params, base)
-    return SearchSpace(tree["stage"], str(tree["metric"]), mode, params, source)
+    space = SearchSpace(tree["stage"], str(tree["metric"]), mode, params, source)
+    check_metric(space, "metric")
+    return space
+
+
+def check_metric(space: SearchSpace, where: str) -> None:
+    """The space's metric must be a key its stage reports (``where``: the space key or the flag that set it)."""
+    from ..stages import STAGES
+    from ..stages.reported import reported_metrics
+
+    known = reported_metrics(space.stage, STAGES[space.stage].data_streams)
+    if space.metric not in known:
+        close = difflib.get_close_matches(space.metric, sorted(known), n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(close)}?" if close else f"it reports {', '.join(sorted(known)[:12])}, ..."
+        _fail(space.source, where, f"stage {space.stage} does not report {space.metric!r}; {hint}")
 
 
 def _check_kind(source: str, p: Param) -> None:

@@ -16,13 +16,13 @@ from ..config import Config
 from ..contracts import WorkerContext
 from ..hat import HatGenerator
 from ..langevin import StepStats, sample_residual
-from ..loop import barrier
+from ..loop import barrier, status
 from ..losses import generator_loss
 from ..networks import latent_shape, sample_shape
 from ..optim import adam_with_schedule, ema_model, layerwise_clip_, load_adam_with_schedule, load_ema, update_ema
 from ..transfer import HostStaging
 from .base import StageBase
-from .ebm_common import energy_trainer, fixed_sample_grids, restore_snapshot, toy2d_tick_metrics
+from .ebm_common import check_same_bank, energy_trainer, fixed_sample_grids, restore_snapshot, toy2d_tick_metrics
 from .hdebm_common import HatSampler, fast_hat, hat_generator, latents
 
 
@@ -98,6 +98,11 @@ class Stage1(StageBase):
         barrier()  # every rank's commit of this step has landed
         if self.ctx.is_chief:
             self.bank.snapshot(step)
+            # Every step so far wrote each rank's batch to distinct slots, once: restarts and restores included.
+            problems = self.bank.audit(step, self.local_batch * self.ctx.world_size)
+            self.summary_state["bank_audit"] = {"step": step, "problems": problems}
+            if problems:
+                status(f"[stage1] bank audit at step {step}: {'; '.join(problems)}")
 
     # -- one step -------------------------------------------------------------------------------------------
 
@@ -114,6 +119,7 @@ class Stage1(StageBase):
 
         t0 = time.perf_counter()
         lease = self.bank.wait(pending)
+        check_same_bank(self, lease)
         bank_wait_s = time.perf_counter() - t0
         banked = self.staging.to_device({k: lease[k] for k in ("z1", "z2", "x", "written")})
         loss_g, grad_norm_g = self.update_generator(banked)
@@ -138,10 +144,6 @@ class Stage1(StageBase):
             metrics["Bank/commit_ok"], self._commit_ok = self._commit_ok, None
         if (step + 1) % self.report_every == 0 and self.ctx.is_chief:
             stats = self.bank.stats()
-            if stats.pop("reconstructed", False) and not self.summary_state.get("bank_reloads"):
-                # The actor died and Ray restarted it; it reloaded its latest snapshot by itself.
-                reload = {"noticed_at_step": step + 1, "snapshot_step": stats["loaded_snapshot_step"]}
-                self.summary_state["bank_reloads"] = [reload]
             metrics.update({f"Bank/{k}": float(v) for k, v in stats.items() if v is not None})
         return metrics
 

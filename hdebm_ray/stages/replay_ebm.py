@@ -25,7 +25,7 @@ from ..loop import barrier
 from ..networks import build_energy, sample_shape
 from ..slot_store import SlotStore, snapshot_location
 from .base import SamplerBase, StageBase
-from .ebm_common import energy_trainer, fixed_sample_grids, restore_snapshot, toy2d_tick_metrics
+from .ebm_common import check_same_bank, energy_trainer, fixed_sample_grids, restore_snapshot, toy2d_tick_metrics
 
 DATA_RANGE = (-1.0, 1.0)
 
@@ -175,6 +175,7 @@ class ReplayEBMStage(StageBase):
         the mask, ``extra`` further buffer states (Improved CD's entropy reference) from the same call, and how
         many slots the buffer had filled."""
         drawn = self.bank.sample(n, extra)
+        check_same_bank(self, drawn)
         dev = self.ctx.device
         x0 = torch.from_numpy(np.array(drawn["x"])).to(dev)
         reference = torch.from_numpy(np.array(drawn["reference"]["x"])).to(dev) if extra else x0[:0]

@@ -1,0 +1,63 @@
+"""What each stage reports, by exact key: the names a Tune space's ``metric`` may use (a typo or another stage's
+metric is refused when the space is loaded, not found failing in every trial). A test keeps these sets equal to
+what the stages really report."""
+
+from __future__ import annotations
+
+# Every stage, from the step loop.
+LOOP = {"Timing/sec_per_step", "Timing/train_step_s", "Timing/images_per_sec"}
+# Every stage with eval actors on (``eval.stages``), the newest known score.
+EVAL = {"Eval/fid", "Eval/fid_step"}
+# Streamed through Ray Data: per stream (``Data/<stream>_batches`` / ``_epochs``) and the skipped images.
+DATA = {"Data/skipped_images"}
+# Every energy-based stage: the EBM update, Langevin, the guard, toy2d's quality metrics.
+ENERGY = {
+    "Energy/abs_gap",
+    "Energy/data",
+    "Energy/gap",
+    "Energy/mad_dropped",
+    "Energy/sample",
+    "Langevin/clip_fraction",
+    "Langevin/drift_norm",
+    "Loss/energy",
+    "Opt/grad_norm_energy",
+    "Opt/lr_energy",
+    "Eval/toy2d_modes",
+    "Eval/toy2d_quality",
+    "Guard/rollbacks",
+    "Guard/scale",
+}
+# The shared store's counters (slot_store / bank), for Stage 1's bank and the baselines' replay buffer.
+STORE = {
+    "Bank/commit_ok",
+    "Bank/filled_fraction",
+    "Bank/leases_out",
+    "Bank/mean_slot_age_steps",
+    "Bank/mean_writes_per_slot",
+    "Bank/reclaimed_leases",
+    "Bank/rejected_commits",
+    "Bank/rejected_snapshots",
+    "Bank/loaded_snapshot_step",
+    "Bank/reconstructed",  # the Ray actor's
+}
+REPLAY = STORE | ENERGY | {"Bank/distinct_lineages", "Bank/pushed", "Bank/reinit_fraction", "Langevin/chain_move"}
+
+OWN = {
+    "diffusion": {"Loss/diffusion", "Opt/grad_norm", "Opt/lr"},
+    "distill": {"Loss/distill", "Opt/grad_norm", "Opt/lr"}
+    | {"Distill/sampler_gap_mse", "Distill/step_gap_mse", "Distill/student_steps"},
+    "stage1": STORE
+    | ENERGY
+    | {"Bank/written_fraction", "Langevin/residual_norm", "Loss/generator", "Opt/grad_norm_generator"}
+    | {"Opt/lr_generator", "Timing/bank_commit_s", "Timing/bank_wait_s"},
+    "stage2": ENERGY | {"Langevin/residual_norm", "Langevin/z1_move"},
+    "mebm": REPLAY,
+    "mjem": REPLAY | {"Classifier/accuracy", "Classifier/train_accuracy", "Loss/classifier"},
+    "icd": REPLAY | {"Loss/kl", "Loss/nn_entropy"},
+}
+
+
+def reported_metrics(stage: str, streams: tuple[str, ...] = ("train",)) -> set[str]:
+    """Every key stage ``stage`` can report (``streams``: the data streams it reads)."""
+    data = DATA | {f"Data/{s}_{what}" for s in streams for what in ("batches", "epochs")}
+    return OWN[stage] | LOOP | EVAL | data
