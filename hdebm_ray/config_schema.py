@@ -48,6 +48,12 @@ class RaySection:
     num_workers: int = knob(2, lo=1, doc="Ray Train workers (DDP ranks)")
     use_gpu: bool = knob(False, doc="one GPU per Ray Train worker (nccl); false: CPU workers (gloo)")
     cpus_per_worker: float = knob(1.0, lo=0.0, lo_open=True, doc="logical CPUs each Ray Train worker reserves")
+    placement_strategy: str = knob(
+        "PACK",
+        choices=("PACK", "SPREAD"),
+        doc="where the workers go: PACK fills a node first (fast collectives), SPREAD puts each on its own node "
+        "where there are enough (a lost node costs fewer ranks); both fall back to whatever fits",
+    )
     max_failures: int = knob(1, lo=-1, doc="worker-group restarts per stage; -1 = unlimited")
     checkpoints_to_keep: int = knob(2, lo=1, doc="checkpoints Ray keeps per stage (bank snapshots: one more)")
     connect_timeout_s: float = knob(30.0, lo=0.0, lo_open=True, doc="seconds to reach ray.address before failing")

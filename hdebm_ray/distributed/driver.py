@@ -134,7 +134,12 @@ def trainer_for(
             "stage_dir": f"{location}/{name or stage}",  # the Train run's directory: the guard's files go there
             "guard_rollbacks": guard_log.rollbacks if guard_log is not None else [],
         },
-        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=r.num_workers,
+            use_gpu=r.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=r.placement_strategy,
+        ),
         run_config=RunConfig(
             name=name or stage,
             storage_path=location,
