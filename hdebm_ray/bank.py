@@ -29,10 +29,17 @@ class Bank:
     def size(self) -> int:
         return self.store.size
 
-    def checkout(self, n: int, owner: str) -> dict:
-        """n distinct slots no other lease holds, with their data; the owner's older leases are dropped."""
+    def checkout(self, n: int, owner: str, step: int | None = None) -> dict:
+        """n distinct slots no other lease holds, with their data; the owner's older leases are dropped. With
+        ``step`` (the step the lease will be committed with), not slots another rank already committed in that
+        step, while enough others are free: calls from different ranks reach the bank in any order."""
         self.table.reclaim(owner)
-        idx = draw_free(self.rng, self.table, np.arange(self.size), n, "bank")
+        candidates = np.arange(self.size)
+        if step is not None:
+            fresh = candidates[self.store.written_step != step]
+            if len(self.table.free(fresh)) >= n:
+                candidates = fresh
+        idx = draw_free(self.rng, self.table, candidates, n, "bank")
         lease = self.table.grant(owner, idx)
         self.seq += 1
         return {"lease": lease.lease_id, "idx": idx, "seq": self.seq, **self.store.read(idx)}
@@ -42,6 +49,7 @@ class Bank:
         lease = self.table.take(lease_id)
         if lease is None:
             return {"ok": False, "seq": self.seq}
+        self.store.count_writes(lease.idx, step)
         self.store.write(lease.idx, step, **fields)
         self.seq += 1
         return {"ok": True, "seq": self.seq}
@@ -49,7 +57,12 @@ class Bank:
     def fill(self, start: int, step: int = 0, **fields: np.ndarray) -> None:
         """Initialise slots [start, start + len) (bank initialisation from G(z) in batches)."""
         n = len(next(iter(fields.values())))
+        self.store.count_writes(np.arange(start, start + n), step)
         self.store.write(np.arange(start, start + n), step, **fields)
+
+    def reset(self) -> None:
+        """Empty (before a fill from G): contents, counts and leases."""
+        self.load_store(SlotStore(self.size, self.store.shapes))
 
     def is_filled(self) -> bool:
         return bool((self.store.written_step >= 0).all())
@@ -62,7 +75,8 @@ class Bank:
         counts = np.zeros(last_step + 1, dtype=np.int64)
         n = min(len(store.step_writes), last_step + 1)
         counts[:n] = store.step_writes[:n]
-        wrong = np.flatnonzero(counts[1:] != global_batch) + 1
+        first = store.audit_from + 1  # the counts are complete from there on
+        wrong = np.flatnonzero(counts[first:] != global_batch) + first
         if len(wrong):
             shown = ", ".join(f"step {s}: {counts[s]}" for s in wrong[:5])
             problems.append(f"{len(wrong)} step(s) without exactly {global_batch} slot writes ({shown})")
@@ -72,7 +86,7 @@ class Bank:
             problems.append(f"slots written after step {last_step}")
         if (store.written_step < 0).any():
             problems.append(f"{int((store.written_step < 0).sum())} slot(s) never written")
-        if store.writes.sum() != store.step_writes.sum():
+        if store.audit_from == 0 and store.writes.sum() != store.step_writes.sum():
             problems.append(f"per-slot writes add up to {store.writes.sum()}, per-step to {store.step_writes.sum()}")
         return problems
 
@@ -233,6 +247,12 @@ class ReplayBuffer:
         self.table.clear()
 
 
+class BankRestarted(RuntimeError):
+    """The bank / buffer actor died and Ray restarted it empty: this worker group's weights and the bank no longer
+    belong to the same step. Raised to have Ray Train restart the group from its latest checkpoint, whose own
+    snapshot rank 0 then restores."""
+
+
 class BankService:
     """What the bank actor serves, usable in-process too: a Bank or ReplayBuffer plus its snapshot directory.
 
@@ -261,23 +281,45 @@ class BankService:
         else:
             raise ValueError(f"unknown bank kind {kind!r}")
         self.kind, self.snapshot_dir, self.keep = kind, snapshot_dir, keep
-        # New with every construction (a restarted actor's included) and unchanged by restores: a worker that
-        # sees it change knows the bank went back to a snapshot behind its back.
+        # New with every construction (a restarted actor's included) and unchanged by restores: a client pins it
+        # when its stage starts, and a call or lease of another generation means the actor was restarted (empty)
+        # behind the stage's back.
         self.generation = self.core.table.table_id
         self.loaded_snapshot_step: int | None = None
         self.rejected: list[str] = []  # snapshots ``restore`` found unusable, and why
 
+    def current_generation(self) -> str:
+        return self.generation
+
+    def check_generation(self, generation: str | None) -> None:
+        """``BankRestarted`` if the caller pinned another generation than this one (None: not pinned)."""
+        if generation is not None and generation != self.generation:
+            raise BankRestarted(
+                f"the {'bank' if self.kind == 'bank' else 'replay buffer'} actor was restarted and is empty; "
+                "the workers restart from their latest checkpoint and restore its snapshot"
+            )
+
     # Bank mode
-    def checkout(self, n: int, owner: str) -> dict:
-        out = self.core.checkout(n, owner)
+    def checkout(self, n: int, owner: str, step: int | None = None) -> dict:
+        out = self.core.checkout(n, owner, step)
         out["written"] = self.core.store.written_step[out["idx"]] >= 0
         return {**out, "generation": self.generation}
 
     def commit(self, lease_id: str, step: int, fields: dict) -> dict:
         return self.core.commit(lease_id, step, **fields)
 
-    def fill(self, start: int, step: int, fields: dict) -> None:
+    def fill(self, start: int, step: int, fields: dict, generation: str | None = None) -> None:
+        self.check_generation(generation)
         self.core.fill(start, step, **fields)
+
+    def reset(self, generation: str | None = None) -> None:
+        self.check_generation(generation)
+        self.core.reset()
+
+    def counts_from(self, step: int, generation: str | None = None) -> None:
+        """The audit's counts are complete only after ``step`` (a refill, or an older snapshot than the step)."""
+        self.check_generation(generation)
+        self.core.store.audit_from = step
 
     # Replay mode
     def sample(self, n: int, owner: str, extra: int = 0) -> dict:
@@ -286,7 +328,8 @@ class BankService:
     def push(self, lease_id: str, step: int, fields: dict) -> bool:
         return self.core.push(lease_id, step, **fields)
 
-    def audit(self, last_step: int, global_batch: int) -> list[str]:
+    def audit(self, last_step: int, global_batch: int, generation: str | None = None) -> list[str]:
+        self.check_generation(generation)
         return self.core.audit(last_step, global_batch)
 
     # Both
@@ -297,7 +340,8 @@ class BankService:
             "rejected_snapshots": len(self.rejected),
         }
 
-    def snapshot(self, step: int) -> str:
+    def snapshot(self, step: int, generation: str | None = None) -> str:
+        self.check_generation(generation)  # never a snapshot of a restarted, empty bank
         if not self.snapshot_dir:
             raise RuntimeError("this bank has no snapshot directory")
         path = self.core.store.snapshot(self.snapshot_dir, step)
@@ -305,17 +349,21 @@ class BankService:
         prune_snapshots(self.snapshot_dir, set(steps[-self.keep :]))
         return path
 
-    def restore(self, step: int | None = None) -> int | None:
+    def restore(self, step: int | None = None, generation: str | None = None) -> int | None:
         """Load the snapshot of ``step`` (default: the latest), verified (readable, this bank's size and fields,
         its step); if it is unusable, the newest usable older one (each snapshot belongs to a checkpoint of its
         step). Returns the loaded step, None if none is usable (the caller refills). ``rejected`` lists why
         snapshots were passed over."""
+        self.check_generation(generation)
         snaps = list_snapshots(self.snapshot_dir) if self.snapshot_dir else {}
         store = self.core.store
         for candidate in sorted((s for s in snaps if step is None or s <= step), reverse=True):
             try:
                 loaded_store, loaded = SlotStore.load(snaps[candidate])
                 loaded_store.check_matches(store.size, store.shapes, candidate, snaps[candidate])
+                unwritten = int((loaded_store.written_step < 0).sum())
+                if self.kind == "bank" and unwritten:  # a bank is filled before its first snapshot
+                    raise SnapshotError(f"bank snapshot '{snaps[candidate]}' has {unwritten} never-written slots")
             except SnapshotError as e:
                 self.rejected.append(str(e))
                 print(f"[bank] {e}; trying an older snapshot", flush=True)
@@ -331,17 +379,39 @@ def as_numpy(fields: dict) -> dict:
     return {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in fields.items()}
 
 
-class LocalBankClient:
+class PinnedGeneration:
+    """What both clients share: the bank generation pinned when the stage started (``pin``), sent with every call
+    that must not reach a restarted bank, and compared with every lease (``checked``)."""
+
+    generation: str | None = None
+
+    def pin(self) -> str:
+        self.generation = self._call("current_generation")
+        return self.generation
+
+    def checked(self, reply: dict) -> dict:
+        if self.generation is not None and reply.get("generation", self.generation) != self.generation:
+            self._call("check_generation", self.generation)  # raises BankRestarted, in the service's words
+        return reply
+
+    def _call(self, method: str, *args, **kwargs):
+        raise NotImplementedError
+
+
+class LocalBankClient(PinnedGeneration):
     """The in-process bank used by ``run_in_process`` and tests; same calls as the Ray actor client."""
 
     def __init__(self, service: BankService, owner: str = "rank0"):
         self.service, self.owner = service, owner
 
-    def checkout(self, n: int):
-        return self.service.checkout(n, self.owner)
+    def _call(self, method: str, *args, **kwargs):
+        return getattr(self.service, method)(*args, **kwargs)
+
+    def checkout(self, n: int, step: int | None = None):
+        return self.service.checkout(n, self.owner, step)
 
     def wait(self, handle):
-        return handle
+        return self.checked(handle)
 
     def commit(self, lease_id: str, step: int, **fields) -> bool:
         return self.service.commit(lease_id, step, as_numpy(fields))["ok"]
@@ -350,10 +420,16 @@ class LocalBankClient:
         return self.service.commit(lease_id, step, as_numpy(fields))
 
     def fill(self, start: int, step: int, **fields) -> None:
-        self.service.fill(start, step, as_numpy(fields))
+        self.service.fill(start, step, as_numpy(fields), self.generation)
+
+    def reset(self) -> None:
+        self.service.reset(self.generation)
+
+    def counts_from(self, step: int) -> None:
+        self.service.counts_from(step, self.generation)
 
     def sample(self, n: int, extra: int = 0):
-        return self.service.sample(n, self.owner, extra)
+        return self.checked(self.service.sample(n, self.owner, extra))
 
     def push(self, lease_id: str, step: int, **fields) -> bool:
         return self.service.push(lease_id, step, as_numpy(fields))
@@ -362,10 +438,10 @@ class LocalBankClient:
         return self.service.stats()
 
     def audit(self, last_step: int, global_batch: int) -> list[str]:
-        return self.service.audit(last_step, global_batch)
+        return self.service.audit(last_step, global_batch, self.generation)
 
     def snapshot(self, step: int) -> str:
-        return self.service.snapshot(step)
+        return self.service.snapshot(step, self.generation)
 
     def restore(self, step: int | None = None) -> int | None:
-        return self.service.restore(step)
+        return self.service.restore(step, self.generation)

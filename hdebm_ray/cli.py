@@ -120,7 +120,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .distributed.search_space import check_metric, load_space
+    from .distributed.search_space import load_space
     from .distributed.sweep import SweepOptions
 
     overrides = list(args.set)
@@ -131,10 +131,9 @@ def cmd_tune(args) -> int:
         overrides.append("ray.use_gpu=true")
     args.set = overrides
     cfg = resolve(args)
-    space = load_space(args.space, cfg)  # checked before anything starts
-    if args.metric or args.mode:
-        space = dataclasses.replace(space, metric=args.metric or space.metric, mode=args.mode or space.mode)
-        check_metric(space, "--metric")
+    space = load_space(args.space, cfg, args.metric)  # checked before anything starts
+    if args.mode:
+        space = dataclasses.replace(space, mode=args.mode)
     if args.name:
         check_run_name(args.name, "--name")
     opts = SweepOptions(

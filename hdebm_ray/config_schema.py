@@ -54,7 +54,9 @@ class RaySection:
         doc="where the workers go: PACK fills a node first (fast collectives), SPREAD puts each on its own node "
         "where there are enough (a lost node costs fewer ranks); both fall back to whatever fits",
     )
-    max_failures: int = knob(1, lo=-1, doc="worker-group restarts per stage; -1 = unlimited")
+    max_failures: int = knob(
+        1, lo=-1, doc="worker-group restarts per stage (a dead worker or node, a restarted bank actor); -1 = unlimited"
+    )
     checkpoints_to_keep: int = knob(2, lo=1, doc="checkpoints Ray keeps per stage (bank snapshots: one more)")
     connect_timeout_s: float = knob(30.0, lo=0.0, lo_open=True, doc="seconds to reach ray.address before failing")
 
@@ -116,8 +118,9 @@ class DataSection:
     on_bad_image: str = knob(
         "fail",
         choices=("fail", "skip"),
-        doc="an image that cannot be decoded during training: fail (stop, naming the file) or skip it (a line "
-        "naming the file; Data/skipped_images counts them; image_folder / parquet)",
+        doc="an image whose bytes do not decode, during training: fail (stop, naming the file) or skip it (a line "
+        "naming the file; with Ray Data, Data/skipped_images counts rank 0's); a file that cannot be read at all "
+        "always fails",
     )
     loader: str = knob(
         "auto",

@@ -33,14 +33,18 @@ class SnapshotClient(Protocol):
     def restore(self, step: int | None = None) -> int | None:
         """Load the snapshot of ``step`` (None: the latest); the step restored, None if there is none."""
 
+    def pin(self) -> str:
+        """Pin the store's generation (when the stage starts): from then on a call or lease that finds the actor
+        restarted (empty) raises ``bank.BankRestarted``."""
+
 
 @runtime_checkable
 class BankClient(SnapshotClient, Protocol):
     """HDEBM Stage 1's shared bank of (z1, z2, X⁻): leased batches, committed back in place."""
 
-    def checkout(self, n: int) -> Any:
-        """Ask for a lease of ``n`` entries; returns a handle (``wait`` turns it into the lease) so the round trip
-        can overlap the step's Langevin chain."""
+    def checkout(self, n: int, step: int | None = None) -> Any:
+        """Ask for a lease of ``n`` entries to be committed with ``step``; returns a handle (``wait`` turns it into
+        the lease) so the round trip can overlap the step's Langevin chain."""
 
     def wait(self, handle: Any) -> dict:
         """The lease: ``{"lease": id, "idx": slots, "generation": the bank's, <field>: array, ...}``."""
@@ -54,6 +58,12 @@ class BankClient(SnapshotClient, Protocol):
 
     def audit(self, last_step: int, global_batch: int) -> list[str]:
         """What breaks "one committer per slot per step" in steps 1..last_step ([] if nothing)."""
+
+    def reset(self) -> None:
+        """Empty the bank (before a fill)."""
+
+    def counts_from(self, step: int) -> None:
+        """The audit's per-step counts are complete only after ``step`` (a refill or an older snapshot)."""
 
 
 @runtime_checkable

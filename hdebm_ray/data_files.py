@@ -35,6 +35,11 @@ class DatasetError(RuntimeError):
     """The dataset cannot be read; the message says which file or folder and what to do."""
 
 
+class BadImageError(DatasetError):
+    """One image's bytes do not decode (truncated, not an image): what ``data.on_bad_image: skip`` skips. A file or
+    shard that cannot be read at all stays a ``DatasetError``: storage trouble is not skipped silently."""
+
+
 def uint8_to_unit(x: torch.Tensor) -> torch.Tensor:
     """uint8 (…, C, H, W) in [0, 255] -> float in [-1, 1]."""
     return x.float() / 127.5 - 1.0
@@ -63,7 +68,7 @@ def decode_uint8(data: bytes, resolution: int, channels: int, where: str) -> tor
         with Image.open(io.BytesIO(data)) as img:
             return pil_to_uint8(img, resolution, channels)
     except (OSError, ValueError, TypeError, Image.DecompressionBombError) as e:  # truncated / not an image / not bytes
-        raise DatasetError(f"cannot decode the image in {where}: {e}") from None
+        raise BadImageError(f"cannot decode the image in {where}: {e}") from None
 
 
 def image_bytes(cell) -> bytes:
@@ -126,7 +131,7 @@ def folder_label(base: str, path: str, index: dict[str, int]) -> int:
 
 
 class BadImagePolicy:
-    """``data.on_bad_image`` for the file datasets: ``fail`` raises the ``DatasetError`` that names the file;
+    """``data.on_bad_image`` for the file datasets: ``fail`` raises the ``BadImageError`` that names the file;
     ``skip`` says so once per image (counting them in ``skipped``) and goes on without it."""
 
     on_bad_image = "fail"
@@ -135,7 +140,7 @@ class BadImagePolicy:
         """``decode(*args)``, or None where image ``i`` cannot be decoded and is skipped."""
         try:
             return decode(*args)
-        except DatasetError as e:
+        except BadImageError as e:
             if self.on_bad_image != "skip":
                 raise
             if i not in self.skipped:
@@ -153,7 +158,7 @@ class BadImagePolicy:
         """Item ``i``, or under ``skip`` the next decodable one after it (random access keeps its batch full)."""
         for j in range(len(self)):
             k = (i + j) % len(self)
-            if (item := self.decoded(k, decode_at, k)) is not None:
+            if k not in self.skipped and (item := self.decoded(k, decode_at, k)) is not None:
                 return item
         raise DatasetError(f"no image under '{self.root}' (data.path) can be decoded")
 

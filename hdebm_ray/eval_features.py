@@ -57,7 +57,9 @@ def inception_extractor(cfg: Config, device: torch.device):
     verify_sha256(path, cfg.eval.inception_sha256)
     from cleanfid.inception_torchscript import InceptionV3W
 
-    model = InceptionV3W.__new__(InceptionV3W)  # clean-fid's wrapper, loading our verified file
+    # clean-fid's wrapper (its normalisation and layers call), around the verified file: its constructor would load
+    # from a fixed name in a folder. Relies on clean-fid 0.1.35's attributes (pinned in pyproject.toml).
+    model = InceptionV3W.__new__(InceptionV3W)
     nn.Module.__init__(model)
     model.base = torch.jit.load(str(path), map_location="cpu").eval()
     model.layers, model.resize_inside = model.base.layers, False
@@ -103,8 +105,10 @@ def verify_sha256(path: Path, expected: str) -> str:
             "replace it (or, if it is the intended file, remove the pin / set eval.inception_sha256)"
         )
     if not expected:
-        try:
-            pin.write_text(digest + "\n")
+        try:  # atomically: another eval actor may be reading the pin
+            tmp = pin.with_name(f".{pin.name}.{os.getpid()}.tmp")
+            tmp.write_text(digest + "\n")
+            os.replace(tmp, pin)
         except OSError:
             pass  # a read-only location: nothing pinned, the hash is still printed
         print(f"[eval] Inception weights '{path}' SHA-256 {digest} (set eval.inception_sha256 to pin it)", flush=True)

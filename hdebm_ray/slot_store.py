@@ -34,10 +34,11 @@ class SlotStore:
     writes and a lineage id (which chain the slot's state descends from; -1 = none), plus named integer counters
     that travel with snapshots (a replay buffer's ring position and next lineage id).
 
-    For audits it also counts, per training step, the slots written with that step (``step_writes``; step 0 is
-    the initial fill) and the writes that hit a slot already written in the same step (``double_writes``): with
-    the per-slot steps and counts these say whether every slot was written by exactly one committer per step,
-    across restarts and restores (both travel with snapshots)."""
+    For the bank's audit (``count_writes``, called by ``bank.Bank``) it also counts, per training step, the slots
+    written with that step (``step_writes``; step 0 is the initial fill) and the writes that hit a slot already
+    written in the same step (``double_writes``); ``audit_from`` is the step before which the counts are not
+    complete (a refill, a fallback to an older snapshot, a snapshot written before they existed). All three
+    travel with snapshots."""
 
     def __init__(self, size: int, shapes: dict[str, tuple[int, ...]]):
         self.size, self.shapes = size, {k: tuple(v) for k, v in shapes.items()}
@@ -47,19 +48,37 @@ class SlotStore:
         self.lineage = np.full(size, -1, dtype=np.int64)
         self.counters: dict[str, int] = {}
         self.step = 0  # latest training step seen in a write
-        self.step_writes = np.zeros(0, dtype=np.int64)  # [s]: slots written with step s
+        self._step_counts = np.zeros(1024, dtype=np.int64)  # grown by doubling: no copy per step
+        self._steps_counted = 0
         self.double_writes = 0
+        self.audit_from = 0
+
+    @property
+    def step_writes(self) -> np.ndarray:
+        """[s]: the slots written with step s (counted by ``count_writes``)."""
+        return self._step_counts[: self._steps_counted]
+
+    def count_writes(self, idx: np.ndarray, step: int) -> None:
+        """Count a write of slots ``idx`` at ``step``, before it happens (a slot already written at ``step``, or
+        named twice, is a double write; step 0 is the fill)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if step > 0:
+            self.double_writes += int((self.written_step[idx] == step).sum()) + len(idx) - len(np.unique(idx))
+        if step >= len(self._step_counts):
+            grown = np.zeros(max(2 * len(self._step_counts), step + 1), dtype=np.int64)
+            grown[: self._steps_counted] = self.step_writes
+            self._step_counts = grown
+        self._step_counts[step] += len(idx)
+        self._steps_counted = max(self._steps_counted, step + 1)
+
+    def load_step_writes(self, counts: np.ndarray) -> None:
+        self._step_counts = np.concatenate([counts, np.zeros(1024, dtype=np.int64)])
+        self._steps_counted = len(counts)
 
     def write(self, idx: np.ndarray, step: int, lineage: np.ndarray | None = None, **fields: np.ndarray) -> None:
         missing = set(self.shapes) - set(fields)
         if missing:
             raise ValueError(f"write is missing fields {sorted(missing)}")
-        idx = np.asarray(idx, dtype=np.int64)
-        if step > 0:  # fills (step 0) may rewrite slots: a refill after an unusable snapshot
-            self.double_writes += int((self.written_step[idx] == step).sum()) + len(idx) - len(np.unique(idx))
-        if step >= len(self.step_writes):
-            self.step_writes = np.concatenate([self.step_writes, np.zeros(step + 1 - len(self.step_writes), np.int64)])
-        self.step_writes[step] += len(idx)
         for k, v in fields.items():
             self.arrays[k][idx] = v
         self.written_step[idx] = step
@@ -100,6 +119,7 @@ class SlotStore:
             **{f"counter:{k}": str(v) for k, v in self.counters.items()},
             "step_writes": encode_runs(self.step_writes),
             "double_writes": str(self.double_writes),
+            "audit_from": str(self.audit_from),
         }
         table = pa.table(cols).replace_schema_metadata(meta)
         path, tmp = f"{base}/{snapshot_name(step)}", f"{base}/.{snapshot_name(step)}.tmp"
@@ -144,16 +164,19 @@ class SlotStore:
         if "lineage" in table.column_names:
             store.lineage[:] = table.column("lineage").to_numpy()
         store.counters = {k[8:]: int(v) for k, v in meta.items() if k.startswith("counter:")}
-        store.step_writes = decode_runs(meta.get("step_writes", ""))
+        store.load_step_writes(decode_runs(meta.get("step_writes", "")))
         store.double_writes = int(meta.get("double_writes", 0))
+        step = int(meta["step"])
+        # A snapshot from before the counts were kept: they are complete only from its step on.
+        store.audit_from = int(meta["audit_from"]) if "audit_from" in meta else step
         step = int(meta["step"])
         store.step = step
         return store, step
 
 
 def encode_runs(counts: np.ndarray) -> str:
-    """Run-length text of per-step counts ("48x1,32x500": 48 once, then 32 for 500 steps): a long run's counts
-    are nearly all the global batch, so this stays a few bytes in the snapshot's metadata."""
+    """Run-length text of per-step counts ("48x1,32x500": 48 once, then 32 for 500 steps): a bank's counts are
+    nearly all the global batch, so this stays a few bytes in the snapshot's metadata."""
     if not len(counts):
         return ""
     starts = np.flatnonzero(np.diff(counts, prepend=counts[0] - 1))

@@ -79,12 +79,80 @@ def test_audit_finds_a_lost_commit_and_a_double_write_and_survives_a_restore(tmp
     _steps(bank, 7, 8)
     assert bank.audit(8, 16) == []
     # Two committers writing one slot in one step is found, even when the per-step count is right.
-    lease = bank.checkout(8, "rank0")
-    bank.commit(lease["lease"], 9, **_fields(8, 9.0))
-    bank.store.write(lease["idx"][:8], 9, **_fields(8, 9.5))
-    assert bank.audit(9, 16) == ["8 write(s) to a slot already written in the same step"]
-    again = SlotStore.load(bank.store.snapshot(str(tmp_path), 9))[0]
-    assert again.double_writes == 8 and np.array_equal(again.step_writes, bank.store.step_writes)
+    small = Bank(8, SHAPES)
+    small.fill(0, 0, **_fields(8, 0.0))
+    for owner in ("rank0", "rank1"):  # each leases all 8 slots in turn and commits them with step 1
+        assert small.commit(small.checkout(8, owner)["lease"], 1, **_fields(8, 1.0))["ok"]
+    assert small.audit(1, 16) == ["8 write(s) to a slot already written in the same step"]
+    again = SlotStore.load(small.store.snapshot(str(tmp_path), 1))[0]
+    assert again.double_writes == 8 and np.array_equal(again.step_writes, small.store.step_writes)
+
+
+def test_a_checkout_for_a_step_avoids_slots_already_committed_in_it():
+    # Ranks' calls reach the bank in any order: rank1's checkout for step 3 may arrive after rank0's commit of it.
+    bank = Bank(32, SHAPES, seed=2)
+    bank.fill(0, 0, **_fields(32, 0.0))
+    first = bank.checkout(8, "rank0", step=3)
+    bank.commit(first["lease"], 3, **_fields(8, 3.0))
+    for seed in range(20):
+        bank.rng = np.random.default_rng(seed)
+        later = bank.checkout(8, "rank1", step=3)
+        assert not set(later["idx"]) & set(first["idx"])
+    bank.commit(later["lease"], 3, **_fields(8, 3.0))
+    assert bank.audit(3, 16) == ["2 step(s) without exactly 16 slot writes (step 1: 0, step 2: 0)"]
+
+
+def test_the_audit_counts_only_where_its_counts_are_complete(tmp_path):
+    """A refill or a fallback to an older snapshot (``counts_from``), and a snapshot written before the counts
+    existed, are audited from their step on; a fresh start on a used bank starts its counts afresh."""
+    bank = Bank(16, SHAPES, seed=3)
+    bank.fill(0, 0, **_fields(16, 0.0))
+    _steps(bank, 1, 3, n=4)
+    bank.reset()  # a worker group that died before its first checkpoint starts over on the same actor
+    bank.fill(0, 0, **_fields(16, 0.0))
+    _steps(bank, 1, 2, n=4)
+    assert bank.audit(2, 8) == []
+    bank.reset()  # no usable snapshot at step 6: refilled from G, counted from 6 on
+    bank.fill(0, 0, **_fields(16, 0.0))
+    bank.store.audit_from = 6
+    _steps(bank, 7, 8, n=4)
+    assert bank.audit(8, 8) == []
+    assert bank.audit(8, 4) == ["2 step(s) without exactly 4 slot writes (step 7: 8, step 8: 8)"]
+    # a snapshot from before the counts: its metadata has none, so they count from its step
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    path = bank.store.snapshot(str(tmp_path), 8)
+    table = ipc.open_file(pa.memory_map(path)).read_all()
+    meta = {k: v for k, v in table.schema.metadata.items() if k not in (b"step_writes", b"audit_from")}
+    with ipc.new_file(path, table.schema.with_metadata(meta)) as w:
+        w.write_table(table.replace_schema_metadata(meta))
+    old, _ = SlotStore.load(path)
+    assert old.audit_from == 8 and len(old.step_writes) == 0
+    bank.load_store(old)
+    _steps(bank, 9, 9, n=4)
+    assert bank.audit(9, 8) == []
+
+
+def test_calls_from_before_a_restart_and_an_unfilled_snapshot_are_refused(tmp_path):
+    from hdebm_ray.bank import BankRestarted, LocalBankClient
+
+    old = BankService("bank", 16, SHAPES, str(tmp_path))
+    client = LocalBankClient(old)
+    client.pin()
+    client.fill(0, 0, **_fields(16, 1.0))
+    client.snapshot(2)
+    restarted = BankService("bank", 16, SHAPES, str(tmp_path))  # what Ray brings back: empty, a new generation
+    client.service = restarted
+    for call in (lambda: client.snapshot(4), lambda: client.fill(0, 0, **_fields(16, 2.0)), lambda: client.restore(2)):
+        with pytest.raises(BankRestarted, match="restarted and is empty"):
+            call()
+    with pytest.raises(BankRestarted):
+        client.wait(client.checkout(4))  # its leases show the new generation
+    assert not list_snapshots(str(tmp_path)).keys() - {2}  # no snapshot of the empty bank was written
+    # An unfilled bank's snapshot (from any path) is passed over on restore.
+    restarted.core.store.snapshot(str(tmp_path), 3)
+    assert restarted.restore(3) == 2 and "never-written slots" in restarted.rejected[0]
 
 
 def test_a_lease_from_before_a_restart_is_refused_by_the_restarted_bank():

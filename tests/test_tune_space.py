@@ -52,6 +52,13 @@ def test_bad_spaces_are_rejected_naming_the_key(text, key, message):
     assert key in str(err.value) and message in str(err.value) and "bad.yaml" in str(err.value)
 
 
+def test_a_metric_given_on_the_command_line_replaces_the_files_before_the_check():
+    text = "stage: stage1\nmetric: Eval/FID\nparams: {stage1.steps: {choice: [8]}}\n"
+    assert parse_space(text, "s.yaml", load_config("digits"), metric="Eval/fid").metric == "Eval/fid"
+    with pytest.raises(ConfigError, match="--metric: stage stage1 does not report 'Loss/diffusion'"):
+        parse_space(text, "s.yaml", load_config("digits"), metric="Loss/diffusion")
+
+
 def test_distributions_map_to_ray_tune_domains():
     from ray import tune
 

@@ -69,19 +69,29 @@ def test_stage1_on_two_nodes_streams_parquet_through_ray_data_and_survives_losin
     def remove_a_worker_node():
         from ray.util.state import list_actors
 
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not list(stage_dir.glob("checkpoint_00000004_*/meta.json")):
-            time.sleep(0.05)
-        alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-        seen["placed"] = {a.node_id for a in list_actors(filters=alive, raise_on_missing_output=False)}
-        (node,) = two_nodes.worker_nodes
-        seen["lost"] = node.node_id
-        two_nodes.remove_node(node, allow_graceful=False)
+        try:
+            deadline = time.monotonic() + 300
+            while not list(stage_dir.glob("checkpoint_00000004_*/meta.json")):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("no checkpoint 4")
+                time.sleep(0.05)
+            alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+            seen["placed"] = {a.node_id for a in list_actors(filters=alive, raise_on_missing_output=False)}
+            seen["newest_before"] = max(int(p.name.split("_")[1]) for p in stage_dir.glob("checkpoint_*"))
+            (node,) = two_nodes.worker_nodes
+            seen["lost"] = node.node_id
+            two_nodes.remove_node(node, allow_graceful=False)
+        except Exception as err:  # seen by the assertions below, not lost in the thread
+            seen["error"] = err
 
     remover = threading.Thread(target=remove_a_worker_node)
     remover.start()
-    out = fit_stage(cfg, "stage1", init, report_hooks=[RecordNode(str(nodes))])
-    remover.join()
+    try:
+        out = fit_stage(cfg, "stage1", init, report_hooks=[RecordNode(str(nodes))])
+    finally:
+        remover.join()
+    assert "error" not in seen, seen.get("error")
+    assert seen["newest_before"] < 8  # the node was lost mid-run
     meta = load_meta(out["checkpoint"])
     assert meta["done"] and meta["step"] == 8 and out["checkpoint"].startswith(f"file://{tmp_path}/runs/two/")
     assert len(seen["placed"]) == 2  # before the loss: one worker on each of two nodes

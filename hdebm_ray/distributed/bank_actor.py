@@ -14,7 +14,7 @@ import warnings
 
 import ray
 
-from ..bank import BankService, as_numpy
+from ..bank import BankRestarted, BankService, PinnedGeneration, as_numpy
 
 NAMESPACE = "hdebm"
 
@@ -50,18 +50,27 @@ def create_bank_actor(
     )
 
 
-class ActorBankClient:
+class ActorBankClient(PinnedGeneration):
     """A Train worker's handle on the bank actor; ``checkout`` and ``commit_async`` are asynchronous so their
-    round trips overlap the step."""
+    round trips overlap the step. A ``BankRestarted`` from the actor arrives wrapped by Ray; it is re-raised as
+    itself."""
 
     def __init__(self, name: str, owner: str):
         self.actor, self.owner = ray.get_actor(name, namespace=NAMESPACE), owner
 
-    def checkout(self, n: int):
-        return self.actor.checkout.remote(n, self.owner)
+    def _call(self, method: str, *args, **kwargs):
+        try:
+            return ray.get(getattr(self.actor, method).remote(*args, **kwargs))
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, BankRestarted):
+                raise err.cause from None
+            raise
+
+    def checkout(self, n: int, step: int | None = None):
+        return self.actor.checkout.remote(n, self.owner, step)
 
     def wait(self, handle):
-        return ray.get(handle)
+        return self.checked(ray.get(handle))
 
     def commit(self, lease_id: str, step: int, **fields) -> bool:
         return ray.get(self.commit_async(lease_id, step, **fields))["ok"]
@@ -70,22 +79,28 @@ class ActorBankClient:
         return self.actor.commit.remote(lease_id, step, as_numpy(fields))  # arguments are serialised here
 
     def fill(self, start: int, step: int, **fields) -> None:
-        ray.get(self.actor.fill.remote(start, step, as_numpy(fields)))
+        self._call("fill", start, step, as_numpy(fields), self.generation)
+
+    def reset(self) -> None:
+        self._call("reset", self.generation)
+
+    def counts_from(self, step: int) -> None:
+        self._call("counts_from", step, self.generation)
 
     def sample(self, n: int, extra: int = 0):
-        return ray.get(self.actor.sample.remote(n, self.owner, extra))
+        return self.checked(self._call("sample", n, self.owner, extra))
 
     def push(self, lease_id: str, step: int, **fields) -> bool:
-        return ray.get(self.actor.push.remote(lease_id, step, as_numpy(fields)))
+        return self._call("push", lease_id, step, as_numpy(fields))
 
     def stats(self) -> dict:
-        return ray.get(self.actor.stats.remote())
+        return self._call("stats")
 
     def audit(self, last_step: int, global_batch: int) -> list[str]:
-        return ray.get(self.actor.audit.remote(last_step, global_batch))
+        return self._call("audit", last_step, global_batch, self.generation)
 
     def snapshot(self, step: int) -> str:
-        return ray.get(self.actor.snapshot.remote(step))
+        return self._call("snapshot", step, self.generation)
 
     def restore(self, step: int | None = None) -> int | None:
-        return ray.get(self.actor.restore.remote(step))
+        return self._call("restore", step, self.generation)

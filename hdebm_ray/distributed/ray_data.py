@@ -30,7 +30,15 @@ import torch
 
 from ..config import Config
 from ..data import STREAMED, build_dataset
-from ..data_files import IMAGE_SUFFIXES, DatasetError, decode_uint8, folder_label, image_bytes, uint8_to_unit
+from ..data_files import (
+    IMAGE_SUFFIXES,
+    BadImageError,
+    DatasetError,
+    decode_uint8,
+    folder_label,
+    image_bytes,
+    uint8_to_unit,
+)
 from ..storage import is_uri
 
 ROWS_PER_DECODE_TASK = 256
@@ -102,7 +110,7 @@ class DecodeBatch:
         for i, (im, w) in enumerate(pairs):
             try:
                 out.append(decode_uint8(im, self.resolution, self.channels, w).numpy())
-            except DatasetError as e:
+            except BadImageError as e:
                 print(f"[data] skipping an image (data.on_bad_image: skip): {e}", flush=True)
                 out.append(blank)
                 bad[i] = 1
@@ -223,6 +231,7 @@ class WorkerStreams:
 
         shard = ray.train.get_dataset_shard(name)  # a barrier: every rank asks for every stream
         self.batches[name], self.epochs[name], self.skipped[name] = 0, 0, 0
+        skipping = self.data.on_bad_image == "skip"
         while True:
             before = self.batches[name]
             batches = shard.iter_torch_batches(
@@ -230,7 +239,8 @@ class WorkerStreams:
                 drop_last=True,
                 prefetch_batches=self.data.prefetch_batches,
                 local_shuffle_buffer_size=self.data.shuffle_buffer or None,
-                device=self.device,
+                # skipping: the rows are filtered on the host (no device read-back per batch), then moved
+                device="cpu" if skipping else self.device,
             )
             for x, y in self._without_bad(name, batches, batch_size):
                 self.batches[name] += 1
@@ -249,19 +259,20 @@ class WorkerStreams:
             for batch in batches:
                 yield batch["image"], batch["label"]
             return
+        dev = self.device
         held_x, held_y = [], []
-        for batch in batches:
+        for batch in batches:  # on the host
             bad = batch["bad"].bool()
-            skipped = int(bad.sum())  # one small read per batch, paid only when skipping is on
+            skipped = int(bad.sum())
             if not skipped and not held_x:
-                yield batch["image"], batch["label"]
+                yield batch["image"].to(dev, non_blocking=True), batch["label"].to(dev, non_blocking=True)
                 continue
             self.skipped[name] += skipped
             held_x.append(batch["image"][~bad])
             held_y.append(batch["label"][~bad])
             x, y = torch.cat(held_x), torch.cat(held_y)
             while len(x) >= batch_size:
-                yield x[:batch_size], y[:batch_size]
+                yield x[:batch_size].to(dev, non_blocking=True), y[:batch_size].to(dev, non_blocking=True)
                 x, y = x[batch_size:], y[batch_size:]
             held_x, held_y = ([x], [y]) if len(x) else ([], [])
 

@@ -95,8 +95,9 @@ def _param(source: str, key: str, spec: Any) -> Param:
     return Param(key, kind, tuple(args))
 
 
-def parse_space(text: str, source: str, base: Config) -> SearchSpace:
-    """Parse and check a space against ``base`` (the resolved preset/config the trials start from)."""
+def parse_space(text: str, source: str, base: Config, metric: str | None = None) -> SearchSpace:
+    """Parse and check a space against ``base`` (the resolved preset/config the trials start from); ``metric``
+    (``--metric``) replaces the file's before it is checked."""
     from ..stages import STAGES
 
     try:
@@ -127,8 +128,8 @@ def parse_space(text: str, source: str, base: Config) -> SearchSpace:
             except ConfigError as err:
                 _fail(source, f"params.{p.key}", f"value {value!r} is not a valid config value: {err}")
     _check_corners(source, params, base)
-    space = SearchSpace(tree["stage"], str(tree["metric"]), mode, params, source)
-    check_metric(space, "metric")
+    space = SearchSpace(tree["stage"], metric or str(tree["metric"]), mode, params, source)
+    check_metric(space, "--metric" if metric else "metric")
     return space
 
 
@@ -184,8 +185,8 @@ def _check_corners(source: str, params: tuple[Param, ...], base: Config) -> None
             _fail(source, "params", f"the combination {combo} is not a valid config: {err}")
 
 
-def load_space(path: str | Path, base: Config) -> SearchSpace:
+def load_space(path: str | Path, base: Config, metric: str | None = None) -> SearchSpace:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"tune space file '{path}' does not exist")
-    return parse_space(path.read_text(), str(path), base)
+    return parse_space(path.read_text(), str(path), base, metric)

@@ -62,25 +62,6 @@ def restore_snapshot(stage, start_step: int, noun: str, refill: str) -> int | No
     return loaded
 
 
-class BankRestarted(RuntimeError):
-    """The bank / buffer actor died and Ray restarted it: it went back to a snapshot, so this worker group's
-    weights and the bank no longer belong to the same step. Raised to have Ray Train restart the group from its
-    latest checkpoint, whose own snapshot is then restored (``on_start``)."""
-
-
-def check_same_bank(stage, reply: dict) -> None:
-    """Raise ``BankRestarted`` if ``reply`` (a lease) comes from another bank generation than this worker's
-    first lease since it started."""
-    first = getattr(stage, "bank_generation", None)
-    if first is None:
-        stage.bank_generation = reply["generation"]
-    elif reply["generation"] != first:
-        raise BankRestarted(
-            f"[{stage.name}] the {'bank' if stage.name == 'stage1' else 'replay buffer'} actor was restarted (it "
-            "lost what was written since its last snapshot); restarting the workers from their latest checkpoint"
-        )
-
-
 def toy2d_tick_metrics(cfg: Config, ctx: WorkerContext, sample) -> dict[str, float]:
     """On toy2d, rank 0 scores ``sample(n)`` by mode coverage every report tick (the metric Tune sweeps on).
 

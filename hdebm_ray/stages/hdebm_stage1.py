@@ -22,7 +22,7 @@ from ..networks import latent_shape, sample_shape
 from ..optim import adam_with_schedule, ema_model, layerwise_clip_, load_adam_with_schedule, load_ema, update_ema
 from ..transfer import HostStaging
 from .base import StageBase
-from .ebm_common import check_same_bank, energy_trainer, fixed_sample_grids, restore_snapshot, toy2d_tick_metrics
+from .ebm_common import energy_trainer, fixed_sample_grids, restore_snapshot, toy2d_tick_metrics
 from .hdebm_common import HatSampler, fast_hat, hat_generator, latents
 
 
@@ -81,11 +81,17 @@ class Stage1(StageBase):
 
     def on_start(self, start_step: int) -> None:
         if self.ctx.is_chief:
-            if start_step == 0:
+            # Pinned before the bank is touched: a restart from here on is seen at rank 0's next call or lease.
+            self.bank.pin()
+            loaded = restore_snapshot(self, start_step, "bank", "refilling from G") if start_step else None
+            if loaded is None:
+                self.bank.reset()  # also at a fresh start: a failed attempt may have written to this bank
                 self.fill_bank()
-            elif restore_snapshot(self, start_step, "bank", "refilling from G") is None:
-                self.fill_bank()
+            if loaded != start_step:  # refilled, or an older snapshot: the audit's counts start here
+                self.bank.counts_from(start_step)
         barrier()
+        if not self.ctx.is_chief:
+            self.bank.pin()
 
     def commit_landed(self) -> None:
         """Wait for the previous step's commit (sent without waiting); whether it applied is the next metric."""
@@ -98,7 +104,7 @@ class Stage1(StageBase):
         barrier()  # every rank's commit of this step has landed
         if self.ctx.is_chief:
             self.bank.snapshot(step)
-            # Every step so far wrote each rank's batch to distinct slots, once: restarts and restores included.
+            # Whether every step so far wrote each rank's batch to distinct slots, once, through restarts.
             problems = self.bank.audit(step, self.local_batch * self.ctx.world_size)
             self.summary_state["bank_audit"] = {"step": step, "problems": problems}
             if problems:
@@ -108,7 +114,7 @@ class Stage1(StageBase):
 
     def train_step(self, step: int) -> dict[str, float]:
         s, dev = self.s, self.ctx.device
-        pending = self.bank.checkout(self.local_batch)
+        pending = self.bank.checkout(self.local_batch, step + 1)
         x_pos, _ = next(self.batches)
         z1, z2 = latents(self.cfg, len(x_pos), self.shape, dev)
         stats = StepStats()
@@ -118,8 +124,7 @@ class Stage1(StageBase):
         self.staging.start_to_host({"z1": z1, "z2": z2, "x": x_neg})  # overlaps the generator update on a GPU
 
         t0 = time.perf_counter()
-        lease = self.bank.wait(pending)
-        check_same_bank(self, lease)
+        lease = self.bank.wait(pending)  # BankRestarted if the actor came back empty meanwhile
         bank_wait_s = time.perf_counter() - t0
         banked = self.staging.to_device({k: lease[k] for k in ("z1", "z2", "x", "written")})
         loss_g, grad_norm_g = self.update_generator(banked)

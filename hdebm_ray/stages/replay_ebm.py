@@ -25,7 +25,7 @@ from ..loop import barrier
 from ..networks import build_energy, sample_shape
 from ..slot_store import SlotStore, snapshot_location
 from .base import SamplerBase, StageBase
-from .ebm_common import check_same_bank, energy_trainer, fixed_sample_grids, restore_snapshot, toy2d_tick_metrics
+from .ebm_common import energy_trainer, fixed_sample_grids, restore_snapshot, toy2d_tick_metrics
 
 DATA_RANGE = (-1.0, 1.0)
 
@@ -149,6 +149,7 @@ class ReplayEBMStage(StageBase):
         return 0
 
     def on_start(self, start_step: int) -> None:
+        self.bank.pin()
         if self.ctx.is_chief:
             restored = start_step > 0 and (
                 restore_snapshot(self, start_step, "buffer", "chains restart from chain_init") is not None
@@ -174,8 +175,7 @@ class ReplayEBMStage(StageBase):
         """A lease of n buffer chains (the ones the buffer marks for re-initialisation drawn from chain_init),
         the mask, ``extra`` further buffer states (Improved CD's entropy reference) from the same call, and how
         many slots the buffer had filled."""
-        drawn = self.bank.sample(n, extra)
-        check_same_bank(self, drawn)
+        drawn = self.bank.sample(n, extra)  # BankRestarted if the actor came back empty meanwhile
         dev = self.ctx.device
         x0 = torch.from_numpy(np.array(drawn["x"])).to(dev)
         reference = torch.from_numpy(np.array(drawn["reference"]["x"])).to(dev) if extra else x0[:0]
