@@ -80,9 +80,27 @@ def evaluated(run_location: str, protocol: str | None = None, weights: str | Non
     }
 
 
+# Ray Train's record of the checkpoints it registered, in each stage's folder (Ray 2.60's file name).
+RAY_CHECKPOINT_REGISTRY = "checkpoint_manager_snapshot.json"
+
+
+def registered_names(stage_location: str) -> set[str] | None:
+    """The checkpoint folders Ray Train registered for a stage; None where it keeps no record (in-process runs).
+    A checkpoint written but not registered (the driver died in between) is superseded when the run resumes."""
+    path = f"{stage_location}/{RAY_CHECKPOINT_REGISTRY}"
+    if not storage.exists(path):
+        return None
+    try:
+        results = json.loads(storage.read_text(path)).get("checkpoint_results", [])
+        return {r["checkpoint_dir_name"] for r in results}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None  # a record this code cannot read: every complete checkpoint counts, as before
+
+
 def run_checkpoints(run_location: str, stages=None) -> list[str]:
-    """Every checkpoint of the given stages (default: all) under a run (local path or URI), oldest first per
-    stage; paths as the eval pool records them, so the pool and ``hdebm-ray eval`` agree on what is scored."""
+    """Every registered, complete checkpoint of the given stages (default: all) under a run (local path or URI),
+    oldest first per stage; paths as the eval pool records them, so the pool and ``hdebm-ray eval`` agree on
+    what is scored."""
     if stages is None:
         fs, base = fs_and_path(run_location)
         stages = sorted(
@@ -95,6 +113,8 @@ def run_checkpoints(run_location: str, stages=None) -> list[str]:
             continue
         dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(base)) if i.type == pafs.FileType.Directory]
         ckpts = sorted(d for d in dirs if d.rsplit("/", 1)[-1].startswith("checkpoint_"))
+        if (names := registered_names(f"{run_location}/{stage}")) is not None:
+            ckpts = [d for d in ckpts if d.rsplit("/", 1)[-1] in names]
         # complete ones only: meta.json is written last and lists every state file's size
         found += [uri for uri in (as_uri(d, run_location) for d in ckpts) if incomplete(uri) is None]
     return found

@@ -22,7 +22,7 @@ from hdebm_ray.bank import Bank
 from hdebm_ray.checkpoint import load_config_of, load_meta
 from hdebm_ray.config import load_config
 from hdebm_ray.distributed.driver import bank_actor_name, fit_stage
-from hdebm_ray.results import read_results
+from hdebm_ray.results import read_results, run_checkpoints
 from hdebm_ray.runner import run_in_process
 from hdebm_ray.slot_store import SlotStore, snapshot_name
 
@@ -102,8 +102,11 @@ def test_chaos_sigkill_of_a_train_worker_the_bank_an_eval_actor_and_the_driver(r
         assert subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=600).returncode == 0
     first, second = (p.read_text() for p in logs)
 
-    metas = (run / "stage1").glob("checkpoint_*/meta.json")
-    ckpts = sorted((load_meta(m.parent)["step"], str(m.parent)) for m in metas)
+    # What Ray Train registered: a checkpoint written but not registered when the driver died is superseded.
+    registry = json.loads((run / "stage1" / "checkpoint_manager_snapshot.json").read_text())
+    registered = {str(run / "stage1" / r["checkpoint_dir_name"]) for r in registry["checkpoint_results"]}
+    assert set(run_checkpoints(str(run), ["stage1"])) == registered
+    ckpts = sorted((load_meta(c)["step"], c) for c in registered)
     final = load_meta(ckpts[-1][1])
     assert final["step"] == 16 and final["done"]
     assert "actor was restarted" in first  # the workers saw the bank come back empty and rolled back
@@ -111,7 +114,8 @@ def test_chaos_sigkill_of_a_train_worker_the_bank_an_eval_actor_and_the_driver(r
     # and the driver were killed.
     restores = final["summary"]["bank_restores"]
     assert len(restores) >= 3 and all(r["bank_step"] == r["checkpoint_step"] for r in restores)
-    assert final["resumed_from_step"] >= killed["driver"][1]
+    # the second driver resumed from the newest checkpoint registered before the kill
+    assert killed["eval actor"][1] <= final["resumed_from_step"] <= killed["driver"][1]
     # The bank audit, by the run itself and again here from the final snapshot's slot ids and step counts.
     assert final["summary"]["bank_audit"] == {"step": 16, "problems": []}
     store, _ = SlotStore.load(str(run / "stage1" / "bank" / snapshot_name(16)))
@@ -120,10 +124,11 @@ def test_chaos_sigkill_of_a_train_worker_the_bank_an_eval_actor_and_the_driver(r
     assert bank.audit(16, 16) == [] and list(store.step_writes[1:]) == [16] * 16
     assert store.writes.sum() == 48 + 16 * 16  # the fill, then each step's 16 slots once
 
-    # Every registered checkpoint scored exactly once, across the killed eval actor and the two drivers.
+    # Every registered checkpoint scored exactly once, across the killed eval actor and the two drivers, and
+    # nothing else.
     results = read_results(str(run))
     scored = sorted(r["checkpoint"] for r in results)
-    assert scored == sorted(set(scored)) and set(c for _, c in ckpts) <= set(scored)
+    assert scored == sorted(set(scored)) and set(scored) == registered
     assert all(math.isfinite(r["fid"]) for r in results)
     assert "stage1 finished in" in second
 

@@ -61,6 +61,24 @@ def test_resume_passes_over_an_incomplete_newest_checkpoint_and_evaluation_ignor
     assert stage.ctx.bank.service.loaded_snapshot_step == 6
 
 
+def test_only_checkpoints_ray_train_registered_count_where_it_keeps_a_record(tmp_path):
+    """A driver killed between writing a checkpoint and Ray registering it leaves a complete but unregistered
+    folder, superseded when the run resumes: it is neither evaluated nor resumed from."""
+    import json
+
+    cfg = load_config("toy2d")
+    stage = tmp_path / "run" / "stage1"
+    for name, step in (("checkpoint_00000006_1", 6), ("checkpoint_00000008_1", 8), ("checkpoint_00000008_2", 8)):
+        save_checkpoint(stage / name, {"energy": {"w": torch.ones(3)}}, cfg, {"step": step})
+    names = lambda: [p.rsplit("/", 1)[1] for p in run_checkpoints(str(tmp_path / "run"), ["stage1"])]  # noqa: E731
+    assert names() == ["checkpoint_00000006_1", "checkpoint_00000008_1", "checkpoint_00000008_2"]  # no record
+    registry = {
+        "checkpoint_results": [{"checkpoint_dir_name": n} for n in ("checkpoint_00000006_1", "checkpoint_00000008_2")]
+    }
+    (stage / "checkpoint_manager_snapshot.json").write_text(json.dumps(registry))
+    assert names() == ["checkpoint_00000006_1", "checkpoint_00000008_2"]
+
+
 def test_a_corrupt_result_line_is_reported_by_number_and_skipped(tmp_path, capsys):
     path = tmp_path / "eval.jsonl"
     append_jsonl(path, {"checkpoint": "a", "fid": 1.0})
