@@ -77,7 +77,7 @@ def test_stage1_on_two_nodes_streams_parquet_through_ray_data_and_survives_losin
                 time.sleep(0.05)
             alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
             seen["placed"] = {a.node_id for a in list_actors(filters=alive, raise_on_missing_output=False)}
-            seen["newest_before"] = max(int(p.name.split("_")[1]) for p in stage_dir.glob("checkpoint_*"))
+            seen["newest_before"] = max(int(p.name.split("_")[1]) for p in stage_dir.glob("checkpoint_[0-9]*"))
             (node,) = two_nodes.worker_nodes
             seen["lost"] = node.node_id
             two_nodes.remove_node(node, allow_graceful=False)
