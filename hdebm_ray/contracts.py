@@ -3,7 +3,7 @@ stage offers the step loop, what a stage's sampler offers inference, and what th
 offer a stage.
 
 Nothing here runs; the implementations are ``stages.base.StageBase`` and its subclasses, the samplers next to
-each stage (``stages.SAMPLERS``), ``bank.LocalBankClient`` (in process) and ``distributed.bank_actor.
+each stage (``stages.SAMPLERS``), ``bank_client.LocalBankClient`` (in process) and ``distributed.bank_actor.
 ActorBankClient`` (a Ray actor); a test checks each implementation against its protocol.
 """
 
@@ -86,7 +86,7 @@ class WorkerContext:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     wrap_fn: Callable[[nn.Module], nn.Module] = lambda m: m
-    # the bank / replay-buffer client of a stage that uses one (bank.LocalBankClient, or the Ray actor's client)
+    # the bank / replay-buffer client of a stage that uses one (bank_client.LocalBankClient, or the Ray actor's client)
     bank: BankClient | ReplayClient | None = None
     # every module the stage trained through ``wrap``, by name: compared across ranks at each checkpoint
     replicated: dict[str, nn.Module] = field(default_factory=dict)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .bank import BankService, LocalBankClient
+from .bank import BankService
+from .bank_client import LocalBankClient
 from .checkpoint import checkpoint_meta, latest_checkpoint, load_meta, restore, save_checkpoint_atomically
 from .config import Config
 from .contracts import WorkerContext

@@ -13,7 +13,8 @@ import pytest
 
 import hdebm_ray
 from hdebm_ray import contracts
-from hdebm_ray.bank import BankService, LocalBankClient
+from hdebm_ray.bank import BankService
+from hdebm_ray.bank_client import LocalBankClient
 from hdebm_ray.config import load_config
 from hdebm_ray.contracts import WorkerContext
 from hdebm_ray.stages import SAMPLERS, STAGES, build_stage

@@ -135,7 +135,8 @@ def test_the_audit_counts_only_where_its_counts_are_complete(tmp_path):
 
 
 def test_calls_from_before_a_restart_and_an_unfilled_snapshot_are_refused(tmp_path):
-    from hdebm_ray.bank import BankRestarted, LocalBankClient
+    from hdebm_ray.bank import BankRestarted
+    from hdebm_ray.bank_client import LocalBankClient
 
     old = BankService("bank", 16, SHAPES, str(tmp_path))
     client = LocalBankClient(old)

@@ -14,7 +14,8 @@ import warnings
 
 import ray
 
-from ..bank import BankRestarted, BankService, PinnedGeneration, as_numpy
+from ..bank import BankRestarted, BankService
+from ..bank_client import BankClientBase, as_numpy
 
 NAMESPACE = "hdebm"
 
@@ -50,7 +51,7 @@ def create_bank_actor(
     )
 
 
-class ActorBankClient(PinnedGeneration):
+class ActorBankClient(BankClientBase):
     """A Train worker's handle on the bank actor; ``checkout`` and ``commit_async`` are asynchronous so their
     round trips overlap the step. A ``BankRestarted`` from the actor arrives wrapped by Ray; it is re-raised as
     itself."""
@@ -58,9 +59,9 @@ class ActorBankClient(PinnedGeneration):
     def __init__(self, name: str, owner: str):
         self.actor, self.owner = ray.get_actor(name, namespace=NAMESPACE), owner
 
-    def _call(self, method: str, *args, **kwargs):
+    def _call(self, method: str, *args):
         try:
-            return ray.get(getattr(self.actor, method).remote(*args, **kwargs))
+            return ray.get(getattr(self.actor, method).remote(*args))
         except ray.exceptions.RayTaskError as err:
             if isinstance(err.cause, BankRestarted):
                 raise err.cause from None
@@ -77,30 +78,3 @@ class ActorBankClient(PinnedGeneration):
 
     def commit_async(self, lease_id: str, step: int, **fields):
         return self.actor.commit.remote(lease_id, step, as_numpy(fields))  # arguments are serialised here
-
-    def fill(self, start: int, step: int, **fields) -> None:
-        self._call("fill", start, step, as_numpy(fields), self.generation)
-
-    def reset(self) -> None:
-        self._call("reset", self.generation)
-
-    def counts_from(self, step: int) -> None:
-        self._call("counts_from", step, self.generation)
-
-    def sample(self, n: int, extra: int = 0):
-        return self.checked(self._call("sample", n, self.owner, extra))
-
-    def push(self, lease_id: str, step: int, **fields) -> bool:
-        return self._call("push", lease_id, step, as_numpy(fields))
-
-    def stats(self) -> dict:
-        return self._call("stats")
-
-    def audit(self, last_step: int, global_batch: int) -> list[str]:
-        return self._call("audit", last_step, global_batch, self.generation)
-
-    def snapshot(self, step: int) -> str:
-        return self._call("snapshot", step, self.generation)
-
-    def restore(self, step: int | None = None) -> int | None:
-        return self._call("restore", step, self.generation)
