@@ -100,7 +100,8 @@ def resolve_init_from(cfg, stage: str, given: str | None) -> str | None:
 
 
 def cmd_train(args) -> int:
-    from .distributed.driver import fit_stage, init_ray, print_eval_table, running_eval_pool
+    from .distributed.driver import fit_stage, init_ray, running_eval_pool
+    from .results import print_eval_table
     from .storage import run_dir
 
     cfg = resolve(args)
@@ -134,6 +135,10 @@ def cmd_tune(args) -> int:
     space = load_space(args.space, cfg, args.metric)  # checked before anything starts
     if args.mode:
         space = dataclasses.replace(space, mode=args.mode)
+    if args.scheduler == "pbt":
+        from .distributed.pbt import check_pbt_metric
+
+        check_pbt_metric(space)
     if args.name:
         check_run_name(args.name, "--name")
     opts = SweepOptions(
@@ -144,6 +149,7 @@ def cmd_tune(args) -> int:
         max_concurrent=args.max_concurrent,
         grace_period=args.grace_period,
         resume=args.resume,
+        pbt_interval=args.pbt_interval or 0,
     )
     if args.dry_run:
         print(f"sweep {opts.name}: stage {space.stage}, {space.metric} ({space.mode}), {opts.samples} sample(s)")
@@ -204,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", choices=SEARCHERS, default="random")
     p.add_argument("--max-concurrent", type=at_least(1), default=1, help="trials running at once")
     p.add_argument("--grace-period", type=at_least(1), default=1, help="ASHA: reports before a trial may be stopped")
+    p.add_argument(
+        "--pbt-interval",
+        type=at_least(1),
+        help="PBT: steps between perturbations (default: checkpoint_every)",
+    )
     p.add_argument("--workers-per-trial", type=at_least(1), help="= ray.num_workers for every trial")
     p.add_argument("--cpus-per-worker", type=at_least(0.01, float), help="= ray.cpus_per_worker")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per Train worker")

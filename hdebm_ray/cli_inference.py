@@ -43,7 +43,7 @@ def cmd_eval(args) -> int:
     from .checkpoint import load_config_of
     from .fid import FeatureSpaces, evaluate_checkpoint
     from .progress import progress, write
-    from .results import evaluated, record
+    from .results import evaluated, record, scores_text
     from .sampling import default_device
 
     todo = checkpoints_to_evaluate(args)
@@ -62,7 +62,7 @@ def cmd_eval(args) -> int:
         )
         record(run_location, result)
         write(
-            f"[eval] {result['stage']} step {result['step']}: FID {result['fid']:.4g}  KID {result['kid']:.4g}  "
+            f"[eval] {result['stage']} step {result['step']}: {scores_text(result)}  "
             f"({result['num_samples']} samples, {result['features']} features, {result['weights']} weights, "
             f"{result['protocol']} samples)"
         )

@@ -18,7 +18,6 @@ from typing import Any
 
 import yaml
 
-from . import compute
 from .config_baselines import ICDSection, MEBMSection, MJEMSection
 from .config_schema import (
     ComputeSection,
@@ -214,6 +213,8 @@ def validate(cfg: Config) -> None:
                 f"{section}.report_every = {sec.report_every} (checkpoints ride on reports)"
             )
     _validate_replay_ebms(cfg)
+    from . import compute  # torch: imported where a config is checked, not by the bank actor's process
+
     if (why := compute.problem(cfg.compute, cfg.ray.use_gpu)) is not None:
         raise ConfigError(why)
     if cfg.stage1.bank_size < cfg.stage1.batch_size:

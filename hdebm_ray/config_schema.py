@@ -351,6 +351,15 @@ class EvalSection:
         10000, lo=2, doc="reference feature vectors kept (a uniform random subset) for KID; FID's moments use them all"
     )
     batch_size: int = knob(256, lo=1, doc="samples per sampler call and images per feature-extraction batch")
+    pr_k: int = knob(
+        3,
+        lo=0,
+        doc="k of the k-NN precision / recall (Kynkäänniemi et al. 2019: 3), against as many reference feature "
+        "vectors as samples (from the KID subset); 0 = not computed",
+    )
+    inception_score: bool = knob(
+        True, doc="eval.features = inception: also the Inception Score (a second pass of each batch through the net)"
+    )
     kid_subsets: int = knob(100, lo=1, doc="random subsets (up to 1000 samples each) averaged for KID")
     actors: int = knob(0, lo=0, doc="eval actors scoring checkpoints while training runs (0 = none)")
     cpus_per_actor: float = knob(1.0, lo=0.0, doc="logical CPUs each eval actor reserves")

@@ -4,8 +4,9 @@ Every extractor is a pair (``fn``, ``resize``) in clean-fid's own contract: ``re
 [0, 255] (numpy) to the extractor's input size, ``fn`` maps a float batch B×3×h×w in [0, 255] to B×D features.
 
 - ``inception``: clean-fid's TorchScript InceptionV3, ``mode="clean"`` (PIL bicubic to 299×299) — the FID of the
-  papers. Its weights (``eval.inception_path``) are downloaded on first use to ``/tmp/inception-2015-12-05.pt``;
-  offline machines must have the file already. Its SHA-256 is checked before every use: against
+  papers; its ``fn.features_and_probs`` also gives the softmax over the 1008 classes, for the Inception Score. Its
+  weights (``eval.inception_path``) are downloaded on first use to ``/tmp/inception-2015-12-05.pt``; offline
+  machines must have the file already. Its SHA-256 is checked before every use: against
   ``eval.inception_sha256``, else against the hash pinned beside the file when it was first used.
 - ``classifier``: a small CNN trained once on the dataset's labels and cached; its penultimate layer (128-d). For
   CPU datasets such as ``digits`` where Inception is meaningless and unavailable. **Not Inception-FID**: numbers
@@ -68,6 +69,12 @@ def inception_extractor(cfg: Config, device: torch.device):
     def fn(x):
         return model(x)
 
+    def features_and_probs(x):
+        # The pool3 features (FID, KID, precision / recall) and the class probabilities (Inception Score) of one
+        # batch; the probabilities without the output bias, as the original IS code computes them.
+        return torch.cat([model(x), model.base(x.to(device), no_output_bias=True)], dim=1)
+
+    fn.features_and_probs = features_and_probs  # what FeatureSpace uses when it computes the Inception Score
     return fn, clean_resize()
 
 

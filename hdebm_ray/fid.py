@@ -1,4 +1,5 @@
-"""FID and KID of a checkpoint's samples against the dataset (docs/algorithms.md §9), on clean-fid's pipeline.
+"""FID and KID of a checkpoint's samples against the dataset (docs/algorithms.md §9), on clean-fid's pipeline;
+beside them k-NN precision / recall and, on Inception features, the Inception Score (``sample_metrics``).
 
 Images travel exactly as ``cleanfid.fid.compute_fid`` sends two folders: PNG files (samples are quantised to
 uint8, as any saved image is), clean-fid's loader and resizer for the extractor, the extractor, then clean-fid's
@@ -28,7 +29,10 @@ from .config import Config
 from .data import build_dataset, cache_root, data_fingerprint, iter_batches
 from .eval_features import EvalError, build_extractor
 from .progress import progress as show_progress
+from .sample_metrics import inception_score, precision_recall
 from .sampling import Sampler
+
+INCEPTION_DIM = 2048  # pool3 features; the class probabilities follow them in ``features_and_probs``
 
 
 def cache_dir(cfg: Config) -> Path:
@@ -133,15 +137,27 @@ class FeatureSpace:
         self.cfg, self.device = cfg, torch.device(device)
         self.fn, self.resize = build_extractor(cfg, self.device, cache_dir(cfg), progress=progress)
 
-    def of_samples(self, samples: torch.Tensor, progress: str | None = None) -> np.ndarray:
+    @property
+    def scores_inception(self) -> bool:
+        """Whether ``of_samples(..., with_probs=True)`` gives class probabilities (the Inception Score's)."""
+        return self.cfg.eval.inception_score and hasattr(self.fn, "features_and_probs")
+
+    def of_samples(self, samples: torch.Tensor, progress: str | None = None, with_probs: bool = False):
+        """The samples' features; with ``with_probs`` (and ``scores_inception``), (features, class probabilities)."""
         if self.fn is None:  # raw vectors (toy2d points, or flattened pixels)
-            return samples.detach().cpu().flatten(1).double().numpy()
+            feats = samples.detach().cpu().flatten(1).double().numpy()
+            return (feats, None) if with_probs else feats
         with tempfile.TemporaryDirectory(prefix="hdebm-fid-") as tmp:
             write_png_folder(samples, tmp)
-            return self.of_folder(tmp, progress)
+            return self.of_folder(tmp, progress, with_probs)
 
-    def of_folder(self, folder: str | Path, progress: str | None = None) -> np.ndarray:
-        return folder_features(folder, self.fn, self.resize, self.cfg.eval.batch_size, self.device, progress)
+    def of_folder(self, folder: str | Path, progress: str | None = None, with_probs: bool = False):
+        both = with_probs and self.scores_inception
+        fn = self.fn.features_and_probs if both else self.fn
+        out = folder_features(folder, fn, self.resize, self.cfg.eval.batch_size, self.device, progress)
+        if not with_probs:
+            return out
+        return (out[:, :INCEPTION_DIM], out[:, INCEPTION_DIM:]) if both else (out, None)
 
     def reference(self, progress: str | None = None) -> ReferenceStats:
         """The dataset's reference statistics, cached as .npz (streamed on first use)."""
@@ -221,9 +237,10 @@ def evaluate_checkpoint(
         ckpt_dir, num_samples, space.cfg.eval.batch_size, space.device, seed, progress, **sampler_options
     )
     ref = space.reference("eval: reference statistics" if progress else None)
-    feats = space.of_samples(samples, "eval: sample features" if progress else None)
+    feats, probs = space.of_samples(samples, "eval: sample features" if progress else None, with_probs=True)
     if len(feats) < 2 or ref.n < 2:
         raise EvalError("FID needs at least 2 samples and 2 reference images")
+    k = space.cfg.eval.pr_k
     result = {
         "checkpoint": str(ckpt_dir),
         "stage": meta["stage"],
@@ -237,10 +254,26 @@ def evaluate_checkpoint(
         "default_sampler": all(sampler_options.get(k) is None for k in ("use_ema", "protocol")),
         "fid": frechet_to_reference(feats, ref),
         "kid": kernel_distance(feats, ref.kid_features, space.cfg.eval.kid_subsets),
+        **manifold_scores(feats, ref, k),
     }
+    if probs is not None:
+        result["is"], result["is_std"] = inception_score(probs)
     if base is not None:
         base_feats = space.of_samples(base, f"eval: {sampler.start_name} features" if progress else None)
         start = sampler.start_name
         result[f"fid_{start}"] = frechet_to_reference(base_feats, ref)
         result[f"kid_{start}"] = kernel_distance(base_feats, ref.kid_features, space.cfg.eval.kid_subsets)
+        result.update({f"{key}_{start}": v for key, v in manifold_scores(base_feats, ref, k).items()})
     return result
+
+
+def manifold_scores(feats: np.ndarray, ref: ReferenceStats, k: int, seed: int = 0) -> dict[str, float]:
+    """k-NN precision and recall (``sample_metrics.precision_recall``) against as many reference vectors as there are
+    samples, drawn from the KID subset (both manifolds then have the same density of balls); {} when k = 0 or a
+    set is too small for k neighbours."""
+    n = min(len(feats), len(ref.kid_features))
+    if k <= 0 or n <= k:
+        return {}
+    rows = np.random.default_rng(seed).permutation(len(ref.kid_features))[:n]
+    precision, recall = precision_recall(ref.kid_features[rows], feats[:n], k)
+    return {"precision": precision, "recall": recall}

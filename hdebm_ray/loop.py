@@ -90,17 +90,20 @@ def check_replicas_agree(module: nn.Module, what: str) -> None:
 ReportFn = Callable[[int, dict[str, float], bool], None]
 
 
-def run_loop(stage: Stage, start_step: int, report: ReportFn, guard=None):
+def run_loop(stage: Stage, start_step: int, report: ReportFn, guard=None, stop_at: int | None = None):
     """Train from ``start_step`` to ``stage.total_steps``; metrics are averaged over each report tick.
 
     With ``guard`` (a ``guard.StepGuard``) every step's metrics are checked, and the loop returns the first
     ``guard.Divergence`` any rank saw, before the report (and checkpoint) that would follow it; else None.
+    ``stop_at``: stop after this step instead, with a report and checkpoint there (a PBT chunk's end); the
+    schedules still run towards ``total_steps``.
     """
+    end = stage.total_steps if stop_at is None else min(stop_at, stage.total_steps)
     stage.on_start(start_step)
     sums: dict[str, float | torch.Tensor] = {}
     counts: dict[str, int] = {}  # per key: some metrics appear only on some steps
     count, step_s, tick_start = 0, 0.0, time.perf_counter()
-    for step in range(start_step, stage.total_steps):
+    for step in range(start_step, end):
         t0 = time.perf_counter()
         if guard is None:
             step_metrics = stage.train_step(step)
@@ -115,7 +118,7 @@ def run_loop(stage: Stage, start_step: int, report: ReportFn, guard=None):
         step_s += time.perf_counter() - t0
         count += 1
         done = step + 1
-        tick = done % stage.report_every == 0 or done == stage.total_steps
+        tick = done % stage.report_every == 0 or done == end
         if guard is not None and (tick or guard.due(done)) and (divergence := guard.poll()) is not None:
             return divergence
         if tick:
@@ -126,7 +129,7 @@ def run_loop(stage: Stage, start_step: int, report: ReportFn, guard=None):
             metrics["Timing/train_step_s"] = step_s / count
             metrics["Timing/images_per_sec"] = count * stage.images_per_step / max(elapsed, 1e-9)
             metrics.update(stage.tick_metrics(done))
-            with_ckpt = done % stage.checkpoint_every == 0 or done == stage.total_steps
+            with_ckpt = done % stage.checkpoint_every == 0 or done == end
             if with_ckpt:
                 for name, module in stage.ctx.replicated.items():
                     check_replicas_agree(module, f"{stage.name}'s {name}")

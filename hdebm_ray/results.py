@@ -13,6 +13,20 @@ from . import storage
 from .checkpoint import incomplete
 from .storage import as_uri, fs_and_path, staged_output
 
+# What an evaluation scores, each also of the chain starts alone (``<key>_generator`` / ``<key>_init``) but IS.
+SCORES = ("fid", "kid", "precision", "recall")
+SCORED = SCORES + ("is",) + tuple(f"{key}_{start}" for start in ("generator", "init") for key in SCORES)
+
+
+def scores_text(result: dict) -> str:
+    """'FID x  KID y  P p  R r  IS i' with what the result has."""
+    text = f"FID {result['fid']:.4g}  KID {result['kid']:.4g}"
+    if "precision" in result:
+        text += f"  P {result['precision']:.3f}  R {result['recall']:.3f}"
+    if "is" in result:
+        text += f"  IS {result['is']:.3g}"
+    return text
+
 
 def start_note(result: dict) -> str:
     """', generator alone FID x' (or 'chain init alone') for a result that has one, else ''."""
@@ -32,7 +46,8 @@ def append_jsonl(path: str | Path, record: dict) -> None:
 
 
 def record(run_location: str, result: dict) -> None:
-    """Append to ``<run>/eval.jsonl`` and log ``Eval/fid`` / ``Eval/kid`` at the checkpoint's images seen."""
+    """Append to ``<run>/eval.jsonl`` and log ``Eval/*`` (FID, KID, precision, recall, IS; those of the chain starts)
+    at the checkpoint's images seen."""
     from torch.utils.tensorboard import SummaryWriter
 
     append_jsonl(f"{run_location}/eval.jsonl", result)
@@ -40,7 +55,7 @@ def record(run_location: str, result: dict) -> None:
     with staged_output(f"{run_location}/tb/{result['stage']}") as local:
         with SummaryWriter(log_dir=str(local), filename_suffix=".eval") as writer:
             suffix = "" if result.get("default_sampler", True) else f"_{result['protocol']}_{result['weights']}"
-            for key in ("fid", "kid", "fid_generator", "kid_generator", "fid_init", "kid_init"):
+            for key in SCORED:
                 if key in result:
                     writer.add_scalar(f"Eval/{key}{suffix}", result[key], result["nimg"])
 
@@ -118,3 +133,16 @@ def run_checkpoints(run_location: str, stages=None) -> list[str]:
         # complete ones only: meta.json is written last and lists every state file's size
         found += [uri for uri in (as_uri(d, run_location) for d in ckpts) if incomplete(uri) is None]
     return found
+
+
+def print_eval_table(run_location: str) -> None:
+    """The run's scores so far, one line per scored checkpoint (from ``<run>/eval.jsonl``)."""
+    from .stages import PIPELINE
+
+    results = read_results(run_location)
+    if not results:
+        return
+    print(f"[eval] {len(results)} checkpoint(s) scored ({results[0]['features']} features):", flush=True)
+    for r in sorted(results, key=lambda r: (PIPELINE.index(r["stage"]) if r["stage"] in PIPELINE else 99, r["step"])):
+        scored = f" [{r.get('weights', 'raw')} weights, {r.get('protocol', 'fresh')}]"
+        print(f"  {r['stage']:>9} step {r['step']:>7}: {scores_text(r)}{start_note(r)}{scored}", flush=True)

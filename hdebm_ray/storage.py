@@ -97,6 +97,14 @@ def upload(local_path: str | Path, location: str) -> str:
     return location
 
 
+def copy_file(source: str | Path, target: str | Path) -> None:
+    """Copy one file between any two locations (local paths or URIs), making the target's folder."""
+    sfs, spath = fs_and_path(str(source))
+    tfs, tpath = fs_and_path(str(target))
+    tfs.create_dir(tpath.rsplit("/", 1)[0], recursive=True)
+    pafs.copy_files(spath, tpath, source_filesystem=sfs, destination_filesystem=tfs)
+
+
 @contextlib.contextmanager
 def local_dir(location: str):
     """A local directory with the contents of ``location``: itself when local, else a temporary download."""

@@ -148,6 +148,21 @@ CASES = [
         ["tune", "--preset", "digits", "--space", "tune_spaces/stage1.yaml", "--cpus-per-worker", "0"],
         "--cpus-per-worker",
     ),
+    (
+        "pbt on the eval pool's FID",
+        [
+            "tune",
+            "--preset",
+            "digits",
+            "--space",
+            "tune_spaces/stage1.yaml",
+            "--scheduler",
+            "pbt",
+            "--metric",
+            "Eval/fid",
+        ],
+        "Eval/fid",
+    ),
     ("unknown stage", ["train", "--preset", "digits", "--stage", "stage9"], "--stage"),
     ("no stage", ["train", "--preset", "digits"], "--stage"),
     # -- checkpoints

@@ -3,6 +3,8 @@ digits feature classifier; raw toy2d features; the eval command's results (JSONL
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -125,23 +127,54 @@ def test_missing_inception_weights_offline_give_a_clear_error(monkeypatch, tmp_p
         FeatureSpace(digits_cfg.replace(**{"eval.features": "inception", "eval.inception_path": "/nope/w.pt"}))
 
 
+class InceptionStandIn(torch.nn.Module):
+    """The TorchScript contract of clean-fid's InceptionV3 file (``inception-2015-12-05.pt``): ``layers`` maps
+    normalised 299×299 input to the 2048 pool3 features; ``forward(img in [0, 255])`` gives the 1008-class softmax
+    (features with ``return_features``; the logits without the output bias with ``no_output_bias``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 2048))
+        self.output = torch.nn.Linear(2048, 1008)
+
+    def forward(self, img, return_features: bool = False, use_fp16: bool = False, no_output_bias: bool = False):
+        features = self.layers((img - 128) / 128)
+        if return_features:
+            return features
+        logits = features @ self.output.weight.t() if no_output_bias else self.output(features)
+        return torch.softmax(logits, dim=1)
+
+
+def test_inception_features_come_with_class_probabilities_for_the_inception_score(tmp_path, digits_cfg, digit_images):
+    from hdebm_ray.sample_metrics import inception_score
+
+    weights = tmp_path / "w.pt"
+    net = InceptionStandIn()
+    torch.jit.script(net).save(str(weights))
+    cfg = digits_cfg.replace(**{"eval.features": "inception", "eval.inception_path": str(weights)})
+    space = FeatureSpace(cfg)
+    assert space.scores_inception
+    folder = write_png_folder(digit_images[:100], tmp_path / "images")
+    feats, probs = space.of_folder(folder, with_probs=True)
+    assert feats.shape == (100, 2048) and probs.shape == (100, 1008)
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert np.allclose(feats, space.of_folder(folder))  # the same features as without the probabilities
+    # the probabilities are the net's softmax without its output bias, of the same 299×299 clean-resized input
+    logits = torch.from_numpy(feats).float() @ net.output.weight.t()
+    assert np.allclose(probs, torch.softmax(logits, 1).detach().numpy(), atol=1e-5)
+    assert inception_score(probs)[0] >= 1.0
+    assert not FeatureSpace(cfg.replace(**{"eval.inception_score": False})).scores_inception
+    assert not FeatureSpace(digits_cfg).scores_inception  # the classifier's features: no IS
+
+
 def test_inception_weights_are_verified_by_checksum_before_use(tmp_path, digits_cfg, capsys):
     """A TorchScript file with clean-fid's contract (``layers``) stands in for the 92 MB weights: its hash is
     pinned at first use, a changed file is refused before it is loaded, and a configured hash is enforced."""
     import hashlib
 
-    class Stand(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = torch.nn.Sequential(
-                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 2048)
-            )
-
-        def forward(self, x):
-            return self.layers(x)
-
     weights = tmp_path / "w.pt"
-    torch.jit.script(Stand()).save(str(weights))
+    torch.jit.script(InceptionStandIn()).save(str(weights))
     cfg = digits_cfg.replace(**{"eval.features": "inception", "eval.inception_path": str(weights)})
     fn, _ = eval_features.build_extractor(cfg, torch.device("cpu"), tmp_path)
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -177,8 +210,15 @@ def test_eval_command_records_each_checkpoint_once_in_jsonl_and_tensorboard(tmp_
     monkeypatch.chdir(tmp_path)  # the same run named by a relative path is the same run
     assert cli_main(["eval", "--run", "evalrun", "--n", "200"]) == 0
     assert len((run / "eval.jsonl").read_text().splitlines()) == len(lines)
+    for result in map(json.loads, lines):  # k-NN precision / recall beside FID and KID (classifier features: no IS)
+        assert 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1 and "is" not in result
+        if result["stage"] == "stage1":
+            assert 0 <= result["precision_generator"] <= 1 and 0 <= result["recall_generator"] <= 1
     acc = EventAccumulator(str(run / "tb" / "stage1"))
     acc.Reload()
+    assert {"Eval/precision", "Eval/recall", "Eval/precision_generator", "Eval/recall_generator"} <= set(
+        acc.Tags()["scalars"]
+    )
     fids = acc.Scalars("Eval/fid")
     assert [e.step for e in fids] == sorted(e.step for e in fids) and all(np.isfinite(e.value) for e in fids)
     assert {e.step for e in fids} == {int(s) * 16 for s in (2, 4)}  # nimg of the Stage 1 checkpoints

@@ -1,14 +1,14 @@
-"""Real Ray Tune sweeps on toy2d Stage 1 (Train V2: one TorchTrainer per trial, its own bank actor)."""
+"""A real Ray Tune sweep on toy2d Stage 1 (Train V2: one TorchTrainer per trial, its own bank actor) under ASHA.
+PBT, the sweep's outputs and resuming an interrupted sweep: test_tune_resume."""
 
 from __future__ import annotations
 
 import pytest
 from helpers import TOY_TRIAL, distilled_toy
 
-from hdebm_ray.cli import main as cli_main
 from hdebm_ray.config import load_config
 from hdebm_ray.distributed.search_space import parse_space
-from hdebm_ray.distributed.sweep import SweepOptions, build_tuner, leftover_bank_actors, run_sweep
+from hdebm_ray.distributed.sweep import SweepOptions, build_tuner, leftover_bank_actors
 
 
 @pytest.fixture(scope="module")
@@ -21,32 +21,6 @@ def step_size_space(values) -> str:
         "stage: stage1\nmetric: Eval/toy2d_quality\nmode: max\n"
         f"params:\n  stage1.langevin.step_size: {{grid: {list(values)}}}\n"
     )
-
-
-def test_two_trial_sweep_writes_best_config_that_train_accepts(ray_local, tmp_path, toy_distilled):
-    base = load_config("toy2d", overrides=[f"run.storage_path={tmp_path}", "run.name=toy", *TOY_TRIAL])
-    space = parse_space(step_size_space([3.0e-3, 6.0e-3]), "inline", base)
-    opts = SweepOptions(name="sweep2", samples=1, max_concurrent=2)
-    summary = run_sweep(base, space, toy_distilled, opts)
-
-    assert summary["num_trials"] == 2 and summary["num_errors"] == 0
-    assert summary["leftover_bank_actors"] == [] and leftover_bank_actors() == []
-    assert 0.0 <= summary["best_metric"] <= 1.0
-    best = load_config(config_file=summary["best_config"])
-    assert best.stage1.langevin.step_size == summary["best_params"]["stage1.langevin.step_size"]
-    assert best.stage1.steps == 40 and best.run.name == "toy-best"
-    assert cli_main(["train", "--stage", "stage1", "--config", summary["best_config"], "--dry-run"]) == 0
-
-    table = (tmp_path / "sweep2" / "trials.csv").read_text().splitlines()
-    assert len(table) == 3 and "config/stage1.langevin.step_size" in table[0]
-    # each trial trained its own Train run, with its own bank snapshots
-    trials = sorted((tmp_path / "sweep2" / "trials").iterdir())
-    assert len(trials) == 2
-    for trial in trials:
-        assert list((trial / "stage1").glob("checkpoint_*/meta.json"))
-        assert list((trial / "stage1" / "bank").glob("*.arrow"))
-    # Tune's own TensorBoard output (scalars + HParams) for the sweep
-    assert list((tmp_path / "sweep2").glob("*/events.out.tfevents.*"))
 
 
 def test_asha_stops_a_diverging_step_size_early_and_lets_a_sane_one_finish(ray_local, tmp_path, toy_distilled):

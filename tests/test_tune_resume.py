@@ -1,11 +1,15 @@
-"""An interrupted sweep resumed with --resume finishes without repeating completed trials.
+"""Population-based training over Stage 1 through the real CLI, interrupted and resumed.
 
-The sweep runs as the real CLI in a subprocess (its own embedded Ray; this module starts none, so two Ray
-instances never share the machine) and is interrupted with SIGINT once its first trial has finished.
+`hdebm-ray tune --scheduler pbt` runs 4 toy2d trials of 40 steps in chunks of 20 (each chunk its own TorchTrainer
+run), in a subprocess with its own embedded Ray (this module starts none, so two Ray instances never share the
+machine). Once a trial has been cloned from a better one it is interrupted with SIGINT, then finished with
+`--resume`. Checked: the clone went on from the donor's step-20 state (weights, Adam, bank) with new parameters;
+no trial trained its first chunk twice; the sweep's table and best config.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,48 +17,83 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from helpers import TOY_TRIAL, distilled_toy
 
+from hdebm_ray.checkpoint import load_meta, load_states
+from hdebm_ray.cli import main as cli_main
+from hdebm_ray.config import load_config
 
-def finished_trials(sweep: Path) -> list[Path]:
-    out = []
-    for trial in sorted((sweep / "trials").glob("trial-*")):
-        metas = list((trial / "stage1").glob("checkpoint_*/meta.json"))
-        if any('"done": true' in m.read_text() for m in metas):
-            out.append(trial)
-    return out
+KEY = "stage1.langevin.step_size"
+LO, HI = 1.0e-3, 2.0e-2
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+def history(trials: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted(trials.glob("trial-*/stage1/pbt_history.jsonl")) for line in f.open()]
+
+
+def newest(paths) -> Path:
+    return max(paths, key=lambda p: p.stat().st_mtime)
+
+
+def test_pbt_clones_a_better_trial_into_a_worse_one_and_an_interrupted_sweep_resumes_from_the_checkpoints(tmp_path):
     init = distilled_toy(tmp_path / "toy")
     space = tmp_path / "space.yaml"
     space.write_text(
-        "stage: stage1\nmetric: Eval/toy2d_quality\nmode: max\n"
-        "params:\n  stage1.langevin.step_size: {grid: [3.0e-3, 5.0e-3]}\n"
+        f"stage: stage1\nmetric: Eval/toy2d_quality\nmode: max\nparams:\n  {KEY}: {{loguniform: [{LO}, {HI}]}}\n"
     )
     sets = [a for o in [f"run.storage_path={tmp_path}", "run.name=toy", *TOY_TRIAL] for a in ("--set", o)]
     cmd = [sys.executable, "-m", "hdebm_ray", "tune", "--preset", "toy2d", *sets, "--space", str(space)]
-    cmd += ["--name", "resumable", "--samples", "1", "--max-concurrent", "1", "--init-from", init]
-    sweep = tmp_path / "resumable"
+    cmd += ["--name", "pbt", "--samples", "4", "--max-concurrent", "4", "--cpus-per-worker", "0.5"]
+    cmd += ["--scheduler", "pbt", "--pbt-interval", "20", "--init-from", init]
+    trials = tmp_path / "pbt" / "trials"
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
-    deadline = time.time() + 400
-    # with one trial at a time, the second trial's run directory appears once Tune has finished the first
-    while len(list((sweep / "trials").glob("trial-*"))) < 2:
+    deadline = time.time() + 480
+    while not [h for h in history(trials) if h["from_trial"] != h["trial"]]:  # the first exploit
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
         time.sleep(1)
-    done_first = finished_trials(sweep)[0]
-    checkpoints_before = sorted(p.name for p in (done_first / "stage1").glob("checkpoint_*"))
     first.send_signal(signal.SIGINT)
     assert first.wait(timeout=180) == 130, (tmp_path / "first.log").read_text()[-3000:]
-    assert not (sweep / "trials.csv").exists()
-    assert len(finished_trials(sweep)) < 2
+    assert not (tmp_path / "pbt" / "trials.csv").exists()
 
     second = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600, env=os.environ)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    rows = (sweep / "trials.csv").read_text().splitlines()
-    assert len(rows) == 3  # header + 2 trials
-    assert len(finished_trials(sweep)) == 2
-    # the trial finished before the interruption was not trained again
-    assert sorted(p.name for p in (done_first / "stage1").glob("checkpoint_*")) == checkpoints_before
+
+    starts = history(trials)
+    original = {h["trial"]: h["from_params"][KEY] for h in starts if h["from_trial"] == h["trial"]}
+    exploits = [h for h in starts if h["from_trial"] != h["trial"]]
+    assert exploits and all(h["step"] == 20 for h in exploits), starts
+    for h in exploits:
+        # explored: the donor's value times 1.2 or 0.8, or redrawn; within the space's range
+        value, run = h["params"][KEY], trials / f"trial-{h['trial']}"
+        assert LO <= value <= HI and value != h["from_params"][KEY] and value != original.get(h["trial"]), h
+        # the first copy the clone made is the donor's step-20 state: weights, generator, Adam moments
+        adopted = min(run.glob("stage1-adopted/checkpoint_00000020_*"), key=lambda p: p.stat().st_mtime)
+        (donor,) = (trials / f"trial-{h['from_trial']}").glob("stage1-to-00000020-*/checkpoint_0*")
+        for net in ("energy", "generator", "energy_opt"):
+            a, d = load_states(adopted, [net])[net], load_states(donor, [net])[net]
+            if net == "energy_opt":
+                a, d = a["state"][0], d["state"][0]
+            assert all(torch.equal(a[k], d[k]) for k in a), net
+        # ... and it trained on from there, with its new step size and the bank of step 20
+        final = newest(run.glob("stage1-to-00000040-*/checkpoint_0*"))
+        meta = load_meta(final)
+        assert meta["step"] == 40 and meta["done"] and meta["resumed_from_step"] == 20
+        assert load_states(final, ["energy_opt"])["energy_opt"]["state"][0]["step"] == 40
+        assert load_config(config_file=str(final / "config.yaml")).stage1.langevin.step_size == value
+        assert meta["summary"]["bank_restores"] == [{"checkpoint_step": 20, "bank_step": 20}]
+        assert meta["summary"]["bank_audit"] == {"step": 40, "problems": []}
+
+    # the interruption cost no finished chunk: every trial trained steps 1-20 exactly once
+    for run in trials.glob("trial-*"):
+        assert len(list(run.glob("stage1-to-00000020-*"))) == 1, run
+        assert load_meta(newest(run.glob("stage1-to-00000040-*/checkpoint_0*")))["done"]
+    table = (tmp_path / "pbt" / "trials.csv").read_text().splitlines()
+    assert len(table) == 5 and f"config/{KEY}" in table[0]
+    best_config = tmp_path / "pbt" / "best_config.yaml"
+    best = load_config(config_file=str(best_config))
+    assert best.stage1.steps == 40 and best.run.name == "toy-best" and LO <= best.stage1.langevin.step_size <= HI
+    assert cli_main(["train", "--stage", "stage1", "--config", str(best_config), "--dry-run"]) == 0
+    assert list((tmp_path / "pbt").glob("*/events.out.tfevents.*"))  # Tune's own TensorBoard output

@@ -116,3 +116,31 @@ def test_the_declared_metrics_are_what_each_stage_reports(tmp_path):
 
 
 INIT = {"distill", "stage1", "stage2"}
+
+
+def test_pbt_chunks_end_at_each_interval_and_at_the_last_step():
+    from hdebm_ray.distributed.pbt import chunk_ends
+
+    assert chunk_ends(0, 40, 20) == [20, 40]
+    assert chunk_ends(20, 40, 20) == [40]  # a clone that starts at the donor's step
+    assert chunk_ends(40, 40, 20) == []  # finished
+    assert chunk_ends(7, 50, 20) == [20, 40, 50]  # resumed between two perturbations; the last chunk is shorter
+
+
+def test_pbt_explores_within_the_space_and_moves_listed_values_to_neighbours():
+    from hdebm_ray.distributed.pbt import pbt_scheduler
+
+    base = load_config("toy2d")
+    s = parse_space(
+        space(
+            "  stage1.langevin.step_size: {loguniform: [1.0e-3, 2.0e-2]}\n  stage1.langevin.steps: {choice: [10, 20]}\n"
+        ),
+        "inline",
+        base,
+    )
+    pbt = pbt_scheduler(s, 20, 0.25, 0.0)
+    assert pbt._hyperparam_mutations["stage1.langevin.steps"] == [10, 20]
+    # the explore step scales by 1.2 / 0.8: the clip keeps the result inside the range the space was checked on
+    clipped = pbt._custom_explore_fn({"stage1.langevin.step_size": 0.019 * 1.2, "stage1.langevin.steps": 20})
+    assert clipped["stage1.langevin.step_size"] == 2.0e-2 and clipped["stage1.langevin.steps"] == 20
+    assert pbt._custom_explore_fn({"stage1.langevin.step_size": 5e-4})["stage1.langevin.step_size"] == 1.0e-3

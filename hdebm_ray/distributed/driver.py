@@ -18,10 +18,12 @@ from .. import storage
 from ..checkpoint import load_meta
 from ..config import Config
 from ..guard import DIVERGENCE_FILE, GUARDED_STAGES, GuardLog, backed_off, roll_back, take_divergence
+from ..results import print_eval_table
 from ..stages import BANK_SPECS, INIT_FROM, PIPELINE
 from ..storage import as_uri, run_dir
 
 NAMESPACE = "hdebm"
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train V2's, on by default
 
 
 def init_ray(cfg: Config) -> None:
@@ -42,6 +44,8 @@ def init_ray(cfg: Config) -> None:
     env = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}}
     num_cpus = None
     if address == "local":
+        # One machine has no node to lose to preemption: no watcher actor (a process per Train run) to start.
+        env["env_vars"][PREEMPTION_WATCHER] = os.environ.get(PREEMPTION_WATCHER, "0")
         # Eval actors hold their CPUs for the whole run: count them on top of the workers (logical CPUs), or the
         # next stage's workers could never be placed next to them on a small machine.
         num_cpus = max(os.cpu_count() or 1, math.ceil(resources_needed(cfg)["CPU"]))
@@ -107,9 +111,12 @@ def trainer_for(
     report_hooks=(),
     eval_pool: str | None = None,
     guard_log=None,
+    resume_from: str | None = None,
+    stop_at_step: int | None = None,
 ):
     """A TorchTrainer that runs ``stage`` with ``cfg.ray.num_workers`` DDP workers (gloo on CPU, nccl on GPU);
-    ``guard_log``: the stage's rollbacks so far (``guard.GuardLog``)."""
+    ``guard_log``: the stage's rollbacks so far (``guard.GuardLog``); ``resume_from``: a checkpoint to start from
+    when this Train run has none of its own; ``stop_at_step``: end the run there (a PBT chunk)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -133,6 +140,8 @@ def trainer_for(
             "report_hooks": list(report_hooks),
             "stage_dir": f"{location}/{name or stage}",  # the Train run's directory: the guard's files go there
             "guard_rollbacks": guard_log.rollbacks if guard_log is not None else [],
+            "resume_from": resume_from,
+            "stop_at_step": stop_at_step,
         },
         scaling_config=ScalingConfig(
             num_workers=r.num_workers,
@@ -174,8 +183,9 @@ def bank_actor_name(cfg: Config, stage: str) -> str:
     return f"bank-{cfg.run.name}-{stage}"
 
 
-def start_bank(cfg: Config, stage: str):
-    """Create the stage's bank actor (or find the one a previous attempt left); None if the stage has none."""
+def start_bank(cfg: Config, stage: str, train_name: str | None = None):
+    """Create the stage's bank actor (or find the one a previous attempt left); None if the stage has none. Its
+    snapshots go beside the Train run's checkpoints (``<run>/<train_name or stage>/bank``)."""
     if stage not in BANK_SPECS:
         return None
     from .bank_actor import create_bank_actor
@@ -183,19 +193,27 @@ def start_bank(cfg: Config, stage: str):
     return create_bank_actor(
         bank_actor_name(cfg, stage),
         **BANK_SPECS[stage](cfg),
-        snapshot_dir=f"{run_dir(cfg)}/{stage}/bank",
+        snapshot_dir=f"{run_dir(cfg)}/{train_name or stage}/bank",
         seed=cfg.run.seed,
         keep=cfg.ray.checkpoints_to_keep + 1,
     )
 
 
 def fit_stage(
-    cfg: Config, stage: str, init_from: str | None = None, callbacks=(), report_hooks=(), eval_pool=None
+    cfg: Config,
+    stage: str,
+    init_from: str | None = None,
+    callbacks=(),
+    report_hooks=(),
+    eval_pool=None,
+    chunk: dict | None = None,
 ) -> dict:
     """Run one stage to its end (resuming if it ran before); returns {checkpoint, step, summary}.
 
     With ``eval_pool`` (a running ``EvalPool``) and ``stage`` in ``eval.stages``, every checkpoint the run
-    registers is handed to the pool as it lands; the pool's results do not hold the stage up.
+    registers is handed to the pool as it lands; the pool's results do not hold the stage up. ``chunk`` (a PBT
+    trial's part of the stage): ``{"train_name": its own Train run, "resume_from": checkpoint or None,
+    "stop_at_step": int}``.
     """
     from ..data import build_dataset
     from ..stages import STAGES
@@ -211,7 +229,8 @@ def fit_stage(
         callbacks = [*callbacks, NotifyEvalPool(pool, stage, run_dir(cfg))]
     # The divergence guard: an attempt that diverged stops early; roll back (resume from the newest checkpoint,
     # the last good one) with the stage's step sizes / LRs backed off, until it ends or GuardStop.
-    stage_dir, log = f"{run_dir(cfg)}/{stage}", None
+    chunk = chunk or {}
+    stage_dir, log = f"{run_dir(cfg)}/{chunk.get('train_name') or stage}", None
     if stage in GUARDED_STAGES:
         log = GuardLog.read(cfg, stage_dir)
     while True:
@@ -219,7 +238,7 @@ def fit_stage(
         if log is not None and (divergence := take_divergence(stage_dir)) is not None:
             print(roll_back(cfg, stage, stage_dir, log, divergence, _latest_step(stage_dir)), flush=True)
         attempt_cfg = backed_off(cfg, stage, log) if log is not None else cfg
-        result = _fit_attempt(attempt_cfg, stage, init_from, callbacks, report_hooks, pool, log)
+        result = _fit_attempt(attempt_cfg, stage, init_from, callbacks, report_hooks, pool, log, chunk)
         if log is None or not storage.exists(f"{stage_dir}/{DIVERGENCE_FILE}"):
             break
     if result.checkpoint is None:
@@ -229,13 +248,13 @@ def fit_stage(
     return {"checkpoint": path, "step": meta.get("step"), "summary": meta.get("summary", {})}
 
 
-def _fit_attempt(cfg: Config, stage: str, init_from, callbacks, report_hooks, pool, guard_log):
+def _fit_attempt(cfg: Config, stage: str, init_from, callbacks, report_hooks, pool, guard_log, chunk: dict):
     """One TorchTrainer run of the stage (with its bank actor, killed afterwards): to the end, or to the step
     where the guard stopped it."""
     from ..data_files import DatasetError
     from .ray_data import data_error_in
 
-    bank = start_bank(cfg, stage)
+    bank = start_bank(cfg, stage, chunk.get("train_name"))
     name = bank_actor_name(cfg, stage) if bank is not None else None
     try:
         trainer = trainer_for(
@@ -243,10 +262,13 @@ def _fit_attempt(cfg: Config, stage: str, init_from, callbacks, report_hooks, po
             stage,
             init_from,
             callbacks,
+            name=chunk.get("train_name"),
             bank_name=name,
             report_hooks=report_hooks,
             eval_pool=pool,
             guard_log=guard_log,
+            resume_from=chunk.get("resume_from"),
+            stop_at_step=chunk.get("stop_at_step"),
         )
         try:
             return trainer.fit()
@@ -374,19 +396,3 @@ def _warn_if_pool_starves_workers(cfg: Config) -> None:
                 f"eval.actors / eval.cpus_per_actor / eval.gpus_per_actor or ray.num_workers.",
                 flush=True,
             )
-
-
-def print_eval_table(run_location: str) -> None:
-    """The run's FID / KID so far, one line per scored checkpoint (from ``<run>/eval.jsonl``)."""
-    from ..results import read_results, start_note
-
-    results = read_results(run_location)
-    if not results:
-        return
-    print(f"[eval] {len(results)} checkpoint(s) scored ({results[0]['features']} features):", flush=True)
-    for r in sorted(results, key=lambda r: (PIPELINE.index(r["stage"]) if r["stage"] in PIPELINE else 99, r["step"])):
-        scored = f" [{r.get('weights', 'raw')} weights, {r.get('protocol', 'fresh')}]"
-        print(
-            f"  {r['stage']:>9} step {r['step']:>7}: FID {r['fid']:.4g}  KID {r['kid']:.4g}{start_note(r)}{scored}",
-            flush=True,
-        )

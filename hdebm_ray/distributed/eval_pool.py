@@ -142,7 +142,7 @@ class EvalPool:
         return None
 
     async def _evaluate(self, index: int, ckpt: str) -> None:
-        from ..results import record, start_note
+        from ..results import record, scores_text, start_note
 
         result = await self._score(index, ckpt)
         if result is None:
@@ -153,9 +153,7 @@ class EvalPool:
         self.done.add(ckpt)
         self.results.append(result)
         self._note_latest(result)
-        print(
-            f"[eval] {result['stage']} step {result['step']}: FID {result['fid']:.4g}{start_note(result)}", flush=True
-        )
+        print(f"[eval] {result['stage']} step {result['step']}: {scores_text(result)}{start_note(result)}", flush=True)
 
     def _note_latest(self, result: dict) -> None:
         if result["step"] >= self.latest_by_stage.get(result["stage"], {}).get("step", -1):

@@ -190,3 +190,8 @@ def load_space(path: str | Path, base: Config, metric: str | None = None) -> Sea
     if not path.is_file():
         raise ConfigError(f"tune space file '{path}' does not exist")
     return parse_space(path.read_text(), str(path), base, metric)
+
+
+def trial_config(base: Config, params: dict, sweep_location: str, trial_id: str) -> Config:
+    """A trial's config: the base, the sampled dotted keys, and its own run directory under the sweep."""
+    return base.replace(**params, **{"run.name": f"trial-{trial_id}", "run.storage_path": f"{sweep_location}/trials"})

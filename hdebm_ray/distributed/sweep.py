@@ -1,4 +1,5 @@
-"""Ray Tune sweeps over one stage (Train V2 pattern): each trial is a driver function that fits a TorchTrainer.
+"""Ray Tune sweeps over one stage (Train V2 pattern): each trial is a driver function that fits a TorchTrainer
+(with ``--scheduler pbt``, a sequence of them: ``pbt.py``).
 
 Layout under ``<run.storage_path>/<sweep>/``: Tune's experiment (trial dirs with ``result.json``, ``progress.csv``
 and TensorBoard events with HParams), ``trials/trial-<id>/<stage>/`` (each trial's Train run: checkpoints, bank
@@ -18,10 +19,10 @@ from ..config import Config, ConfigError, from_dict
 from ..stages.distill_stage import distill_total_steps
 from ..storage import run_dir
 from .ray_compat import wait_for_forwarded_reports
-from .search_space import SearchSpace
+from .search_space import SearchSpace, trial_config
 
 SEARCHERS = ("random", "optuna", "hyperopt")
-SCHEDULERS = ("fifo", "asha")
+SCHEDULERS = ("fifo", "asha", "pbt")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class SweepOptions:
     reduction_factor: int = 2
     trial_driver_cpus: float = 0.1  # the driver function only waits on its TorchTrainer
     resume: bool = False
+    pbt_interval: int = 0  # PBT: steps between perturbations (each a chunk of the stage); 0 = its checkpoint_every
+    quantile_fraction: float = 0.25  # PBT: the bottom fraction cloned from the top fraction at each perturbation
+    resample_probability: float = 0.25  # PBT: chance that an explored value is redrawn instead of scaled
 
 
 def sweep_dir(cfg: Config, name: str) -> str:
@@ -46,11 +50,6 @@ def reports_per_trial(cfg: Config, stage: str) -> int:
     section = getattr(cfg, stage)
     steps = distill_total_steps(section) if stage == "distill" else section.steps
     return max(1, math.ceil(steps / section.report_every))
-
-
-def trial_config(base: Config, params: dict, sweep_location: str, trial_id: str) -> Config:
-    """A trial's config: the base, the sampled dotted keys, and its own run directory under the sweep."""
-    return base.replace(**params, **{"run.name": f"trial-{trial_id}", "run.storage_path": f"{sweep_location}/trials"})
 
 
 def make_trainable(base: Config, stage: str, init_from: str | None, sweep_location: str):
@@ -110,13 +109,24 @@ def _scheduler(space: SearchSpace, opts: SweepOptions, max_reports: int):
     )
 
 
+def pbt_interval(base: Config, stage: str, opts: SweepOptions) -> int:
+    return opts.pbt_interval or getattr(base, stage).checkpoint_every
+
+
 def build_tuner(base: Config, space: SearchSpace, init_from: str | None, opts: SweepOptions):
     from ray import tune
 
+    from .pbt import check_pbt_metric, make_pbt_trainable, pbt_scheduler
+
     location = sweep_dir(base, opts.name)
-    trainable = tune.with_resources(
-        make_trainable(base, space.stage, init_from, location), {"CPU": opts.trial_driver_cpus}
-    )
+    pbt = opts.scheduler == "pbt"
+    if pbt:
+        check_pbt_metric(space)
+        interval = pbt_interval(base, space.stage, opts)
+        trainable = make_pbt_trainable(base, space.stage, init_from, location, interval)
+    else:
+        trainable = make_trainable(base, space.stage, init_from, location)
+    trainable = tune.with_resources(trainable, {"CPU": opts.trial_driver_cpus})
     if opts.resume:
         if not tune.Tuner.can_restore(location):
             raise ConfigError(f"--resume: no sweep to resume at {location}")
@@ -129,14 +139,23 @@ def build_tuner(base: Config, space: SearchSpace, init_from: str | None, opts: S
             metric=space.metric,
             mode=space.mode,
             num_samples=opts.samples,
-            scheduler=_scheduler(space, opts, max_reports),
+            scheduler=(
+                pbt_scheduler(space, interval, opts.quantile_fraction, opts.resample_probability)
+                if pbt
+                else _scheduler(space, opts, max_reports)
+            ),
             search_alg=_search_alg(space, opts),
             max_concurrent_trials=opts.max_concurrent,
+            # PBT pauses and restarts every trial at each perturbation: reuse the trial processes
+            reuse_actors=pbt,
         ),
         run_config=tune.RunConfig(
             name=opts.name,
             storage_path=location.rsplit("/", 1)[0],
             failure_config=tune.FailureConfig(max_failures=1),
+            # PBT clones from a trial's latest checkpoint: keep a few (two or fewer and PBT warns that a donor's may
+            # be gone before it is copied)
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if pbt else None),
         ),
     )
 

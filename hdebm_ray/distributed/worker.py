@@ -1,7 +1,8 @@
 """The Ray Train worker: one DDP rank running a stage through the shared step loop.
 
 Checkpoints ride on ``ray.train.report`` (a barrier every rank calls equally often; rank 0 attaches the
-checkpoint). A restarted or re-run worker resumes from ``ray.train.get_checkpoint()``.
+checkpoint). A restarted or re-run worker resumes from ``ray.train.get_checkpoint()``; a new Train run given
+``resume_from`` (the next chunk of a PBT trial) from that checkpoint, and ``stop_at_step`` ends it early.
 """
 
 from __future__ import annotations
@@ -76,7 +77,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         stage = build_stage(loop_config["stage"], cfg, ctx, None)
 
     start, last_metrics = 0, {}
-    if (ckpt := ray.train.get_checkpoint()) is not None:
+    ckpt = ray.train.get_checkpoint()  # this Train run's own, after a restart
+    if ckpt is None and loop_config.get("resume_from"):  # another run's (a PBT trial's next chunk, or its donor's)
+        ckpt = ray.train.Checkpoint(loop_config["resume_from"])
+    if ckpt is not None:
         meta, path = restore_newest_usable(stage, ckpt, loop_config["stage_dir"], ctx.device, rank == 0)
         start, last_metrics = int(meta["step"]), meta.get("metrics", {})
         if rank == 0:
@@ -113,15 +117,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for hook in report_hooks:
             hook(rank=rank, step=step)
 
-    divergence = run_loop(stage, start, report, guard)
+    stop_at = loop_config.get("stop_at_step") or stage.total_steps
+    divergence = run_loop(stage, start, report, guard, stop_at)
     if divergence is not None:  # every rank stops here; the driver rolls back and starts the next attempt
         if rank == 0:
             write_divergence(loop_config["stage_dir"], divergence)
             status(f"[{stage.name}] diverged at {divergence.describe()}")
         logger.close()
         return
-    if start >= stage.total_steps:
+    if start >= min(stop_at, stage.total_steps):
         # Nothing left to train (e.g. a Tune trial restarted after its run had finished): report once anyway,
-        # so the caller sees the final metrics, and register the product if no checkpoint exists yet.
-        report(stage.total_steps, last_metrics, ckpt is None)
+        # so the caller sees the final metrics, and register the product if this run has no checkpoint yet.
+        report(start, last_metrics, ray.train.get_checkpoint() is None)
     logger.close()
