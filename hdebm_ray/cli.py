@@ -139,6 +139,8 @@ def cmd_tune(args) -> int:
         from .distributed.pbt import check_pbt_metric
 
         check_pbt_metric(space)
+        if args.search != "random":
+            raise ConfigError(f"--scheduler pbt explores by itself; it takes --search random, not {args.search}")
     if args.name:
         check_run_name(args.name, "--name")
     opts = SweepOptions(

@@ -276,4 +276,4 @@ def manifold_scores(feats: np.ndarray, ref: ReferenceStats, k: int, seed: int = 
         return {}
     rows = np.random.default_rng(seed).permutation(len(ref.kid_features))[:n]
     precision, recall = precision_recall(ref.kid_features[rows], feats[:n], k)
-    return {"precision": precision, "recall": recall}
+    return {"precision": precision, "recall": recall, "pr_samples": n}  # both sets' size: P / R depend on it

@@ -105,6 +105,23 @@ def copy_file(source: str | Path, target: str | Path) -> None:
     pafs.copy_files(spath, tpath, source_filesystem=sfs, destination_filesystem=tfs)
 
 
+def remove_tree(location: str) -> None:
+    """Delete a folder (local path or URI) with everything in it; nothing if it is not there."""
+    fs, path = fs_and_path(location)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def list_dirs(location: str) -> list[tuple[str, int]]:
+    """(location, modification time in ns) of the folders directly inside ``location`` (0 where an object store
+    keeps no folder times); empty if it is not there."""
+    fs, path = fs_and_path(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = [i for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory]
+    return [(f"{location.rstrip('/')}/{i.base_name}", i.mtime_ns or 0) for i in infos]
+
+
 @contextlib.contextmanager
 def local_dir(location: str):
     """A local directory with the contents of ``location``: itself when local, else a temporary download."""

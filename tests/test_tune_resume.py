@@ -70,7 +70,7 @@ def test_pbt_clones_a_better_trial_into_a_worse_one_and_an_interrupted_sweep_res
         value, run = h["params"][KEY], trials / f"trial-{h['trial']}"
         assert LO <= value <= HI and value != h["from_params"][KEY] and value != original.get(h["trial"]), h
         # the first copy the clone made is the donor's step-20 state: weights, generator, Adam moments
-        adopted = min(run.glob("stage1-adopted/checkpoint_00000020_*"), key=lambda p: p.stat().st_mtime)
+        adopted = min(run.glob("stage1-adopted/*/checkpoint_00000020"), key=lambda p: p.stat().st_mtime)
         (donor,) = (trials / f"trial-{h['from_trial']}").glob("stage1-to-00000020-*/checkpoint_0*")
         for net in ("energy", "generator", "energy_opt"):
             a, d = load_states(adopted, [net])[net], load_states(donor, [net])[net]

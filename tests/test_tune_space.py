@@ -144,3 +144,14 @@ def test_pbt_explores_within_the_space_and_moves_listed_values_to_neighbours():
     clipped = pbt._custom_explore_fn({"stage1.langevin.step_size": 0.019 * 1.2, "stage1.langevin.steps": 20})
     assert clipped["stage1.langevin.step_size"] == 2.0e-2 and clipped["stage1.langevin.steps"] == 20
     assert pbt._custom_explore_fn({"stage1.langevin.step_size": 5e-4})["stage1.langevin.step_size"] == 1.0e-3
+
+
+def test_synchronous_pbt_moves_its_sync_point_past_trials_that_all_reached_it():
+    from hdebm_ray.distributed.pbt_scheduler import next_sync_point
+
+    assert next_sync_point(40, [20, 20, 0, 20], 20) == 40  # waiting for a trial: unchanged
+    assert next_sync_point(40, [20, 20, 20, 20], 20) == 40  # just perturbed at 20, next at 40
+    # a restored sweep: PBT's point restarts at 20 while every trial reports 40; Ray moves it to 40 and no paused
+    # trial is below it (the stall); it must go one interval past them
+    assert next_sync_point(40, [40, 40, 40, 40], 20) == 60
+    assert next_sync_point(20, [], 20) == 20

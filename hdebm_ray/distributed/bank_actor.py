@@ -10,6 +10,7 @@ latest snapshot instead could pair the bank of step S with weights of a later st
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import ray
@@ -78,3 +79,16 @@ class ActorBankClient(BankClientBase):
 
     def commit_async(self, lease_id: str, step: int, **fields):
         return self.actor.commit.remote(lease_id, step, as_numpy(fields))  # arguments are serialised here
+
+
+def kill_bank(bank, name: str, timeout_s: float = 60.0) -> None:
+    """Kill the bank actor and wait until its name is free: ``ray.kill`` returns first, and the next attempt's
+    ``get_if_exists`` would otherwise find the dying actor (with what was committed after a divergence)."""
+    ray.kill(bank)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.1)

@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import time
 
 from .. import storage
 from ..checkpoint import load_meta
@@ -138,7 +137,8 @@ def trainer_for(
             "eval_pool": eval_pool,  # rank 0 adds the pool's latest Eval/fid to its reports
             # Callables hook(rank=, step=) every rank runs after each report (the tests inject faults with one).
             "report_hooks": list(report_hooks),
-            "stage_dir": f"{location}/{name or stage}",  # the Train run's directory: the guard's files go there
+            "stage_dir": f"{location}/{name or stage}",  # the Train run's directory
+            "guard_dir": f"{location}/{stage}",  # the guard's files: one log for all of a PBT trial's chunks
             "guard_rollbacks": guard_log.rollbacks if guard_log is not None else [],
             "resume_from": resume_from,
             "stop_at_step": stop_at_step,
@@ -230,13 +230,17 @@ def fit_stage(
     # The divergence guard: an attempt that diverged stops early; roll back (resume from the newest checkpoint,
     # the last good one) with the stage's step sizes / LRs backed off, until it ends or GuardStop.
     chunk = chunk or {}
-    stage_dir, log = f"{run_dir(cfg)}/{chunk.get('train_name') or stage}", None
+    # The guard's log is the stage's, across a PBT trial's chunks (its backoff and max_rollbacks hold for all).
+    stage_dir, log = f"{run_dir(cfg)}/{stage}", None
+    train_dir = f"{run_dir(cfg)}/{chunk.get('train_name') or stage}"
+    start = int(load_meta(chunk["resume_from"])["step"]) if chunk.get("resume_from") else 0
     if stage in GUARDED_STAGES:
         log = GuardLog.read(cfg, stage_dir)
     while True:
         # first pass: a divergence left by an attempt whose driver died before it rolled back
         if log is not None and (divergence := take_divergence(stage_dir)) is not None:
-            print(roll_back(cfg, stage, stage_dir, log, divergence, _latest_step(stage_dir)), flush=True)
+            to_step = max(start, _latest_step(train_dir))  # what the next attempt resumes from
+            print(roll_back(cfg, stage, stage_dir, log, divergence, to_step), flush=True)
         attempt_cfg = backed_off(cfg, stage, log) if log is not None else cfg
         result = _fit_attempt(attempt_cfg, stage, init_from, callbacks, report_hooks, pool, log, chunk)
         if log is None or not storage.exists(f"{stage_dir}/{DIVERGENCE_FILE}"):
@@ -278,22 +282,9 @@ def _fit_attempt(cfg: Config, stage: str, init_from, callbacks, report_hooks, po
             raise
     finally:
         if bank is not None:
+            from .bank_actor import kill_bank
+
             kill_bank(bank, name)
-
-
-def kill_bank(bank, name: str, timeout_s: float = 60.0) -> None:
-    """Kill the bank actor and wait until its name is free: ``ray.kill`` returns first, and the next attempt's
-    ``get_if_exists`` would otherwise find the dying actor (with what was committed after a divergence)."""
-    import ray
-
-    ray.kill(bank)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            ray.get_actor(name, namespace=NAMESPACE)
-        except ValueError:
-            return
-        time.sleep(0.1)
 
 
 def _latest_step(stage_dir: str) -> int:

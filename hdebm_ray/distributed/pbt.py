@@ -32,7 +32,7 @@ import uuid
 from pathlib import Path
 
 from .. import storage
-from ..checkpoint import load_meta
+from ..checkpoint import incomplete, load_meta
 from ..config import Config, ConfigError, from_dict
 from ..results import append_jsonl
 from ..slot_store import snapshot_location, snapshot_name
@@ -56,7 +56,7 @@ def check_pbt_metric(space: SearchSpace) -> None:
 def pbt_scheduler(space: SearchSpace, interval_steps: int, quantile_fraction: float, resample_probability: float):
     """Synchronous PBT over the space's keys; every explored value is clipped to the space's range (the config would
     refuse a value outside the ranges the space was checked against)."""
-    from ray.tune.schedulers import PopulationBasedTraining
+    from .pbt_scheduler import SynchronousPBT
 
     mutations, bounds = {}, {}
     for p in space.params:
@@ -71,7 +71,7 @@ def pbt_scheduler(space: SearchSpace, interval_steps: int, quantile_fraction: fl
             config[key] = type(config[key])(min(max(config[key], lo), hi))
         return config
 
-    return PopulationBasedTraining(
+    return SynchronousPBT(
         time_attr=PBT_CLOCK,
         perturbation_interval=interval_steps,
         hyperparam_mutations=mutations,
@@ -101,10 +101,11 @@ def make_pbt_trainable(base: Config, stage: str, init_from: str | None, sweep_lo
         resume, step = None, 0
         if (given := tune.get_checkpoint()) is not None:
             resume, step = adopt(cfg, stage, given, trial_id, params)
-        total = getattr(cfg, stage).steps
+        total = total_steps(cfg, stage)
         for end in chunk_ends(step, total, interval):
             name = f"{stage}-to-{end:08d}-{uuid.uuid4().hex[:6]}"
             if resume is not None:  # the bank actor of the chunk restores from the chunk's own bank/ folder
+                prune(cfg, stage, keep=resume)
                 carry_snapshot(resume, step, f"{run_dir(cfg)}/{name}")
             chunk = {"train_name": name, "resume_from": resume, "stop_at_step": end}
             out = fit_stage(cfg, stage, init_from, chunk=chunk)
@@ -118,6 +119,31 @@ def make_pbt_trainable(base: Config, stage: str, init_from: str | None, sweep_lo
                 tune.report({**meta["metrics"], "step": step, PBT_CLOCK: clock}, checkpoint=ckpt)
 
     return pbt_trial
+
+
+def total_steps(cfg: Config, stage: str) -> int:
+    from ..stages.distill_stage import distill_total_steps
+
+    section = getattr(cfg, stage)
+    return distill_total_steps(section) if stage == "distill" else section.steps
+
+
+KEEP_OLDER = 3  # chunk runs / adopted copies a trial keeps besides the one it resumes from
+
+
+def prune(cfg: Config, stage: str, keep: str) -> None:
+    """Delete a trial's older chunk runs and adopted copies: all but the newest ``KEEP_OLDER`` and the one holding
+    ``keep`` (under synchronous PBT every chunk leaves a Train run and an adopted copy, each a checkpoint and a bank
+    snapshot, which would otherwise pile up)."""
+    run = run_dir(cfg)
+    chunks = [(d, t) for d, t in storage.list_dirs(run) if d.rsplit("/", 1)[-1].startswith(f"{stage}-to-")]
+    adopted = [(d, t) for d, t in storage.list_dirs(f"{run}/{stage}-adopted") if not d.endswith("/bank")]
+    keep = keep.rstrip("/")
+    older = sorted(
+        ((d, t) for d, t in chunks + adopted if keep != d and not keep.startswith(d + "/")), key=lambda x: x[1]
+    )
+    for d, _ in older[: max(0, len(older) - KEEP_OLDER)]:
+        storage.remove_tree(d)
 
 
 def carry_snapshot(checkpoint: str, step: int, train_run: str) -> None:
@@ -144,7 +170,7 @@ class tune_checkpoint:
         snapshot = snapshot_location(train_checkpoint, step)
         if storage.exists(snapshot):
             storage.copy_file(snapshot, self.tmp / BANK_SUBDIR / snapshot_name(step))
-        origin = {"trial": trial_id, "step": step, "params": params, "run": run_dir(cfg), "stage": stage}
+        origin = {"trial": trial_id, "step": step, "params": params, "stage": stage, "checkpoint": train_checkpoint}
         (self.tmp / ORIGIN_FILE).write_text(json.dumps(origin, indent=2))
         return tune.Checkpoint.from_directory(str(self.tmp))
 
@@ -154,20 +180,25 @@ class tune_checkpoint:
 
 def adopt(cfg: Config, stage: str, given, trial_id: str, params: dict) -> tuple[str, int]:
     """Copy a Tune checkpoint (the trial's own, or its donor's) into the trial's run: the Train checkpoint to
-    ``<run>/<stage>-adopted/checkpoint_<step>_<id>``, its bank snapshot beside it; record the start in
-    ``pbt_history.jsonl``. Returns (the copy's path, its step)."""
+    ``<run>/<stage>-adopted/<id>/checkpoint_<step>``, its bank snapshot beside it; record the start in
+    ``pbt_history.jsonl``. Returns (the copy's path, its step). The trial's own Train checkpoint, if it is still
+    there and complete, is used as it is."""
     run = run_dir(cfg)
     with given.as_directory() as d:
         d = Path(d)
         origin = json.loads((d / ORIGIN_FILE).read_text())
         step = int(origin["step"])
-        target = f"{run}/{stage}-adopted/checkpoint_{step:08d}_{uuid.uuid4().hex[:6]}"
-        with tempfile.TemporaryDirectory(prefix="hdebm-adopt-") as tmp:
-            files = Path(tmp) / "checkpoint"
-            shutil.copytree(d, files, ignore=shutil.ignore_patterns(ORIGIN_FILE, BANK_SUBDIR))
-            storage.upload(files, target)
-        if (d / BANK_SUBDIR / snapshot_name(step)).is_file():
-            storage.copy_file(d / BANK_SUBDIR / snapshot_name(step), snapshot_location(target, step))
+        own = origin["trial"] == trial_id and origin.get("checkpoint") and incomplete(origin["checkpoint"]) is None
+        if own:
+            target = origin["checkpoint"]
+        else:
+            target = f"{run}/{stage}-adopted/{uuid.uuid4().hex[:8]}/checkpoint_{step:08d}"  # bank/ beside it
+            with tempfile.TemporaryDirectory(prefix="hdebm-adopt-") as tmp:
+                files = Path(tmp) / "checkpoint"
+                shutil.copytree(d, files, ignore=shutil.ignore_patterns(ORIGIN_FILE, BANK_SUBDIR))
+                storage.upload(files, target)
+            if (d / BANK_SUBDIR / snapshot_name(step)).is_file():
+                storage.copy_file(d / BANK_SUBDIR / snapshot_name(step), snapshot_location(target, step))
     entry = {"trial": trial_id, "from_trial": origin["trial"], "step": step, "params": params}
     entry["from_params"] = origin["params"]
     append_jsonl(f"{run}/{stage}/pbt_history.jsonl", entry)

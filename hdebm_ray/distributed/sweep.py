@@ -16,7 +16,6 @@ import threading
 from dataclasses import dataclass
 
 from ..config import Config, ConfigError, from_dict
-from ..stages.distill_stage import distill_total_steps
 from ..storage import run_dir
 from .ray_compat import wait_for_forwarded_reports
 from .search_space import SearchSpace, trial_config
@@ -47,9 +46,9 @@ def sweep_dir(cfg: Config, name: str) -> str:
 
 
 def reports_per_trial(cfg: Config, stage: str) -> int:
-    section = getattr(cfg, stage)
-    steps = distill_total_steps(section) if stage == "distill" else section.steps
-    return max(1, math.ceil(steps / section.report_every))
+    from .pbt import total_steps
+
+    return max(1, math.ceil(total_steps(cfg, stage) / getattr(cfg, stage).report_every))
 
 
 def make_trainable(base: Config, stage: str, init_from: str | None, sweep_location: str):
@@ -122,6 +121,8 @@ def build_tuner(base: Config, space: SearchSpace, init_from: str | None, opts: S
     pbt = opts.scheduler == "pbt"
     if pbt:
         check_pbt_metric(space)
+        if opts.search != "random":  # PBT changes the trials' configs behind a searcher's back
+            raise ConfigError(f"--scheduler pbt explores by itself; it takes --search random, not {opts.search}")
         interval = pbt_interval(base, space.stage, opts)
         trainable = make_pbt_trainable(base, space.stage, init_from, location, interval)
     else:
