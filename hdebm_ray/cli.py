@@ -136,11 +136,9 @@ def cmd_tune(args) -> int:
     if args.mode:
         space = dataclasses.replace(space, mode=args.mode)
     if args.scheduler == "pbt":
-        from .distributed.pbt import check_pbt_metric
+        from .distributed.pbt import check_pbt
 
-        check_pbt_metric(space)
-        if args.search != "random":
-            raise ConfigError(f"--scheduler pbt explores by itself; it takes --search random, not {args.search}")
+        check_pbt(space, args.search)
     if args.name:
         check_run_name(args.name, "--name")
     opts = SweepOptions(

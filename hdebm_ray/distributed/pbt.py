@@ -44,7 +44,11 @@ PBT_CLOCK = "pbt_step"  # the time attribute PBT perturbs on (see ``pbt_trial``)
 BANK_SUBDIR = "bank"  # in a Tune checkpoint: the bank / replay-buffer snapshot of its step
 
 
-def check_pbt_metric(space: SearchSpace) -> None:
+def check_pbt(space: SearchSpace, search: str) -> None:
+    """What PBT cannot run with, refused before anything starts: a searcher (PBT changes the trials' configs
+    behind its back), or a metric the stage does not report at its checkpoints."""
+    if search != "random":
+        raise ConfigError(f"--scheduler pbt explores by itself; it takes --search random, not {search}")
     if space.metric.startswith("Eval/fid"):
         raise ConfigError(
             f"tune space '{space.source}': metric {space.metric} comes from the eval pool after a checkpoint, "
@@ -122,10 +126,11 @@ def make_pbt_trainable(base: Config, stage: str, init_from: str | None, sweep_lo
 
 
 def total_steps(cfg: Config, stage: str) -> int:
-    from ..stages.distill_stage import distill_total_steps
+    """The stage's length in steps, as the stage itself counts them (distillation: all its halvings)."""
+    from ..stages import STAGES
 
-    section = getattr(cfg, stage)
-    return distill_total_steps(section) if stage == "distill" else section.steps
+    cls = STAGES[stage]
+    return cls.count_steps(getattr(cfg, cls.section_name or stage))
 
 
 KEEP_OLDER = 3  # chunk runs / adopted copies a trial keeps besides the one it resumes from
@@ -137,11 +142,8 @@ def prune(cfg: Config, stage: str, keep: str) -> None:
     snapshot, which would otherwise pile up)."""
     run = run_dir(cfg)
     chunks = [(d, t) for d, t in storage.list_dirs(run) if d.rsplit("/", 1)[-1].startswith(f"{stage}-to-")]
-    adopted = [(d, t) for d, t in storage.list_dirs(f"{run}/{stage}-adopted") if not d.endswith("/bank")]
-    keep = keep.rstrip("/")
-    older = sorted(
-        ((d, t) for d, t in chunks + adopted if keep != d and not keep.startswith(d + "/")), key=lambda x: x[1]
-    )
+    adopted = storage.list_dirs(f"{run}/{stage}-adopted")  # one folder per copy: its checkpoint and bank/
+    older = sorted(((d, t) for d, t in chunks + adopted if not keep.startswith(d + "/")), key=lambda dt: dt[1])
     for d, _ in older[: max(0, len(older) - KEEP_OLDER)]:
         storage.remove_tree(d)
 

@@ -115,14 +115,12 @@ def pbt_interval(base: Config, stage: str, opts: SweepOptions) -> int:
 def build_tuner(base: Config, space: SearchSpace, init_from: str | None, opts: SweepOptions):
     from ray import tune
 
-    from .pbt import check_pbt_metric, make_pbt_trainable, pbt_scheduler
+    from .pbt import check_pbt, make_pbt_trainable, pbt_scheduler
 
     location = sweep_dir(base, opts.name)
     pbt = opts.scheduler == "pbt"
     if pbt:
-        check_pbt_metric(space)
-        if opts.search != "random":  # PBT changes the trials' configs behind a searcher's back
-            raise ConfigError(f"--scheduler pbt explores by itself; it takes --search random, not {opts.search}")
+        check_pbt(space, opts.search)
         interval = pbt_interval(base, space.stage, opts)
         trainable = make_pbt_trainable(base, space.stage, init_from, location, interval)
     else:

@@ -121,7 +121,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     divergence = run_loop(stage, start, report, guard, stop_at)
     if divergence is not None:  # every rank stops here; the driver rolls back and starts the next attempt
         if rank == 0:
-            write_divergence(loop_config.get("guard_dir") or loop_config["stage_dir"], divergence)
+            write_divergence(loop_config["guard_dir"], divergence)
             status(f"[{stage.name}] diverged at {divergence.describe()}")
         logger.close()
         return
