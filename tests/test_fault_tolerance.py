@@ -37,9 +37,15 @@ def distilled(tmp_path_factory):
 
 
 def _newest_step(stage_dir: Path) -> int:
-    """The newest registered (complete) checkpoint's step, 0 if none."""
-    steps = [load_meta(m.parent)["step"] for m in stage_dir.glob("checkpoint_*/meta.json") if m.exists()]
-    return max(steps, default=0)
+    """The newest registered checkpoint's step, 0 if none. Registered, not merely on disk: a checkpoint the
+    controller has not registered yet is not what a restart resumes from (a kill then restarts from the one before,
+    or from scratch, with no bank restore to record)."""
+    try:
+        registry = json.loads((stage_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # none yet, or caught mid-write
+        return 0
+    names = [r["checkpoint_dir_name"] for r in registry.get("checkpoint_results", [])]
+    return max((load_meta(stage_dir / n)["step"] for n in names), default=0)
 
 
 def _wait(predicate, what: str, timeout_s: float = 240.0):
