@@ -14,14 +14,16 @@ mode coverage. A method's **best** checkpoint is the one with the lowest FID aga
 reference part); its **final** one is the last written within ``--budget-min``. The floor: held-out data scored
 as if they were samples.
 
-Writes ``<out>/quality_<preset>.json`` / ``.md`` (every checkpoint, then best and final per method) and sample
-grids ``<out>/quality_<preset>/<method>-<best|final>.png``.
+Writes ``<out>/quality_<name>.json`` / ``.md`` (``--name``, default the preset: every checkpoint, then best and
+final per method) and sample grids ``<out>/quality_<name>/<method>-<stage>-<best|final>.png``. Re-running some
+``--methods`` keeps the other methods' rows of an earlier result of the same name.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -74,15 +76,18 @@ def scores(feats: np.ndarray, ref: np.ndarray, cfg) -> dict:
 
 
 def with_points(cfg, stage: str, points: int):
-    """The stage's preset, checkpointing ``points`` times (and so reporting at least as often)."""
+    """The stage's preset, checkpointing ``points`` times (and so reporting at least as often), keeping every
+    checkpoint's bank / replay-buffer snapshot (a replay sampler needs its checkpoint's own)."""
     section = getattr(cfg, stage)
     every = max(1, section.steps // points)
-    return cfg.replace(**{f"{stage}.report_every": every, f"{stage}.checkpoint_every": every})
+    keep = {"ray.checkpoints_to_keep": points + 1}
+    return cfg.replace(**{f"{stage}.report_every": every, f"{stage}.checkpoint_every": every, **keep})
 
 
 def train(cfg, method: str, root: Path, points: int) -> list[dict]:
     """Train the method's stages in order; every checkpoint of its scored stages with the minute it was written."""
     stages, scored = METHODS[method]
+    shutil.rmtree(root / method, ignore_errors=True)  # a fresh run: a resumed one would not be on the clock
     clock_s, init, found = 0.0, None, []
     for stage in stages:
         stage_cfg = with_points(cfg, stage, points) if stage in scored else cfg
@@ -152,14 +157,16 @@ def main(argv=None) -> int:
     p.add_argument("--budget-min", type=float, help="compare checkpoints written within this many minutes")
     p.add_argument("--points", type=int, default=4, help="checkpoints per scored stage")
     p.add_argument("--samples", type=int, default=2000)
-    p.add_argument("--work", default="/tmp/hdebm-quality", help="where the runs are written")
+    p.add_argument("--work", default="/tmp/hdebm-quality", help="runs go here (each method's folder is replaced)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--name", help="names the results (quality_<name>.*) and work folder; default: the preset")
     p.add_argument("--set", action="append", default=[], help="dotted.key=value for every method")
     args = p.parse_args(argv)
     methods = args.methods.split(",")
     if unknown := [m for m in methods if m not in METHODS]:
         p.error(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
-    work = Path(args.work) / args.preset
+    name = args.name or args.preset
+    work = Path(args.work) / name
     cfg = load_config(args.preset, overrides=[f"data.path={work / 'data'}", *args.set])
     space = FeatureSpace(cfg, progress=True)
     ref, held = split_features(cfg, space)
@@ -170,26 +177,34 @@ def main(argv=None) -> int:
             rows.append(score_checkpoint(row, cfg, space, ref, held, args.samples))
             r = rows[-1]
             print(f"[quality] {method} {r['stage']} step {r['step']} ({r['minute']:.1f} min): FID {r['fid']:.4g}")
-    summary = summarise(rows, args.budget_min) + [floor]
-    grids = Path(args.out) / f"quality_{args.preset}"
-    for r in summary:
-        if r["method"] != "data":
-            x = sample_checkpoint(r["ckpt"], 64, 64, "cpu", seed=0)[0]
-            name = f"{r['method']}-{r['stage']}-{r['pick']}.png"
-            save_grid(x, grids / name, cfg, caption=f"{r['method']} {r['stage']} step {r['step']} ({r['pick']})")
-    result = {"preset": args.preset, "machine": machine(), "budget_min": args.budget_min, "samples": args.samples,
-              "features": cfg.eval.features, "summary": summary, "checkpoints": rows}  # fmt: skip
     out = Path(args.out)
+    previous = out / f"quality_{name}.json"
+    if previous.exists():  # re-running some methods keeps the others' rows (same data split and features)
+        kept = [r for r in json.loads(previous.read_text())["checkpoints"] if r["method"] not in methods]
+        print(f"[quality] kept {len(kept)} checkpoints of {sorted({r['method'] for r in kept})} from {previous}")
+        rows = kept + rows
+    summary = summarise(rows, args.budget_min) + [floor]
+    grids = Path(args.out) / f"quality_{name}"
+    for r in summary:
+        if r["method"] != "data" and Path(r["ckpt"]).exists():
+            x = sample_checkpoint(r["ckpt"], 64, 64, "cpu", seed=0)[0]
+            png = f"{r['method']}-{r['stage']}-{r['pick']}.png"
+            save_grid(x, grids / png, cfg, caption=f"{r['method']} {r['stage']} step {r['step']} ({r['pick']})")
+    result = {"preset": args.preset, "name": name, "overrides": args.set, "machine": machine(),
+              "budget_min": args.budget_min, "samples": args.samples, "features": cfg.eval.features,
+              "summary": summary, "checkpoints": rows}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"quality_{args.preset}.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / f"quality_{name}.json").write_text(json.dumps(result, indent=2, default=str))
     budget = f"within {args.budget_min:g} min" if args.budget_min else "each method's preset length"
+    overrides = "".join(f", {o}" for o in args.set)
     text = (
-        f"# Quality on {args.preset} ({cfg.eval.features} features, {args.samples} samples, {machine()})\n\n"
+        f"# Quality on {name} (preset {args.preset}{overrides}; {cfg.eval.features} features, {args.samples} "
+        f"samples, {machine()})\n\n"
         f"Best (lowest held-out FID) and final checkpoint per method, {budget}; 'data' is the held-out split "
         f"scored as samples (the floor).\n\n{table(summary)}\n\n## Every checkpoint (FID against minutes)\n\n"
         f"{table(rows)}\n"
     )
-    (out / f"quality_{args.preset}.md").write_text(text)
+    (out / f"quality_{name}.md").write_text(text)
     print(text)
     return 0
 

@@ -70,9 +70,12 @@ def make_trainable(base: Config, stage: str, init_from: str | None, sweep_locati
     return train_trial
 
 
-def _search_alg(space: SearchSpace, opts: SweepOptions):
+def _search_alg(space: SearchSpace, opts: SweepOptions, seed: int):
     if opts.search == "random":
-        return None
+        from ray.tune.search import BasicVariantGenerator
+
+        # seeded by run.seed: the same sweep samples the same trials (a PBT and a random sweep start alike)
+        return BasicVariantGenerator(random_state=seed)
     if any(p.kind == "grid" for p in space.params):
         raise ConfigError(f"--search {opts.search}: 'grid' distributions only work with --search random")
     try:
@@ -143,7 +146,7 @@ def build_tuner(base: Config, space: SearchSpace, init_from: str | None, opts: S
                 if pbt
                 else _scheduler(space, opts, max_reports)
             ),
-            search_alg=_search_alg(space, opts),
+            search_alg=_search_alg(space, opts, base.run.seed),
             max_concurrent_trials=opts.max_concurrent,
             # PBT pauses and restarts every trial at each perturbation: reuse the trial processes
             reuse_actors=pbt,
