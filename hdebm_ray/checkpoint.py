@@ -85,6 +85,15 @@ def load_states(directory: str | Path, names: list[str] | None = None, map_locat
     return {n: load_state_file(d / f"{n}.pt", map_location) for n in names}
 
 
+def ema_weights(directory: str | Path, names: list[str], map_location="cpu") -> dict[str, dict] | None:
+    """The EMA weights of the named components as plain state_dicts (an AveragedModel's state is ``module.<key>``
+    plus ``n_averaged``), or None unless the checkpoint has ``<name>_ema.pt`` for every one of them."""
+    if not names or not all((Path(directory) / f"{n}_ema.pt").is_file() for n in names):
+        return None
+    ema = load_states(directory, [f"{n}_ema" for n in names], map_location=map_location)
+    return {n: {k[7:]: v for k, v in ema[f"{n}_ema"].items() if k.startswith("module.")} for n in names}
+
+
 def load_state_file(path: Path, map_location="cpu") -> dict:
     """One state file, with weights_only=True; a refused or unreadable file is a ``CheckpointError`` naming it."""
     try:

@@ -296,6 +296,9 @@ class Stage2Section(EnergyOptimSection):
     temperature: float = knob(1e-8, lo=0.0, lo_open=True, doc="T_mc: U = H / T_mc")
     drift_clip: float = knob(2.5, lo=0.0, doc="per-sample L2 bound on Y's drift (not the latents'); 0 = off")
     lr: float = knob(2e-5, lo=0.0, lo_open=True, doc="Adam learning rate of H (from Stage 1's H)")
+    start_from_ema: bool = knob(
+        True, doc="start from Stage 1's EMA of H and G1 (what its samples use) if it kept one; false: raw weights"
+    )
     checkpoint_every: int = like(EnergyOptimSection, "checkpoint_every", 100)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_config_of, load_meta, load_states
+from .checkpoint import ema_weights, load_config_of, load_meta, load_states
 from .config import Config
 from .images import save_grid  # noqa: F401 - sampling's public API: sample, then save
 from .stages import sampler_class
@@ -60,17 +60,15 @@ class Sampler:
         wanted = self.stage in self.cfg.eval.use_ema if use_ema is None else use_ema
         if not wanted:
             return "raw"
-        present = [c for c in components if (Path(ckpt_dir) / f"{c}_ema.pt").is_file()]
-        if len(present) < len(components) or not components:
+        ema = ema_weights(ckpt_dir, list(components), map_location=self.device)
+        if ema is None:
             if use_ema:  # asked for explicitly: say why it cannot be done
                 raise FileNotFoundError(
                     f"checkpoint '{ckpt_dir}' ({self.stage}) has no EMA weights"
                     + (" (its stage keeps none)" if not components else f" ({self.stage}.ema_halflife_kimg = 0?)")
                 )
             return "raw"
-        ema = load_states(ckpt_dir, [f"{c}_ema" for c in components], map_location=self.device)
-        for c in components:  # AveragedModel state: "module.<key>" plus n_averaged
-            states[c] = {k[7:]: v for k, v in ema[f"{c}_ema"].items() if k.startswith("module.")}
+        states.update(ema)
         return "ema"
 
     @property

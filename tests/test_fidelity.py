@@ -18,7 +18,7 @@ from helpers import TINY, small_digits_overrides
 from torch import nn
 
 from hdebm_ray.augment import AugmentOptions, color, rescale
-from hdebm_ray.checkpoint import save_checkpoint
+from hdebm_ray.checkpoint import ema_weights, load_states, save_checkpoint
 from hdebm_ray.config import load_config
 from hdebm_ray.contracts import WorkerContext
 from hdebm_ray.diffusion import CosineSchedule, teacher_two_steps
@@ -186,6 +186,15 @@ def test_every_hdebm_checkpoint_samples_with_raw_and_ema_weights(tmp_path):
             with pytest.raises(FileNotFoundError, match="no EMA weights"):
                 Sampler(ckpt, use_ema=True)
             assert Sampler(ckpt).weights == "raw"
+        if stage == "stage1":  # Stage 2 starts from the weights Stage 1's samples use: its EMA, unless told not to
+            stage1_ema = ema_weights(ckpt, ["energy", "generator"])
+            stage1_raw = load_states(ckpt, ["energy", "generator"])
+            for start_from_ema, expected in ((True, stage1_ema), (False, stage1_raw)):
+                s2_cfg = cfg.replace(**{"stage2.start_from_ema": start_from_ema})
+                s2 = build_stage("stage2", s2_cfg, WorkerContext(), ckpt)
+                for net, name in ((s2.energy.net, "energy"), (s2.hat.g1, "generator")):
+                    assert all(torch.equal(v, expected[name][k]) for k, v in net.state_dict().items())
+            assert not torch.equal(stage1_ema["energy"]["head.weight"], stage1_raw["energy"]["head.weight"])
     raw, ema = Sampler(ckpt, use_ema=False), Sampler(ckpt, use_ema=True)  # Stage 2: was a crash
     assert (raw.weights, ema.weights, Sampler(ckpt).weights) == ("raw", "ema", "ema")  # eval.use_ema: stage2
     assert not torch.allclose(raw.sample(8, seed=1), ema.sample(8, seed=1))

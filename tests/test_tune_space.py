@@ -155,3 +155,21 @@ def test_synchronous_pbt_moves_its_sync_point_past_trials_that_all_reached_it():
     # trial is below it (the stall); it must go one interval past them
     assert next_sync_point(40, [40, 40, 40, 40], 20) == 60
     assert next_sync_point(20, [], 20) == 20
+
+
+def test_random_search_is_seeded_by_run_seed():
+    """The same seed samples the same trials (a PBT sweep and a random one compared on equal terms start alike);
+    another seed samples others."""
+    from ray.tune.experiment import Experiment
+
+    from hdebm_ray.distributed.sweep import SweepOptions, _search_alg
+
+    shipped = load_space(Path(SPACES[0].parent / "stage1_toy2d.yaml"), load_config("toy2d"))
+
+    def first_trials(seed: int) -> list[dict]:
+        alg = _search_alg(shipped, SweepOptions(name="s"), seed)
+        alg.add_configurations([Experiment("s", run=lambda config: None, config=shipped.param_space(), num_samples=3)])
+        return [alg.next_trial().config for _ in range(3)]
+
+    assert first_trials(0) == first_trials(0)
+    assert first_trials(0) != first_trials(1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint import load_states
+from ..checkpoint import ema_weights, load_states
 from ..config import Config
 from ..contracts import WorkerContext
 from ..langevin import StepStats, sample_joint
@@ -41,10 +41,15 @@ class Stage2(StageBase):
         s = self.s
         self.shape = sample_shape(cfg)
         self.hat = hat_generator(cfg, ctx, init_dir, with_g1=True)
+        stage1 = load_states(init_dir, ["energy"], map_location=ctx.device)
+        # Stage 1's samples (and FID) come from its EMA weights of H and G1 where it kept them: start from those.
+        if s.start_from_ema and (ema := ema_weights(init_dir, ["energy", "generator"], map_location=ctx.device)):
+            stage1["energy"] = ema["energy"]
+            self.hat.g1.load_state_dict(ema["generator"])
         self.hat.g1.requires_grad_(False).eval()
         self.hat_fast = fast_hat(self.compute, self.hat, chain=True)
         self.energy = energy_trainer(cfg, ctx, s, s.lr, s.temperature, compute=self.compute)
-        self.energy.net.load_state_dict(load_states(init_dir, ["energy"], map_location=ctx.device)["energy"])
+        self.energy.net.load_state_dict(stage1["energy"])
         if self.energy.ema is not None:  # the EMA starts at Stage 1's weights, not at a random init
             self.energy.ema.module.load_state_dict(self.energy.net.state_dict())
         self.batches = self.data_stream(seed_offset=3)
