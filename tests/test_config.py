@@ -60,7 +60,7 @@ def _write(path, text):
         ("data.channels=2", "data.channels", "choose one of"),
         ("data.resolution=24", "data.resolution", "power of two"),
         ("distill.n0_steps=12", "distill.n0_steps", "power of two"),
-        ("distill.n0_steps=512", "distill.n0_steps", "divides diffusion.T_trunc"),
+        ("distill.n0_steps=1024", "distill.n0_steps", "divides diffusion.T_trunc"),
         ("diffusion.checkpoint_every=75", "diffusion.checkpoint_every", "multiple"),
         ("stage1.bank_size=8", "stage1.bank_size", ">= stage1.batch_size"),
         ("network.unet.attn_resolutions=[32]", "network.unet.attn_resolutions", "data.resolution"),
