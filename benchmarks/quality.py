@@ -184,7 +184,7 @@ def main(argv=None) -> int:
         print(f"[quality] kept {len(kept)} checkpoints of {sorted({r['method'] for r in kept})} from {previous}")
         rows = kept + rows
     summary = summarise(rows, args.budget_min) + [floor]
-    grids = Path(args.out) / f"quality_{name}"
+    grids = out / f"quality_{name}"
     for r in summary:
         if r["method"] != "data" and Path(r["ckpt"]).exists():
             x = sample_checkpoint(r["ckpt"], 64, 64, "cpu", seed=0)[0]

@@ -22,7 +22,7 @@ from hdebm_ray.bank import Bank
 from hdebm_ray.checkpoint import load_config_of, load_meta
 from hdebm_ray.config import load_config
 from hdebm_ray.distributed.driver import bank_actor_name, fit_stage
-from hdebm_ray.results import read_results, run_checkpoints
+from hdebm_ray.results import read_results, registered_names, run_checkpoints
 from hdebm_ray.runner import run_in_process
 from hdebm_ray.slot_store import SlotStore, snapshot_name
 
@@ -40,11 +40,7 @@ def _newest_step(stage_dir: Path) -> int:
     """The newest registered checkpoint's step, 0 if none. Registered, not merely on disk: a checkpoint the
     controller has not registered yet is not what a restart resumes from (a kill then restarts from the one before,
     or from scratch, with no bank restore to record)."""
-    try:
-        registry = json.loads((stage_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):  # none yet, or caught mid-write
-        return 0
-    names = [r["checkpoint_dir_name"] for r in registry.get("checkpoint_results", [])]
+    names = registered_names(str(stage_dir)) or set()  # None: no record yet, or caught mid-write
     return max((load_meta(stage_dir / n)["step"] for n in names), default=0)
 
 
@@ -109,8 +105,7 @@ def test_chaos_sigkill_of_a_train_worker_the_bank_an_eval_actor_and_the_driver(r
     first, second = (p.read_text() for p in logs)
 
     # What Ray Train registered: a checkpoint written but not registered when the driver died is superseded.
-    registry = json.loads((run / "stage1" / "checkpoint_manager_snapshot.json").read_text())
-    registered = {str(run / "stage1" / r["checkpoint_dir_name"]) for r in registry["checkpoint_results"]}
+    registered = {str(run / "stage1" / n) for n in registered_names(str(run / "stage1"))}
     assert set(run_checkpoints(str(run), ["stage1"])) == registered
     ckpts = sorted((load_meta(c)["step"], c) for c in registered)
     final = load_meta(ckpts[-1][1])

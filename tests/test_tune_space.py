@@ -164,7 +164,7 @@ def test_random_search_is_seeded_by_run_seed():
 
     from hdebm_ray.distributed.sweep import SweepOptions, _search_alg
 
-    shipped = load_space(Path(SPACES[0].parent / "stage1_toy2d.yaml"), load_config("toy2d"))
+    shipped = load_space(SPACES[0].parent / "stage1_toy2d.yaml", load_config("toy2d"))
 
     def first_trials(seed: int) -> list[dict]:
         alg = _search_alg(shipped, SweepOptions(name="s"), seed)

@@ -25,10 +25,12 @@ def build_hat(cfg: Config, states: dict[str, dict], device) -> HatGenerator:
     return HatGenerator(g1, denoiser.eval(), CosineSchedule(d.T, d.cosine_s), d.T_trunc)
 
 
-def hat_generator(cfg: Config, ctx: WorkerContext, init_dir, with_g1: bool) -> HatGenerator:
-    """G = G2∘G1 with D from ``init_dir`` (frozen) and G1 fresh, or G1 too from ``init_dir`` (Stage 2)."""
-    names = ["denoiser", "generator"] if with_g1 else ["denoiser"]
-    return build_hat(cfg, load_states(init_dir, names, map_location=ctx.device), ctx.device)
+def hat_generator(cfg: Config, ctx: WorkerContext, init_dir, g1_state: dict | None = None) -> HatGenerator:
+    """G = G2∘G1 with D from ``init_dir`` (frozen) and G1 fresh (Stage 1), or with ``g1_state`` (Stage 2)."""
+    states = load_states(init_dir, ["denoiser"], map_location=ctx.device)
+    if g1_state is not None:
+        states["generator"] = g1_state
+    return build_hat(cfg, states, ctx.device)
 
 
 def fast_hat(compute, hat: HatGenerator, chain: bool = False) -> HatGenerator:

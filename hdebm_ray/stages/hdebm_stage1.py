@@ -51,7 +51,7 @@ class Stage1(StageBase):
         super().__init__(cfg, ctx, init_dir)
         s = self.s
         self.shape = sample_shape(cfg)
-        self.hat = hat_generator(cfg, ctx, init_dir, with_g1=False)
+        self.hat = hat_generator(cfg, ctx, init_dir)
         c = self.compute
         self.hat_fast = fast_hat(c, self.hat)  # the same G through autocast / compiled modules
         self.g1_ddp = c.fast(ctx.wrap(self.hat.g1, "generator"))

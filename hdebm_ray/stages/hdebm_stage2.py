@@ -40,12 +40,11 @@ class Stage2(StageBase):
         super().__init__(cfg, ctx, init_dir)
         s = self.s
         self.shape = sample_shape(cfg)
-        self.hat = hat_generator(cfg, ctx, init_dir, with_g1=True)
-        stage1 = load_states(init_dir, ["energy"], map_location=ctx.device)
         # Stage 1's samples (and FID) come from its EMA weights of H and G1 where it kept them: start from those.
-        if s.start_from_ema and (ema := ema_weights(init_dir, ["energy", "generator"], map_location=ctx.device)):
-            stage1["energy"] = ema["energy"]
-            self.hat.g1.load_state_dict(ema["generator"])
+        names = ["energy", "generator"]
+        ema = ema_weights(init_dir, names, map_location=ctx.device) if s.start_from_ema else None
+        stage1 = ema or load_states(init_dir, names, map_location=ctx.device)
+        self.hat = hat_generator(cfg, ctx, init_dir, g1_state=stage1["generator"])
         self.hat.g1.requires_grad_(False).eval()
         self.hat_fast = fast_hat(self.compute, self.hat, chain=True)
         self.energy = energy_trainer(cfg, ctx, s, s.lr, s.temperature, compute=self.compute)
