@@ -105,6 +105,17 @@ def distilled_toy(root: Path) -> str:
     return str(ckpt)
 
 
+def newest_registered_step(stage_dir: Path) -> int:
+    """The newest checkpoint's step that Ray Train has registered for a stage, 0 if none. Registered, not merely on
+    disk: a checkpoint the controller has not registered yet is not what a restart resumes from (a kill then
+    restarts from the one before, or from scratch, with no bank restore to record)."""
+    from hdebm_ray.checkpoint import load_meta
+    from hdebm_ray.results import registered_names
+
+    names = registered_names(str(stage_dir)) or set()  # None: no record yet, or caught mid-write
+    return max((load_meta(stage_dir / n)["step"] for n in names), default=0)
+
+
 class RecordNode:
     """A report hook: each rank writes the id of the Ray node it runs on to ``<folder>/rank<r>``."""
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from helpers import TINY, small_digits_overrides
+from helpers import TINY, newest_registered_step, small_digits_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from hdebm_ray.bank import Bank
@@ -34,14 +34,6 @@ def distilled(tmp_path_factory):
     cfg = load_config("digits", overrides=small_digits_overrides(str(root), "base") + TINY)
     _, ck = run_in_process(cfg, "diffusion", root / "d")
     return str(run_in_process(cfg, "distill", root / "k", init_dir=ck)[1])
-
-
-def _newest_step(stage_dir: Path) -> int:
-    """The newest registered checkpoint's step, 0 if none. Registered, not merely on disk: a checkpoint the
-    controller has not registered yet is not what a restart resumes from (a kill then restarts from the one before,
-    or from scratch, with no bank restore to record)."""
-    names = registered_names(str(stage_dir)) or set()  # None: no record yet, or caught mid-write
-    return max((load_meta(stage_dir / n)["step"] for n in names), default=0)
 
 
 def _wait(predicate, what: str, timeout_s: float = 240.0):
@@ -87,7 +79,8 @@ def test_chaos_sigkill_of_a_train_worker_the_bank_an_eval_actor_and_the_driver(r
 
     def kill_after_next_checkpoint(what: str, pid_of) -> None:
         before = max([0, *(step for _, step in killed.values())])
-        step = _wait(lambda: (s := _newest_step(run / "stage1")) > before and s, f"a checkpoint after {before}")
+        newer = lambda: (s := newest_registered_step(run / "stage1")) > before and s  # noqa: E731
+        step = _wait(newer, f"a checkpoint after {before}")
         pid = _wait(pid_of, f"a live {what}")
         _sigkill(pid)
         killed[what] = (pid, step)

@@ -157,6 +157,44 @@ def test_synchronous_pbt_moves_its_sync_point_past_trials_that_all_reached_it():
     assert next_sync_point(20, [], 20) == 20
 
 
+def test_synchronous_pbt_releases_the_trials_waiting_on_one_that_failed_for_good():
+    """Three trials paused at the sync point (step 150) wait for a fourth that then fails: without the release no
+    trial is ever chosen to run again (the sweep hung for 27 min). A failure Tune will retry keeps them waiting."""
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+
+    from hdebm_ray.distributed.pbt import pbt_scheduler
+
+    base = load_config("toy2d")
+    one_key = parse_space(space("  stage1.lr_energy: {loguniform: [1.0e-4, 1.0e-3]}\n"), "s", base)
+    pbt = pbt_scheduler(one_key, 150, 0.25, 0.0)
+
+    class StubTrial:  # what PBT and Tune's error path read of a trial
+        def __init__(self, status, recover=False):
+            self.status, self.recover = status, recover
+
+        def should_recover(self):
+            return self.recover
+
+        def is_finished(self):
+            return self.status in (Trial.TERMINATED, Trial.ERROR)
+
+    waiting = [StubTrial(Trial.PAUSED) for _ in range(3)]
+    failing = StubTrial(Trial.RUNNING, recover=True)
+    for t, clock in [*((t, 150) for t in waiting), (failing, 0)]:
+        pbt._trial_state[t] = SimpleNamespace(last_train_time=clock)
+    pbt._next_perturbation_sync = 150
+    controller = SimpleNamespace(get_trials=lambda: [*waiting, failing])
+    assert pbt.choose_trial_to_run(controller) is None  # all three wait for the fourth
+
+    pbt.on_trial_error(controller, failing)  # a retry: it reports again
+    assert pbt._next_perturbation_sync == 150 and pbt.choose_trial_to_run(controller) is None
+    failing.recover = False
+    pbt.on_trial_error(controller, failing)  # for good
+    assert pbt._next_perturbation_sync == 300 and pbt.choose_trial_to_run(controller) in waiting
+
+
 def test_random_search_is_seeded_by_run_seed():
     """The same seed samples the same trials (a PBT sweep and a random one compared on equal terms start alike);
     another seed samples others."""

@@ -15,7 +15,7 @@ import helpers
 import pytest
 import ray
 import torch
-from helpers import TINY, RecordNode, small_digits_overrides
+from helpers import TINY, RecordNode, newest_registered_step, small_digits_overrides
 
 from hdebm_ray.checkpoint import load_config_of, load_meta, load_states
 from hdebm_ray.config import load_config
@@ -71,13 +71,13 @@ def test_stage1_on_two_nodes_streams_parquet_through_ray_data_and_survives_losin
 
         try:
             deadline = time.monotonic() + 300
-            while not list(stage_dir.glob("checkpoint_00000004_*/meta.json")):
+            while newest_registered_step(stage_dir) < 4:  # registered: what the restart resumes from
                 if time.monotonic() > deadline:
                     raise TimeoutError("no checkpoint 4")
                 time.sleep(0.05)
             alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
             seen["placed"] = {a.node_id for a in list_actors(filters=alive, raise_on_missing_output=False)}
-            seen["newest_before"] = max(int(p.name.split("_")[1]) for p in stage_dir.glob("checkpoint_[0-9]*"))
+            seen["newest_before"] = newest_registered_step(stage_dir)
             (node,) = two_nodes.worker_nodes
             seen["lost"] = node.node_id
             two_nodes.remove_node(node, allow_graceful=False)
