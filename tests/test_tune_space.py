@@ -195,6 +195,23 @@ def test_synchronous_pbt_releases_the_trials_waiting_on_one_that_failed_for_good
     assert pbt._next_perturbation_sync == 300 and pbt.choose_trial_to_run(controller) in waiting
 
 
+def test_random_search_keeps_to_max_concurrent():
+    """Tune ignores ``max_concurrent_trials`` beside a seeded ``BasicVariantGenerator`` (it warns once): the
+    generator must hold the limit, or every trial starts at once (4 Train worker groups timed out starting on 2
+    cores)."""
+    from ray.tune.experiment import Experiment
+
+    from hdebm_ray.distributed.sweep import SweepOptions, _search_alg
+
+    shipped = load_space(SPACES[0].parent / "stage1_toy2d.yaml", load_config("toy2d"))
+    alg = _search_alg(shipped, SweepOptions(name="s", max_concurrent=2), 0)
+    alg.add_configurations([Experiment("s", run=lambda config: None, config=shipped.param_space(), num_samples=4)])
+    first, second = alg.next_trial(), alg.next_trial()
+    assert first is not None and second is not None and alg.next_trial() is None
+    alg.on_trial_complete(first.trial_id)
+    assert alg.next_trial() is not None
+
+
 def test_random_search_is_seeded_by_run_seed():
     """The same seed samples the same trials (a PBT sweep and a random one compared on equal terms start alike);
     another seed samples others."""
@@ -205,7 +222,7 @@ def test_random_search_is_seeded_by_run_seed():
     shipped = load_space(SPACES[0].parent / "stage1_toy2d.yaml", load_config("toy2d"))
 
     def first_trials(seed: int) -> list[dict]:
-        alg = _search_alg(shipped, SweepOptions(name="s"), seed)
+        alg = _search_alg(shipped, SweepOptions(name="s", max_concurrent=3), seed)
         alg.add_configurations([Experiment("s", run=lambda config: None, config=shipped.param_space(), num_samples=3)])
         return [alg.next_trial().config for _ in range(3)]
 

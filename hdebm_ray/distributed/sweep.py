@@ -75,7 +75,8 @@ def _search_alg(space: SearchSpace, opts: SweepOptions, seed: int):
         from ray.tune.search import BasicVariantGenerator
 
         # seeded by run.seed: the same sweep samples the same trials (a PBT and a random sweep start alike)
-        return BasicVariantGenerator(random_state=seed)
+        # It takes the concurrency limit itself: Tune ignores max_concurrent_trials beside a SearchGenerator
+        return BasicVariantGenerator(max_concurrent=opts.max_concurrent, random_state=seed)
     if any(p.kind == "grid" for p in space.params):
         raise ConfigError(f"--search {opts.search}: 'grid' distributions only work with --search random")
     try:
