@@ -59,6 +59,14 @@ def test_a_metric_given_on_the_command_line_replaces_the_files_before_the_check(
         parse_space(text, "s.yaml", load_config("digits"), metric="Loss/diffusion")
 
 
+@pytest.mark.parametrize("override", ["eval.actors=0", "eval.stages=[stage2]"])
+def test_an_eval_pool_metric_without_eval_actors_scoring_the_stage_is_refused(override):
+    text = "stage: stage1\nmetric: Eval/fid\nmode: min\nparams: {stage1.steps: {choice: [8]}}\n"
+    assert parse_space(text, "s.yaml", load_config("digits")).metric == "Eval/fid"  # the preset has an eval actor
+    with pytest.raises(ConfigError, match="metric: Eval/fid comes from eval actors scoring stage stage1.*actors=1"):
+        parse_space(text, "s.yaml", load_config("digits", overrides=[override]))
+
+
 def test_distributions_map_to_ray_tune_domains():
     from ray import tune
 

@@ -208,7 +208,8 @@ def fit_stage(
     eval_pool=None,
     chunk: dict | None = None,
 ) -> dict:
-    """Run one stage to its end (resuming if it ran before); returns {checkpoint, step, summary}.
+    """Run one stage to its end (resuming if it ran before); returns {checkpoint, step, summary, last_report}
+    (``last_report``: rank 0's last reported metrics).
 
     With ``eval_pool`` (a running ``EvalPool``) and ``stage`` in ``eval.stages``, every checkpoint the run
     registers is handed to the pool as it lands; the pool's results do not hold the stage up. ``chunk`` (a PBT
@@ -249,7 +250,8 @@ def fit_stage(
         raise RuntimeError(f"stage {stage!r} finished without registering a checkpoint")
     path = as_uri(result.checkpoint.path, run_dir(cfg))
     meta = load_meta(path)
-    return {"checkpoint": path, "step": meta.get("step"), "summary": meta.get("summary", {})}
+    summary = meta.get("summary", {})
+    return {"checkpoint": path, "step": meta.get("step"), "summary": summary, "last_report": dict(result.metrics or {})}
 
 
 def _fit_attempt(cfg: Config, stage: str, init_from, callbacks, report_hooks, pool, guard_log, chunk: dict):
@@ -364,7 +366,8 @@ def _run_stages(cfg: Config, stages: list[str], eval_pool) -> dict:
                 raise RuntimeError(f"stage {stage!r} needs a finished {parent!r} stage in {run_dir(cfg)}")
             init_from = state[parent]["checkpoint"]
         print(f"[pipeline] {stage}: starting" + (f" from {init_from}" if init_from else ""), flush=True)
-        state[stage] = fit_stage(cfg, stage, init_from, eval_pool=eval_pool)
+        out = fit_stage(cfg, stage, init_from, eval_pool=eval_pool)
+        state[stage] = {key: out[key] for key in ("checkpoint", "step", "summary")}
         state[stage]["samples"] = write_sample_grid(
             cfg, state[stage]["checkpoint"], f"{run_dir(cfg)}/samples/{stage}.png"
         )

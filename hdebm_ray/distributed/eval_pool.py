@@ -205,8 +205,11 @@ def create_eval_pool(cfg: Config, run_location: str, name: str | None = None, **
     e = cfg.eval
     if e.actors == 0:
         return None
-    resources = {"num_cpus": e.cpus_per_actor, "num_gpus": e.gpus_per_actor}
-    return EvalPool.options(name=name or pool_name(cfg), namespace=NAMESPACE, get_if_exists=True).remote(
+    # "DEFAULT": outside the caller's placement group. A Tune trial's driver runs in a 0.1-CPU bundle that captures
+    # what it starts, where an eval actor's CPU would never fit; the eval actors reserve their own beside the trial.
+    resources = {"num_cpus": e.cpus_per_actor, "num_gpus": e.gpus_per_actor, "scheduling_strategy": "DEFAULT"}
+    options = {"name": name or pool_name(cfg), "namespace": NAMESPACE, "get_if_exists": True}
+    return EvalPool.options(**options, scheduling_strategy="DEFAULT").remote(
         run_location, e.actors, resources, tuple(e.stages), e.num_samples, cfg.run.seed, **testing
     )
 

@@ -3,7 +3,7 @@
 A space file (see ``tune_spaces/``)::
 
     stage: stage1                   # which stage each trial trains
-    metric: Eval/toy2d_quality      # a key of the stage's reports (Eval/fid once eval actors run)
+    metric: Eval/toy2d_quality      # a key of the stage's reports (Eval/fid: needs eval actors)
     mode: max
     params:
       stage1.langevin.step_size: {loguniform: [1.0e-3, 2.0e-2]}
@@ -129,20 +129,29 @@ def parse_space(text: str, source: str, base: Config, metric: str | None = None)
                 _fail(source, f"params.{p.key}", f"value {value!r} is not a valid config value: {err}")
     _check_corners(source, params, base)
     space = SearchSpace(tree["stage"], metric or str(tree["metric"]), mode, params, source)
-    check_metric(space, "--metric" if metric else "metric")
+    check_metric(space, "--metric" if metric else "metric", base)
     return space
 
 
-def check_metric(space: SearchSpace, where: str) -> None:
-    """The space's metric must be a key its stage reports (``where``: the space key or the flag that set it)."""
+def check_metric(space: SearchSpace, where: str, base: Config) -> None:
+    """The space's metric must be a key its stage reports (``where``: the space key or the flag that set it); an
+    eval pool's metric needs eval actors that score the stage, or every trial would report NaN."""
     from ..stages import STAGES
-    from ..stages.reported import reported_metrics
+    from ..stages.reported import EVAL, reported_metrics
 
     known = reported_metrics(space.stage, STAGES[space.stage].data_streams)
     if space.metric not in known:
         close = difflib.get_close_matches(space.metric, sorted(known), n=3, cutoff=0.5)
         hint = f"did you mean {' or '.join(close)}?" if close else f"it reports {', '.join(sorted(known)[:12])}, ..."
         _fail(space.source, where, f"stage {space.stage} does not report {space.metric!r}; {hint}")
+    if space.metric in EVAL and (base.eval.actors == 0 or space.stage not in base.eval.stages):
+        _fail(
+            space.source,
+            where,
+            f"{space.metric} comes from eval actors scoring stage {space.stage}, and this config has "
+            f"eval.actors={base.eval.actors}, eval.stages={list(base.eval.stages)}: --set eval.actors=1 and "
+            f"include {space.stage} in eval.stages",
+        )
 
 
 def _check_kind(source: str, p: Param) -> None:

@@ -64,10 +64,29 @@ def make_trainable(base: Config, stage: str, init_from: str | None, sweep_locati
         # Same Train run name on a retried or resumed trial: the Train run resumes from its own checkpoint.
         # With eval.actors > 0 the trial has its own eval pool, whose newest Eval/fid rides on the reports.
         with running_eval_pool(cfg) as pool:
-            fit_stage(cfg, stage, init_from, callbacks=[TuneReportCallback()], eval_pool=pool)
+            out = fit_stage(cfg, stage, init_from, callbacks=[TuneReportCallback()], eval_pool=pool)
             wait_for_forwarded_reports()
+            if pool is not None and stage in cfg.eval.stages:
+                report_final_score(pool, stage, out)
 
     return train_trial
+
+
+def report_final_score(pool, stage: str, out: dict) -> None:
+    """Report the stage's last metrics once more, with the final checkpoint's FID in ``Eval/fid``.
+
+    The final checkpoint is scored after the stage's last report, so without this a trial's last ``Eval/fid``
+    belongs to an earlier checkpoint (or is NaN in a short trial), and Tune ranks trials by their last report.
+    Waits for the trial's pool to finish; a final checkpoint the pool could not score adds nothing.
+    """
+    import ray
+    from ray import tune
+
+    ray.get(pool.drain.remote())
+    latest = ray.get(pool.latest.remote(stage))
+    if latest is None or latest["step"] != out["step"]:
+        return
+    tune.report({**out["last_report"], "Eval/fid": float(latest["fid"]), "Eval/fid_step": float(latest["step"])})
 
 
 def _search_alg(space: SearchSpace, opts: SweepOptions, seed: int):
