@@ -162,7 +162,8 @@ def cmd_tune(args) -> int:
     from .distributed.sweep import run_sweep
 
     prepare_run(cfg)
-    init_ray(cfg)
+    # each running trial: its workers and eval actors, and its driver function's own bundle
+    init_ray(cfg, concurrent_runs=opts.max_concurrent, extra_cpus=opts.max_concurrent * opts.trial_driver_cpus)
     summary = run_sweep(cfg, space, init_from, opts)
     if summary.get("interrupted"):
         print(f"\nsweep {opts.name} interrupted; its state is saved in")

@@ -236,3 +236,17 @@ def test_random_search_is_seeded_by_run_seed():
 
     assert first_trials(0) == first_trials(0)
     assert first_trials(0) != first_trials(1)
+
+
+def test_an_embedded_ray_for_a_sweep_fits_each_trials_workers_eval_actor_and_driver(monkeypatch):
+    import os
+
+    from hdebm_ray.distributed.driver import local_cpus
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    cfg = load_config("digits")  # 2 workers x 1 CPU and 1 eval actor x 1 CPU
+    assert local_cpus(cfg) == 3
+    # A trial's driver holds 0.1 CPU beside them: with 3 logical CPUs its worker group would wait forever.
+    assert local_cpus(cfg, concurrent_runs=1, extra_cpus=0.1) == 4
+    assert local_cpus(cfg, concurrent_runs=2, extra_cpus=0.2) == 7
+    assert local_cpus(load_config("digits", overrides=["eval.actors=0", "ray.num_workers=1"])) == 2  # the machine's

@@ -25,8 +25,18 @@ NAMESPACE = "hdebm"
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train V2's, on by default
 
 
-def init_ray(cfg: Config) -> None:
-    """Connect to the cluster named by ray.address / $RAY_ADDRESS, or start an embedded local one."""
+def local_cpus(cfg: Config, concurrent_runs: int = 1, extra_cpus: float = 0.0) -> int:
+    """Logical CPUs of an embedded local Ray: the machine's, or more when ``concurrent_runs`` runs' workers, eval
+    actors and Ray Data (plus ``extra_cpus``: a sweep's trial drivers) would not fit in them at once.
+
+    Eval actors hold their CPUs for the whole run: counted on top of the workers, or the next stage's workers could
+    never be placed next to them on a small machine (nor a sweep trial's beside its driver's bundle)."""
+    return max(os.cpu_count() or 1, math.ceil(concurrent_runs * resources_needed(cfg)["CPU"] + extra_cpus - 1e-9))
+
+
+def init_ray(cfg: Config, concurrent_runs: int = 1, extra_cpus: float = 0.0) -> None:
+    """Connect to the cluster named by ray.address / $RAY_ADDRESS, or start an embedded local one (sized by
+    ``local_cpus``)."""
     import ray
 
     from .ray_compat import check_ray_version
@@ -45,9 +55,7 @@ def init_ray(cfg: Config) -> None:
     if address == "local":
         # One machine has no node to lose to preemption: no watcher actor (a process per Train run) to start.
         env["env_vars"][PREEMPTION_WATCHER] = os.environ.get(PREEMPTION_WATCHER, "0")
-        # Eval actors hold their CPUs for the whole run: count them on top of the workers (logical CPUs), or the
-        # next stage's workers could never be placed next to them on a small machine.
-        num_cpus = max(os.cpu_count() or 1, math.ceil(resources_needed(cfg)["CPU"]))
+        num_cpus = local_cpus(cfg, concurrent_runs, extra_cpus)
     else:
         check_reachable(address, cfg.ray.connect_timeout_s)
     try:
