@@ -31,6 +31,7 @@ def local_cpus(cfg: Config, concurrent_runs: int = 1, extra_cpus: float = 0.0) -
 
     Eval actors hold their CPUs for the whole run: counted on top of the workers, or the next stage's workers could
     never be placed next to them on a small machine (nor a sweep trial's beside its driver's bundle)."""
+    # - 1e-9: a sum of fractional CPUs (3 x 0.1) lands a hair above the integer it is, and ceil would add a CPU
     return max(os.cpu_count() or 1, math.ceil(concurrent_runs * resources_needed(cfg)["CPU"] + extra_cpus - 1e-9))
 
 
