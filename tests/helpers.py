@@ -116,6 +116,23 @@ def newest_registered_step(stage_dir: Path) -> int:
     return max((load_meta(stage_dir / n)["step"] for n in names), default=0)
 
 
+class HoldAfter:
+    """A report hook: from report ``step`` on, each rank waits (up to ``timeout_s``) until the file ``release``
+    exists. A fault injected while the ranks hold lands mid-run, however fast the steps are: without the hold a
+    short run can finish in the time a fault takes to be detected, and there is no restart to check."""
+
+    def __init__(self, step: int, release: str, timeout_s: float = 120.0):
+        self.step, self.release, self.timeout_s = step, release, timeout_s
+
+    def __call__(self, rank: int, step: int) -> None:
+        import os
+        import time
+
+        deadline = time.monotonic() + self.timeout_s
+        while step >= self.step and not os.path.exists(self.release) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
 class RecordNode:
     """A report hook: each rank writes the id of the Ray node it runs on to ``<folder>/rank<r>``."""
 

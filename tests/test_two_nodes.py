@@ -15,7 +15,7 @@ import helpers
 import pytest
 import ray
 import torch
-from helpers import TINY, RecordNode, newest_registered_step, small_digits_overrides
+from helpers import TINY, HoldAfter, RecordNode, newest_registered_step, small_digits_overrides
 
 from hdebm_ray.checkpoint import load_config_of, load_meta, load_states
 from hdebm_ray.config import load_config
@@ -60,10 +60,13 @@ def test_stage1_on_two_nodes_streams_parquet_through_ray_data_and_survives_losin
 
     # Mid-run, once checkpoint 4 is registered, the second node is removed: its raylet and every process on it
     # killed. The run restarts its workers from the newest checkpoint on the head, with that checkpoint's bank.
+    # The ranks hold after report 4 until the node is gone: else the last steps can finish before the loss is
+    # detected, and the "restart" resumes at step 8 with nothing left to train.
     cfg = cfg.replace(**{"stage1.steps": 8, "ray.max_failures": 2})
     stage_dir = tmp_path / "runs" / "two" / "stage1"
     nodes = tmp_path / "nodes"
     nodes.mkdir()
+    released = tmp_path / "node_removed"
     seen = {}
 
     def remove_a_worker_node():
@@ -83,11 +86,13 @@ def test_stage1_on_two_nodes_streams_parquet_through_ray_data_and_survives_losin
             two_nodes.remove_node(node, allow_graceful=False)
         except Exception as err:  # seen by the assertions below, not lost in the thread
             seen["error"] = err
+        finally:
+            released.touch()
 
     remover = threading.Thread(target=remove_a_worker_node)
     remover.start()
     try:
-        out = fit_stage(cfg, "stage1", init, report_hooks=[RecordNode(str(nodes))])
+        out = fit_stage(cfg, "stage1", init, report_hooks=[RecordNode(str(nodes)), HoldAfter(4, str(released))])
     finally:
         remover.join()
     assert "error" not in seen, seen.get("error")
