@@ -299,6 +299,11 @@ class Stage2Section(EnergyOptimSection):
     start_from_ema: bool = knob(
         True, doc="start from Stage 1's EMA of H and G1 (what its samples use) if it kept one; false: raw weights"
     )
+    follow_stage1_step_size: bool = knob(
+        True,
+        doc="multiply the three step sizes by the Stage 1 checkpoint's stage1.langevin.step_size over this "
+        "config's (a guard back-off, a sweep's or PBT's choice): H learned its short-run chain at that epsilon",
+    )
     checkpoint_every: int = like(EnergyOptimSection, "checkpoint_every", 100)
 
 

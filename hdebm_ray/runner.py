@@ -19,6 +19,7 @@ from .guard import GuardLog, backed_off, roll_back, step_guard
 from .loop import run_loop, seed_steps
 from .stage_log import StageLogger
 from .stages import BANK_SPECS, build_stage
+from .stages.hdebm_stage2 import follow_stage1_chain
 
 
 def local_bank(cfg: Config, stage_name: str, snapshot_dir: str | None) -> LocalBankClient:
@@ -44,6 +45,9 @@ def run_in_process(
     the guard sees rolls back to the latest checkpoint with the stage's step sizes / LRs backed off."""
     out = Path(out_dir)
     log = GuardLog.read(cfg, str(out))
+    cfg, followed = follow_stage1_chain(cfg, stage_name, init_dir)
+    if followed:
+        print(followed, flush=True)
     while True:
         stage, divergence = _attempt(backed_off(cfg, stage_name, log), stage_name, out, init_dir, device, log_dir, log)
         if divergence is None:

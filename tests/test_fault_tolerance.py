@@ -145,3 +145,13 @@ def test_injected_divergence_rolls_back_to_the_checkpoint_and_its_buffer_and_the
     acc = EventAccumulator(str(run / "tb" / "mebm"))
     acc.Reload()
     assert [e.value for e in acc.Scalars("Guard/rollbacks")][-1] == 1
+
+
+def test_stage2_on_ray_trains_and_saves_the_step_sizes_its_stage1_backed_off_to(ray_local, distilled, tmp_path):
+    cfg = load_config("digits", overrides=small_digits_overrides(str(tmp_path), "inherit") + TINY)
+    _, s1 = run_in_process(cfg.replace(**{"guard.inject_nan_at_step": 3}), "stage1", tmp_path / "s1", distilled)
+    out = fit_stage(cfg, "stage2", init_from=str(s1))
+    saved = load_config_of(out["checkpoint"]).stage2
+    assert saved.y_step_size == pytest.approx(cfg.stage2.y_step_size * cfg.guard.backoff)
+    assert saved.z2_step_size == pytest.approx(cfg.stage2.z2_step_size * cfg.guard.backoff)
+    assert saved.lr == cfg.stage2.lr

@@ -47,6 +47,34 @@ def test_stage1_resume_restores_the_bank_of_the_restored_step(tmp_path):
     assert stage.summary()["bank_restores"] == [{"checkpoint_step": 2, "bank_step": 2}]
 
 
+def test_stage2_samples_at_the_step_size_its_stage1_trained_h_with(tmp_path, capsys):
+    """H learned its short-run chain at Stage 1's epsilon: after a guard rollback in Stage 1, or where a sweep chose
+    Stage 1's epsilon, Stage 2's chains (training, checkpoint config, sampler) run at step sizes scaled to it;
+    Stage 2's learning rate is its own."""
+    cfg = load_config("digits", overrides=small_digits_overrides(str(tmp_path), "inh") + TINY)
+    _, ck = run_in_process(cfg, "diffusion", tmp_path / "d")
+    _, ck = run_in_process(cfg, "distill", tmp_path / "k", init_dir=ck)
+    _, s1 = run_in_process(cfg.replace(**{"guard.inject_nan_at_step": 3}), "stage1", tmp_path / "s1", init_dir=ck)
+    assert len(load_meta(s1)["guard"]["rollbacks"]) == 1
+    stage, s2 = run_in_process(cfg, "stage2", tmp_path / "s2", init_dir=s1)
+    assert "Stage 2's step sizes x 0.5 (stage2.follow_stage1_step_size)" in capsys.readouterr().out
+    for key in ("y_step_size", "z1_step_size", "z2_step_size"):
+        want = getattr(cfg.stage2, key) * cfg.guard.backoff
+        assert getattr(stage.cfg.stage2, key) == pytest.approx(want)
+        assert getattr(Sampler(s2).cfg.stage2, key) == pytest.approx(want)  # what its samples run at
+    assert stage.cfg.stage2.lr == cfg.stage2.lr and not load_meta(s2)["guard"]["rollbacks"]
+    off = cfg.replace(**{"stage2.follow_stage1_step_size": False})
+    stage, _ = run_in_process(off, "stage2", tmp_path / "s2_off", init_dir=s1)
+    assert stage.cfg.stage2.y_step_size == cfg.stage2.y_step_size
+    # a Stage 1 run at three times the config's epsilon (a sweep's choice); a plain one leaves Stage 2 as it is
+    swept = cfg.replace(**{"stage1.langevin.step_size": 3 * cfg.stage1.langevin.step_size})
+    _, s1_swept = run_in_process(swept, "stage1", tmp_path / "s1_swept", init_dir=ck)
+    stage, _ = run_in_process(cfg, "stage2", tmp_path / "s2_swept", init_dir=s1_swept)
+    assert stage.cfg.stage2.z1_step_size == pytest.approx(3 * cfg.stage2.z1_step_size)
+    stage, _ = run_in_process(swept, "stage2", tmp_path / "s2_plain", init_dir=s1_swept)
+    assert stage.cfg.stage2 == swept.stage2
+
+
 def test_enfe_of_an_n_step_diffusion_sampler_is_n_in_network_calls(tmp_path):
     # The diffusion stage's sampler is n DDIM steps of the same network the 1000-step reference runs. Measured in
     # network calls instead of seconds (no timing in tests), its ENFE is exactly n.

@@ -227,6 +227,7 @@ def fit_stage(
     """
     from ..data import build_dataset
     from ..stages import STAGES
+    from ..stages.hdebm_stage2 import follow_stage1_chain
     from .eval_pool import NotifyEvalPool, pool_name
     from .ray_data import check_stream_fits, uses_ray_data
 
@@ -246,6 +247,9 @@ def fit_stage(
     start = int(load_meta(chunk["resume_from"])["step"]) if chunk.get("resume_from") else 0
     if stage in GUARDED_STAGES:
         log = GuardLog.read(cfg, stage_dir)
+    cfg, followed = follow_stage1_chain(cfg, stage, init_from)
+    if followed:
+        print(followed, flush=True)
     while True:
         # first pass: a divergence left by an attempt whose driver died before it rolled back
         if log is not None and (divergence := take_divergence(stage_dir)) is not None:

@@ -6,8 +6,10 @@ Starts from Stage 1's H and frozen G = G2∘G1. Chains start from Y_0 = 0 and fr
 from __future__ import annotations
 
 import torch
+import yaml
 
-from ..checkpoint import ema_weights, load_states
+from .. import storage
+from ..checkpoint import CONFIG_FILE, META_FILE, ema_weights, load_meta, load_states
 from ..config import Config
 from ..contracts import WorkerContext
 from ..langevin import StepStats, sample_joint
@@ -29,6 +31,37 @@ def joint_sampler_kwargs(cfg: Config) -> dict:
         y_steps_per_latent_step=s.y_steps_per_latent_step,
         latent_prior=s.latent_prior,
     )
+
+
+STEP_SIZE_KEYS = ("stage2.y_step_size", "stage2.z1_step_size", "stage2.z2_step_size")
+
+
+def follow_stage1_chain(cfg: Config, stage: str, init_dir) -> tuple[Config, str | None]:
+    """``cfg`` with Stage 2's step sizes scaled to the chain Stage 1's H was trained with, and a status line
+    (``cfg`` and None where the scale is 1 or ``stage2.follow_stage1_step_size`` is off).
+
+    The scale is the init checkpoint's ``stage1.langevin.step_size`` over ``cfg``'s: below 1 where Stage 1's
+    divergence guard backed its step size off, anything where a sweep or PBT trial chose it. H learned a
+    non-convergent short-run chain at that epsilon and samples well only there (HDEBM appendix B), and Stage 2's
+    chain starts as that chain. On digits, the H of a Stage 1 backed off once (FID 7.0) scored 44 under Stage 2's
+    chain at the preset's step sizes, with no Stage 2 training at all; at the halved ones 8.1.
+    """
+    if stage != "stage2" or init_dir is None or not cfg.stage2.follow_stage1_step_size:
+        return cfg, None
+    if not storage.exists(f"{init_dir}/{META_FILE}") or load_meta(init_dir).get("stage") != "stage1":
+        return cfg, None
+    trained_at = yaml.safe_load(storage.read_text(f"{init_dir}/{CONFIG_FILE}"))["stage1"]["langevin"]["step_size"]
+    scale = float(trained_at) / cfg.stage1.langevin.step_size
+    if scale == 1.0:
+        return cfg, None
+    s = cfg.stage2
+    scaled = {"y_step_size": s.y_step_size * scale, "z1_step_size": s.z1_step_size * scale}
+    scaled["z2_step_size"] = s.z2_step_size * scale
+    line = (
+        f"[stage2] Stage 1's H was trained at Langevin step size {trained_at:g}, stage1.langevin.step_size is "
+        f"{cfg.stage1.langevin.step_size:g}: Stage 2's step sizes x {scale:g} (stage2.follow_stage1_step_size)"
+    )
+    return cfg.replace(**{f"stage2.{k}": v for k, v in scaled.items()}), line
 
 
 class Stage2(StageBase):
