@@ -33,6 +33,7 @@ def joint_sampler_kwargs(cfg: Config) -> dict:
     )
 
 
+# what follow_stage1_chain scales: the joint chain's three step sizes, keeping the paper's ratios between them
 STEP_SIZE_KEYS = ("stage2.y_step_size", "stage2.z1_step_size", "stage2.z2_step_size")
 
 
@@ -54,14 +55,11 @@ def follow_stage1_chain(cfg: Config, stage: str, init_dir) -> tuple[Config, str 
     scale = float(trained_at) / cfg.stage1.langevin.step_size
     if scale == 1.0:
         return cfg, None
-    s = cfg.stage2
-    scaled = {"y_step_size": s.y_step_size * scale, "z1_step_size": s.z1_step_size * scale}
-    scaled["z2_step_size"] = s.z2_step_size * scale
     line = (
         f"[stage2] Stage 1's H was trained at Langevin step size {trained_at:g}, stage1.langevin.step_size is "
         f"{cfg.stage1.langevin.step_size:g}: Stage 2's step sizes x {scale:g} (stage2.follow_stage1_step_size)"
     )
-    return cfg.replace(**{f"stage2.{k}": v for k, v in scaled.items()}), line
+    return cfg.replace(**{key: getattr(cfg.stage2, key.split(".")[1]) * scale for key in STEP_SIZE_KEYS}), line
 
 
 class Stage2(StageBase):
