@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import reduce
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,10 @@ class Config:
         for key, value in dotted.items():
             _set_dotted(tree, key, value)
         return from_dict(tree)
+
+    def scaled(self, keys: Iterable[str], factor: float) -> Config:
+        """A copy with each dotted key's value multiplied by ``factor`` (step sizes, learning rates)."""
+        return self.replace(**{key: reduce(getattr, key.split("."), self) * factor for key in keys})
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import json
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import reduce
 
 import torch
 
@@ -236,5 +235,4 @@ def backed_off(cfg: Config, stage: str, log: GuardLog) -> Config:
     """``cfg`` with the stage's backed-off keys multiplied by the log's scale (``cfg`` itself without rollbacks)."""
     if not log.rollbacks or stage not in BACKOFF_KEYS:
         return cfg
-    value = lambda key: reduce(getattr, key.split("."), cfg)  # noqa: E731
-    return cfg.replace(**{k: value(k) * log.scale for k in backed_off_keys(cfg, stage)})
+    return cfg.scaled(backed_off_keys(cfg, stage), log.scale)

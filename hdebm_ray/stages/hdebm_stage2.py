@@ -9,9 +9,10 @@ import torch
 import yaml
 
 from .. import storage
-from ..checkpoint import CONFIG_FILE, META_FILE, ema_weights, load_meta, load_states
+from ..checkpoint import CONFIG_FILE, ema_weights, load_meta, load_states
 from ..config import Config
 from ..contracts import WorkerContext
+from ..guard import BACKOFF_KEYS
 from ..langevin import StepStats, sample_joint
 from ..networks import sample_shape
 from .base import StageBase
@@ -33,10 +34,6 @@ def joint_sampler_kwargs(cfg: Config) -> dict:
     )
 
 
-# what follow_stage1_chain scales: the joint chain's three step sizes, keeping the paper's ratios between them
-STEP_SIZE_KEYS = ("stage2.y_step_size", "stage2.z1_step_size", "stage2.z2_step_size")
-
-
 def follow_stage1_chain(cfg: Config, stage: str, init_dir) -> tuple[Config, str | None]:
     """``cfg`` with Stage 2's step sizes scaled to the chain Stage 1's H was trained with, and a status line
     (``cfg`` and None where the scale is 1 or ``stage2.follow_stage1_step_size`` is off).
@@ -49,7 +46,10 @@ def follow_stage1_chain(cfg: Config, stage: str, init_dir) -> tuple[Config, str 
     """
     if stage != "stage2" or init_dir is None or not cfg.stage2.follow_stage1_step_size:
         return cfg, None
-    if not storage.exists(f"{init_dir}/{META_FILE}") or load_meta(init_dir).get("stage") != "stage1":
+    try:
+        if load_meta(init_dir).get("stage") != "stage1":
+            return cfg, None
+    except FileNotFoundError:  # not a checkpoint of ours: nothing to follow
         return cfg, None
     trained_at = yaml.safe_load(storage.read_text(f"{init_dir}/{CONFIG_FILE}"))["stage1"]["langevin"]["step_size"]
     scale = float(trained_at) / cfg.stage1.langevin.step_size
@@ -59,7 +59,9 @@ def follow_stage1_chain(cfg: Config, stage: str, init_dir) -> tuple[Config, str 
         f"[stage2] Stage 1's H was trained at Langevin step size {trained_at:g}, stage1.langevin.step_size is "
         f"{cfg.stage1.langevin.step_size:g}: Stage 2's step sizes x {scale:g} (stage2.follow_stage1_step_size)"
     )
-    return cfg.replace(**{key: getattr(cfg.stage2, key.split(".")[1]) * scale for key in STEP_SIZE_KEYS}), line
+    # the joint chain's three step sizes (the guard's back-off set), keeping the paper's ratios between them
+    step_sizes, _ = BACKOFF_KEYS["stage2"]
+    return cfg.scaled(step_sizes, scale), line
 
 
 class Stage2(StageBase):
