@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from hdebm_ray.runner import run_in_process
+from hdebm_ray.training.runner import run_in_process
 
 
 def untrained_distilled(cfg, root: str) -> str:

@@ -97,12 +97,12 @@ def config(shards: Path, resolution: int, extra=()):
 
 def measure(path: str, work: Path, resolution: int) -> dict:
     """One path in this (fresh) process."""
-    from hdebm_ray.data import build_dataset
+    from hdebm_ray.data.datasets import build_dataset
 
     shards, start = work / "shards", time.perf_counter()
     if path == "convert":
-        from hdebm_ray.data_files import ImageFiles
-        from hdebm_ray.dataset_convert import write_parquet_shards
+        from hdebm_ray.data.convert import write_parquet_shards
+        from hdebm_ray.data.files import ImageFiles
 
         source = ImageFiles(str(work / "images"), resolution, 3)
         write_parquet_shards(source, str(shards), shard_size=1000, overwrite=True)
@@ -110,7 +110,7 @@ def measure(path: str, work: Path, resolution: int) -> dict:
     elif path == "loader":
         import ray
 
-        from hdebm_ray.data_files import uint8_to_unit
+        from hdebm_ray.data.files import uint8_to_unit
         from hdebm_ray.distributed.ray_data import build_ray_dataset, preprocess_limits
 
         # Ray packs parquet row groups into read tasks of up to 128 MiB: a read task of a dataset smaller than that
@@ -134,14 +134,14 @@ def measure(path: str, work: Path, resolution: int) -> dict:
         ray.shutdown()
         return out
     elif path == "fid_reference":
-        from hdebm_ray.fid import FeatureSpace
+        from hdebm_ray.evaluation.fid import FeatureSpace
 
         net = work / "features.pt"
         extra = ["eval.features=torchscript", f"eval.torchscript_path={net}", "eval.kid_reference_samples=1000"]
         stats = FeatureSpace(config(shards, resolution, extra)).reference()
         n = stats.n
     elif path == "p0_fit":
-        from hdebm_ray.gaussian_init import cached_gaussian
+        from hdebm_ray.core.gaussian_init import cached_gaussian
 
         with tempfile.TemporaryDirectory() as cache:
             p0 = cached_gaussian(build_dataset(config(shards, resolution)), cache, "p0", 4096, 512, progress=False)
@@ -161,8 +161,8 @@ def digits_stage1_images_per_s(steps: int = 12) -> dict:
 
     from hdebm_ray.config import load_config
     from hdebm_ray.contracts import WorkerContext
-    from hdebm_ray.runner import local_bank
     from hdebm_ray.stages import build_stage
+    from hdebm_ray.training.runner import local_bank
 
     cfg = load_config("digits")
     with tempfile.TemporaryDirectory() as tmp:

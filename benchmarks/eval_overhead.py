@@ -28,8 +28,8 @@ def timed_fit(cfg, init_dir: str) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from hdebm_ray.distributed.driver import fit_stage, running_eval_pool
-    from hdebm_ray.results import read_results
-    from hdebm_ray.storage import run_dir
+    from hdebm_ray.evaluation.results import read_results
+    from hdebm_ray.io.storage import run_dir
 
     with running_eval_pool(cfg) as pool:
         t0 = time.perf_counter()
@@ -75,8 +75,8 @@ def main() -> None:
     )
     ck = untrained_distilled(base, tmp)
 
-    from hdebm_ray.distributed.driver import init_ray
-    from hdebm_ray.fid import FeatureSpace
+    from hdebm_ray.distributed.cluster import init_ray
+    from hdebm_ray.evaluation.fid import FeatureSpace
 
     FeatureSpace(base).reference()  # cached next to the data, as after a run's first evaluation
     without_cfg = base.replace(**{"run.name": "without-eval", "eval.actors": 0})

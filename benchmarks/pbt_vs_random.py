@@ -23,12 +23,12 @@ from pathlib import Path
 
 import common
 
-from hdebm_ray.checkpoint import latest_checkpoint, load_meta
 from hdebm_ray.config import load_config
-from hdebm_ray.data import toy2d_centres
-from hdebm_ray.runner import run_in_process
-from hdebm_ray.sampling import Sampler
-from hdebm_ray.toy_metrics import mode_coverage
+from hdebm_ray.core.toy_metrics import mode_coverage
+from hdebm_ray.data.datasets import toy2d_centres
+from hdebm_ray.evaluation.sampling import Sampler
+from hdebm_ray.io.checkpoint import latest_checkpoint, load_meta
+from hdebm_ray.training.runner import run_in_process
 
 SPACE = Path(__file__).resolve().parents[1] / "tune_spaces" / "stage1_toy2d.yaml"
 

@@ -34,14 +34,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
-from hdebm_ray.checkpoint import load_meta  # noqa: E402
 from hdebm_ray.config import load_config  # noqa: E402
-from hdebm_ray.data import build_dataset, iter_batches, toy2d_centres  # noqa: E402
-from hdebm_ray.fid import FeatureSpace, frechet_distance, kernel_distance, sample_checkpoint  # noqa: E402
-from hdebm_ray.images import save_grid  # noqa: E402
-from hdebm_ray.runner import run_in_process  # noqa: E402
-from hdebm_ray.sample_metrics import precision_recall  # noqa: E402
-from hdebm_ray.toy_metrics import mode_coverage  # noqa: E402
+from hdebm_ray.core.toy_metrics import mode_coverage  # noqa: E402
+from hdebm_ray.data.datasets import build_dataset, iter_batches, toy2d_centres  # noqa: E402
+from hdebm_ray.evaluation.fid import FeatureSpace, frechet_distance, kernel_distance, sample_checkpoint  # noqa: E402
+from hdebm_ray.evaluation.images import save_grid  # noqa: E402
+from hdebm_ray.evaluation.sample_metrics import precision_recall  # noqa: E402
+from hdebm_ray.io.checkpoint import load_meta  # noqa: E402
+from hdebm_ray.training.runner import run_in_process  # noqa: E402
 
 METHODS = {  # the stages each method trains, and the ones whose checkpoints are its samplers
     "hdebm": (("diffusion", "distill", "stage1", "stage2"), ("stage1", "stage2")),

@@ -26,8 +26,8 @@ from common import machine, untrained_distilled, write_results
 
 from hdebm_ray.config import load_config
 from hdebm_ray.contracts import WorkerContext
-from hdebm_ray.runner import local_bank
 from hdebm_ray.stages import BANK_SPECS, build_stage
+from hdebm_ray.training.runner import local_bank
 
 
 def bare_step_seconds(cfg, init_dir, steps: int) -> tuple[float, float]:
@@ -52,7 +52,7 @@ def ray_step_seconds(cfg, init_dir) -> tuple[float, float, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from hdebm_ray.distributed.driver import fit_stage
-    from hdebm_ray.storage import run_dir
+    from hdebm_ray.io.storage import run_dir
 
     fit_stage(cfg, "stage1", str(init_dir))
     acc = EventAccumulator(str(Path(run_dir(cfg)) / "tb" / "stage1"))
@@ -114,7 +114,7 @@ def main() -> None:
 
     import ray
 
-    from hdebm_ray.distributed.driver import init_ray
+    from hdebm_ray.distributed.cluster import init_ray
 
     # This machine's speed drifts by 10-20% over minutes (a shared VM): bare and Ray blocks alternate, and each
     # Ray block is compared with the bare blocks on either side of it.

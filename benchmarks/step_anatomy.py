@@ -36,14 +36,14 @@ from anatomy_report import goals_lines, markdown  # noqa: E402
 
 from hdebm_ray.config import load_config  # noqa: E402
 from hdebm_ray.contracts import WorkerContext  # noqa: E402
-from hdebm_ray.diffusion import diffusion_loss  # noqa: E402
-from hdebm_ray.langevin import energy_grad, frozen, sample_joint, sample_residual  # noqa: E402
+from hdebm_ray.core.diffusion import diffusion_loss  # noqa: E402
+from hdebm_ray.core.langevin import energy_grad, frozen, sample_joint, sample_residual  # noqa: E402
 from hdebm_ray.networks import build_denoiser, build_energy, build_generator  # noqa: E402
-from hdebm_ray.runner import local_bank  # noqa: E402
 from hdebm_ray.stages import build_stage  # noqa: E402
 from hdebm_ray.stages.hdebm_common import latents  # noqa: E402
 from hdebm_ray.stages.hdebm_stage1 import sample_stage1  # noqa: E402
 from hdebm_ray.stages.hdebm_stage2 import joint_sampler_kwargs  # noqa: E402
+from hdebm_ray.training.runner import local_bank  # noqa: E402
 
 
 class Timer:

@@ -86,7 +86,7 @@ TOY_TRIAL = [
 def distilled_toy(root: Path) -> str:
     """A small toy2d diffusion model distilled to one step, trained in process (no Ray); its checkpoint dir."""
     from hdebm_ray.config import load_config
-    from hdebm_ray.runner import run_in_process
+    from hdebm_ray.training.runner import run_in_process
 
     cfg = load_config(
         "toy2d",
@@ -109,8 +109,7 @@ def newest_registered_step(stage_dir: Path) -> int:
     """The newest checkpoint's step that Ray Train has registered for a stage, 0 if none. Registered, not merely on
     disk: a checkpoint the controller has not registered yet is not what a restart resumes from (a kill then
     restarts from the one before, or from scratch, with no bank restore to record)."""
-    from hdebm_ray.checkpoint import load_meta
-    from hdebm_ray.results import registered_names
+    from hdebm_ray.io.checkpoint import load_meta, registered_names
 
     names = registered_names(str(stage_dir)) or set()  # None: no record yet, or caught mid-write
     return max((load_meta(stage_dir / n)["step"] for n in names), default=0)

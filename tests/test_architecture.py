@@ -13,8 +13,8 @@ import pytest
 
 import hdebm_ray
 from hdebm_ray import contracts
-from hdebm_ray.bank import BankService
-from hdebm_ray.bank_client import LocalBankClient
+from hdebm_ray.bank.client import LocalBankClient
+from hdebm_ray.bank.service import BankService
 from hdebm_ray.config import load_config
 from hdebm_ray.contracts import WorkerContext
 from hdebm_ray.stages import SAMPLERS, STAGES, build_stage
@@ -68,7 +68,7 @@ def test_no_import_cycles_even_through_deferred_imports():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
-    assert len(graph) > 40 and graph["hdebm_ray.sampling"], "the graph was not built"
+    assert len(graph) > 40 and graph["hdebm_ray.evaluation.sampling"], "the graph was not built"
 
 
 def test_ray_is_imported_only_by_the_adapter_subpackage():
@@ -87,7 +87,7 @@ def test_every_module_imports_in_a_fresh_interpreter_and_the_core_without_ray():
     script = (
         "import importlib, json, sys\n"
         f"for m in {core!r}: importlib.import_module(m)\n"
-        "importlib.import_module('hdebm_ray.cli').build_parser()\n"
+        "importlib.import_module('hdebm_ray.cli.main').build_parser()\n"
         "core_ray = sorted(k for k in sys.modules if k == 'ray' or k.startswith('ray.'))\n"
         f"for m in {names!r}: importlib.import_module(m)\n"
         "print(json.dumps({'core_ray': core_ray, 'n': len(sys.modules)}))\n"

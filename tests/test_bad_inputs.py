@@ -11,11 +11,11 @@ import shutil
 import pytest
 import torch
 
-from hdebm_ray import cli
+from hdebm_ray.cli import main as cli
 from hdebm_ray.config import load_config
-from hdebm_ray.data import build_dataset
-from hdebm_ray.dataset_convert import write_parquet_shards
-from hdebm_ray.runner import run_in_process
+from hdebm_ray.data.convert import write_parquet_shards
+from hdebm_ray.data.datasets import build_dataset
+from hdebm_ray.training.runner import run_in_process
 
 NOWHERE = [
     "--set",

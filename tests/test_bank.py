@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import ray
 
-from hdebm_ray.bank import Bank, BankService, ReplayBuffer
+from hdebm_ray.bank.service import Bank, BankService, ReplayBuffer
+from hdebm_ray.bank.store import SlotStore, list_snapshots
 from hdebm_ray.distributed.bank_actor import create_bank_actor
-from hdebm_ray.slot_store import SlotStore, list_snapshots
 
 SHAPES = {"z1": (4,), "x": (1, 3, 3)}
 
@@ -135,8 +135,8 @@ def test_the_audit_counts_only_where_its_counts_are_complete(tmp_path):
 
 
 def test_calls_from_before_a_restart_and_an_unfilled_snapshot_are_refused(tmp_path):
-    from hdebm_ray.bank import BankRestarted
-    from hdebm_ray.bank_client import LocalBankClient
+    from hdebm_ray.bank.client import LocalBankClient
+    from hdebm_ray.bank.service import BankRestarted
 
     old = BankService("bank", 16, SHAPES, str(tmp_path))
     client = LocalBankClient(old)

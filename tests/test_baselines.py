@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from hdebm_ray.augment import AugmentOptions, augment, blur, color, crop, flip, rescale
 from hdebm_ray.config import ConfigError, check_stage, load_config
 from hdebm_ray.contracts import WorkerContext
-from hdebm_ray.langevin import langevin_step_with_graph
+from hdebm_ray.core.langevin import langevin_step_with_graph
+from hdebm_ray.data.augment import AugmentOptions, augment, blur, color, crop, flip, rescale
 from hdebm_ray.networks import build_energy
-from hdebm_ray.runner import local_bank
 from hdebm_ray.stages import build_stage
 from hdebm_ray.stages.icd import detached
+from hdebm_ray.training.runner import local_bank
 
 
 def test_flip_mirrors_about_half_of_the_batch_exactly():
@@ -162,7 +162,7 @@ def test_mjem_classifier_learns_digits_far_above_chance(tmp_path):
 def _replica_check(rank: int, world: int, init_file: str, same: bool, results) -> None:
     import torch.distributed as dist
 
-    from hdebm_ray.loop import check_replicas_agree
+    from hdebm_ray.core.ranks import check_replicas_agree
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0 if same else rank)

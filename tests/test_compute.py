@@ -14,15 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from hdebm_ray import compute
-from hdebm_ray.compute import Autocast, Compute
-from hdebm_ray.config import ConfigError, load_config
-from hdebm_ray.config_schema import ComputeSection
+from hdebm_ray.config import ConfigError, compute_support, load_config
+from hdebm_ray.config.schema import ComputeSection
 from hdebm_ray.contracts import WorkerContext
-from hdebm_ray.langevin import hill_coefficients, sample_langevin
+from hdebm_ray.core.compute import Autocast, Compute
+from hdebm_ray.core.langevin import hill_coefficients, sample_langevin
 from hdebm_ray.networks import build_denoiser, build_energy, build_generator
-from hdebm_ray.runner import local_bank
 from hdebm_ray.stages import build_stage
+from hdebm_ray.training.runner import local_bank
 
 REPO = Path(__file__).resolve().parents[1]
 BF16_UNIT_ROUNDOFF = 2.0**-8  # bf16 keeps 8 significant bits: round-to-nearest is within 2^-8 relative
@@ -199,7 +198,7 @@ def test_the_other_stages_train_in_bf16_with_channels_last(tmp_path, stage_name)
 def test_fp16_with_its_grad_scaler_trains_the_energy(tmp_path):
     """The fp16 path (autocast fp16 + GradScaler) on a CPU, where torch can run it though the config refuses it
     for lack of a GPU: the scaler multiplies the loss, unscales before the layer-wise clip, and H trains."""
-    from hdebm_ray.energy_trainer import EnergyTrainer
+    from hdebm_ray.core.energy_trainer import EnergyTrainer
 
     cfg = load_config("toy2d", overrides=TINY_TOY)
     fp16 = Compute(ComputeSection(precision="fp16"), "cpu", strict=False)
@@ -232,10 +231,10 @@ def test_refused_combinations_name_the_key(monkeypatch):
     with pytest.raises(ConfigError, match=r"'compute\.precision' = 'fp16' needs a GPU"):
         load_config("digits", overrides=["compute.precision=fp16"])
     load_config("cifar10", overrides=["compute.precision=fp16"])  # a GPU preset may
-    monkeypatch.setattr(compute, "compile_modes", lambda: ("default",))
+    monkeypatch.setattr(compute_support, "compile_modes", lambda: ("default",))
     with pytest.raises(ConfigError, match=r"'compute\.compile' = 'max-autotune' is not available"):
         load_config("digits", overrides=["compute.compile=max-autotune"])
-    monkeypatch.setattr(compute, "_cpu_fused_adam", lambda: False)
+    monkeypatch.setattr(compute_support, "_cpu_fused_adam", lambda: False)
     with pytest.raises(ConfigError, match=r"'compute\.adam' = 'fused' has no CPU kernel"):
         load_config("digits", overrides=["compute.adam=fused"])
     with pytest.raises(ConfigError, match=r"'compute\.precision' = 'fp64' is not allowed"):
@@ -278,7 +277,7 @@ def test_a_stage1_step_never_syncs_with_the_host(tmp_path, monkeypatch):
 def test_pinned_staging_round_trips_the_bank_batches():
     import numpy as np
 
-    from hdebm_ray.transfer import HostStaging
+    from hdebm_ray.core.transfer import HostStaging
 
     staging = HostStaging(torch.device("cuda"))
     arrays = {"x": np.random.randn(8, 3).astype(np.float32)}
@@ -312,7 +311,7 @@ def _compiled_ddp_rank(rank: int, world: int, port: int, init_dir: str, out: str
     from torch._dynamo.eval_frame import OptimizedModule
     from torch.nn.parallel import DistributedDataParallel
 
-    from hdebm_ray.loop import check_replicas_agree
+    from hdebm_ray.core.ranks import check_replicas_agree
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -350,7 +349,7 @@ def test_compiled_modules_under_ddp_keep_two_gloo_ranks_in_sync(tmp_path):
 def test_the_sync_free_ema_update_equals_averaged_models_own():
     import copy
 
-    from hdebm_ray.optim import ema_model, load_ema, update_ema
+    from hdebm_ray.core.optim import ema_model, load_ema, update_ema
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 1))

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hdebm_ray import config_schema
 from hdebm_ray.config import Config, ConfigError, load_config
-from hdebm_ray.config_show import REGENERATE, add_config_parser, config_show_main, markdown_table, schema_rows
+from hdebm_ray.config import schema as config_schema
+from hdebm_ray.config.show import REGENERATE, add_config_parser, config_show_main, markdown_table, schema_rows
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "config.md"
-PRESET = Path(config_schema.__file__).parent / "presets" / "cifar10.yaml"
+PRESET = Path(config_schema.__file__).parents[1] / "presets" / "cifar10.yaml"
 
 
 def _sections(cls=Config, prefix=""):

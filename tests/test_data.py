@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from hdebm_ray.config import load_config
-from hdebm_ray.data import DatasetError, Toy2D, batch_stream, build_dataset, cifar10_dataset, toy2d_centres
+from hdebm_ray.data.datasets import DatasetError, Toy2D, batch_stream, build_dataset, cifar10_dataset, toy2d_centres
 
 
 def test_digits_are_real_images_in_unit_range():

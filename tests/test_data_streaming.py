@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 
 from hdebm_ray.config import load_config
-from hdebm_ray.data import build_dataset, iter_batches, random_items, unit_to_uint8
-from hdebm_ray.data_files import DatasetError
-from hdebm_ray.dataset_convert import OutputExists, write_parquet_shards
-from hdebm_ray.fid import FeatureSpace
-from hdebm_ray.gaussian_init import fit_gaussian, fit_gaussian_stream
-from hdebm_ray.moments import FrequentDirections, Reservoir, RunningMoments
+from hdebm_ray.core.gaussian_init import fit_gaussian, fit_gaussian_stream
+from hdebm_ray.core.moments import FrequentDirections, Reservoir, RunningMoments
+from hdebm_ray.data.convert import OutputExists, write_parquet_shards
+from hdebm_ray.data.datasets import build_dataset, iter_batches, random_items, unit_to_uint8
+from hdebm_ray.data.files import DatasetError
+from hdebm_ray.evaluation.fid import FeatureSpace
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_image_folder_behind_a_uri_labels_by_first_level_folder_and_names_a_bad_
 def test_fid_against_streamed_reference_statistics_equals_fid_against_all_features(tmp_path):
     from cleanfid.fid import fid_from_feats
 
-    from hdebm_ray.fid import frechet_to_reference
+    from hdebm_ray.evaluation.fid import frechet_to_reference
 
     cfg = load_config("digits", overrides=["eval.features=raw", f"data.path={tmp_path}", "eval.batch_size=100"])
     space = FeatureSpace(cfg)
@@ -268,7 +268,7 @@ def test_ray_data_decode_names_bad_rows_and_failures_surface_as_one_line(digits)
 
 def test_on_bad_image_skip_names_the_file_counts_it_and_keeps_batches_full(digits, tmp_path, capfd):
     from hdebm_ray.distributed.ray_data import DecodeBatch, WorkerStreams
-    from hdebm_ray.runner import run_in_process
+    from hdebm_ray.training.runner import run_in_process
 
     # Ray Data's decode marks the bad row (a line names the file); the worker drops it and tops the batch up.
     good = [digits_png(digits, i) for i in range(3)]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hdebm_ray import diffusion as D
+from hdebm_ray.core import diffusion as D
 
 
 def test_schedule_matches_closed_form_cosine():

@@ -11,9 +11,9 @@ import ray
 from helpers import small_digits_overrides
 from ray.train import UserCallback
 
-from hdebm_ray.checkpoint import load_meta
 from hdebm_ray.config import load_config
 from hdebm_ray.distributed.driver import fit_stage, running_eval_pool
+from hdebm_ray.io.checkpoint import load_meta
 
 
 def pool_config(tmp_path, steps: int):

@@ -18,13 +18,13 @@ import ray
 from helpers import TINY, newest_registered_step, small_digits_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from hdebm_ray.bank import Bank
-from hdebm_ray.checkpoint import load_config_of, load_meta
+from hdebm_ray.bank.service import Bank
+from hdebm_ray.bank.store import SlotStore, snapshot_name
 from hdebm_ray.config import load_config
 from hdebm_ray.distributed.driver import bank_actor_name, fit_stage
-from hdebm_ray.results import read_results, registered_names, run_checkpoints
-from hdebm_ray.runner import run_in_process
-from hdebm_ray.slot_store import SlotStore, snapshot_name
+from hdebm_ray.evaluation.results import read_results
+from hdebm_ray.io.checkpoint import load_config_of, load_meta, registered_names, run_checkpoints
+from hdebm_ray.training.runner import run_in_process
 
 
 @pytest.fixture(scope="module")

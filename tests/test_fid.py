@@ -10,12 +10,18 @@ import pytest
 import torch
 from helpers import TINY, small_digits_overrides
 
-from hdebm_ray import eval_features
-from hdebm_ray.cli import main as cli_main
+from hdebm_ray.cli.main import main as cli_main
 from hdebm_ray.config import ConfigError, load_config
-from hdebm_ray.data import build_dataset
-from hdebm_ray.eval_features import EvalError, train_classifier
-from hdebm_ray.fid import FeatureSpace, frechet_distance, frechet_to_reference, kernel_distance, write_png_folder
+from hdebm_ray.data.datasets import build_dataset
+from hdebm_ray.evaluation import features as eval_features
+from hdebm_ray.evaluation.features import EvalError, train_classifier
+from hdebm_ray.evaluation.fid import (
+    FeatureSpace,
+    frechet_distance,
+    frechet_to_reference,
+    kernel_distance,
+    write_png_folder,
+)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +153,7 @@ class InceptionStandIn(torch.nn.Module):
 
 
 def test_inception_features_come_with_class_probabilities_for_the_inception_score(tmp_path, digits_cfg, digit_images):
-    from hdebm_ray.sample_metrics import inception_score
+    from hdebm_ray.evaluation.sample_metrics import inception_score
 
     weights = tmp_path / "w.pt"
     net = InceptionStandIn()
@@ -193,7 +199,7 @@ def test_inception_weights_are_verified_by_checksum_before_use(tmp_path, digits_
 def test_eval_command_records_each_checkpoint_once_in_jsonl_and_tensorboard(tmp_path, digits_cfg, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from hdebm_ray.runner import run_in_process
+    from hdebm_ray.training.runner import run_in_process
 
     overrides = small_digits_overrides(str(tmp_path), "evalrun") + TINY + [f"data.path={digits_cfg.data.path}"]
     cfg = load_config("digits", overrides=overrides + ["eval.features=classifier"])

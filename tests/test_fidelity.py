@@ -17,23 +17,23 @@ import torch
 from helpers import TINY, small_digits_overrides
 from torch import nn
 
-from hdebm_ray.augment import AugmentOptions, color, rescale
-from hdebm_ray.checkpoint import ema_weights, load_states, save_checkpoint
+from hdebm_ray.bank.store import SlotStore, snapshot_location
 from hdebm_ray.config import load_config
 from hdebm_ray.contracts import WorkerContext
-from hdebm_ray.diffusion import CosineSchedule, teacher_two_steps
-from hdebm_ray.energy_trainer import EnergyTrainer
-from hdebm_ray.fid import FeatureSpace, evaluate_checkpoint
-from hdebm_ray.gaussian_init import fit_gaussian
-from hdebm_ray.hat import HatGenerator
-from hdebm_ray.langevin import sample_joint, sample_langevin
-from hdebm_ray.loop import run_loop
+from hdebm_ray.core.diffusion import CosineSchedule, teacher_two_steps
+from hdebm_ray.core.energy_trainer import EnergyTrainer
+from hdebm_ray.core.gaussian_init import fit_gaussian
+from hdebm_ray.core.hat import HatGenerator
+from hdebm_ray.core.langevin import sample_joint, sample_langevin
+from hdebm_ray.data.augment import AugmentOptions, color, rescale
+from hdebm_ray.evaluation.fid import FeatureSpace, evaluate_checkpoint
+from hdebm_ray.evaluation.sampling import Sampler
+from hdebm_ray.io.checkpoint import ema_weights, load_states, save_checkpoint
 from hdebm_ray.networks import build_denoiser
-from hdebm_ray.runner import local_bank, run_in_process
-from hdebm_ray.sampling import Sampler
-from hdebm_ray.slot_store import SlotStore, snapshot_location
 from hdebm_ray.stages import build_stage
 from hdebm_ray.stages.base import StageBase
+from hdebm_ray.training.loop import run_loop
+from hdebm_ray.training.runner import local_bank, run_in_process
 
 # -- 1. the distillation teacher is a fixed function ------------------------------------------------------------
 
@@ -255,7 +255,7 @@ def test_mad_filter_uses_the_median_and_mad_of_the_global_batch(tmp_path):
 
 
 def test_global_mad_filter_averages_over_the_kept_global_batch_even_when_a_share_is_all_dropped():
-    from hdebm_ray.losses import ebm_loss
+    from hdebm_ray.core.losses import ebm_loss
 
     near_zero = 0.01 * torch.arange(12.0)
     outliers = torch.full((4,), -10.0)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from hdebm_ray.config import load_config
-from hdebm_ray.data import build_dataset
-from hdebm_ray.gaussian_init import cached_gaussian, fit_gaussian
+from hdebm_ray.core.gaussian_init import cached_gaussian, fit_gaussian
+from hdebm_ray.data.datasets import build_dataset
 
 
 def test_full_fit_has_the_data_mean_and_covariance_and_its_samples_follow_them():

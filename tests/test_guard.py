@@ -12,10 +12,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from hdebm_ray.checkpoint import load_meta
 from hdebm_ray.config import load_config
-from hdebm_ray.guard import GuardLog, GuardStop, StepGuard, backed_off
-from hdebm_ray.runner import run_in_process
+from hdebm_ray.io.checkpoint import load_meta
+from hdebm_ray.training.guard import GuardLog, GuardStop, StepGuard, backed_off
+from hdebm_ray.training.runner import run_in_process
 
 CPU = torch.device("cpu")
 

@@ -7,15 +7,15 @@ import pytest
 import torch
 from helpers import TINY, small_digits_overrides
 
-from hdebm_ray.checkpoint import load_meta
-from hdebm_ray.cli import main as cli_main
+from hdebm_ray.bank.store import list_snapshots
+from hdebm_ray.cli.main import main as cli_main
 from hdebm_ray.config import ConfigError, load_config
-from hdebm_ray.enfe import measure_enfe
-from hdebm_ray.images import save_grid
-from hdebm_ray.ood import auroc, energies, ood_auroc, source_images
-from hdebm_ray.runner import run_in_process
-from hdebm_ray.sampling import Sampler
-from hdebm_ray.slot_store import list_snapshots
+from hdebm_ray.evaluation.enfe import measure_enfe
+from hdebm_ray.evaluation.images import save_grid
+from hdebm_ray.evaluation.ood import auroc, energies, ood_auroc, source_images
+from hdebm_ray.evaluation.sampling import Sampler
+from hdebm_ray.io.checkpoint import load_meta
+from hdebm_ray.training.runner import run_in_process
 
 
 def test_all_stages_in_process_with_bank_snapshots_and_samplers(tmp_path):

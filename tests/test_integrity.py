@@ -11,10 +11,17 @@ import json
 import pytest
 import torch
 
-from hdebm_ray.checkpoint import CheckpointError, incomplete, latest_checkpoint, load_states, save_checkpoint
 from hdebm_ray.config import load_config
-from hdebm_ray.results import append_jsonl, read_results, run_checkpoints
-from hdebm_ray.runner import run_in_process
+from hdebm_ray.evaluation.results import append_jsonl, read_results
+from hdebm_ray.io.checkpoint import (
+    CheckpointError,
+    incomplete,
+    latest_checkpoint,
+    load_states,
+    run_checkpoints,
+    save_checkpoint,
+)
+from hdebm_ray.training.runner import run_in_process
 
 TOY_MEBM = [
     "mebm.steps=8",

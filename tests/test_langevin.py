@@ -8,9 +8,9 @@ import math
 import torch
 from torch import nn
 
-from hdebm_ray.diffusion import CosineSchedule
-from hdebm_ray.hat import HatGenerator
-from hdebm_ray.langevin import hill_coefficients, langevin_update, sample_joint, sample_langevin, sample_residual
+from hdebm_ray.core.diffusion import CosineSchedule
+from hdebm_ray.core.hat import HatGenerator
+from hdebm_ray.core.langevin import hill_coefficients, langevin_update, sample_joint, sample_langevin, sample_residual
 
 N_CHAINS = 20000
 

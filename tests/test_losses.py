@@ -8,8 +8,8 @@ import copy
 import torch
 from torch import nn
 
-from hdebm_ray.langevin import langevin_step_with_graph
-from hdebm_ray.losses import kl_loss, nearest_neighbour_entropy
+from hdebm_ray.core.langevin import langevin_step_with_graph
+from hdebm_ray.core.losses import kl_loss, nearest_neighbour_entropy
 
 
 def test_nearest_neighbour_entropy_term_rises_when_samples_collapse():

@@ -16,9 +16,9 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from hdebm_ray import progress as progress_mod
-from hdebm_ray.images import grid_image, save_grid
+from hdebm_ray.evaluation.images import grid_image, save_grid
 from hdebm_ray.progress import plain_line, progress
-from hdebm_ray.stage_log import StageLogger
+from hdebm_ray.training.stage_log import StageLogger
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +94,7 @@ def test_plain_line_format():
 
 
 def test_parquet_convert_shows_progress_and_writes_the_same(tmp_path, capsys):
-    from hdebm_ray.dataset_convert import write_parquet_shards
+    from hdebm_ray.data.convert import write_parquet_shards
 
     ds = TensorDataset(torch.rand(30, 1, 8, 8) * 2 - 1, torch.arange(30))
     quiet = write_parquet_shards(ds, str(tmp_path / "a"), 16)
@@ -106,8 +106,8 @@ def test_parquet_convert_shows_progress_and_writes_the_same(tmp_path, capsys):
 
 
 def test_folder_features_by_batch_equal_clean_fid(tmp_path, capsys):
-    from hdebm_ray.eval_features import native_resize
-    from hdebm_ray.fid import folder_features, write_png_folder
+    from hdebm_ray.evaluation.features import native_resize
+    from hdebm_ray.evaluation.fid import folder_features, write_png_folder
 
     folder = write_png_folder(torch.rand(23, 3, 8, 8) * 2 - 1, tmp_path / "png")
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from helpers import TINY, small_digits_overrides
 
-from hdebm_ray.checkpoint import load_meta, load_states
 from hdebm_ray.config import load_config
-from hdebm_ray.data import build_dataset
-from hdebm_ray.dataset_convert import png_bytes
+from hdebm_ray.data.convert import png_bytes
+from hdebm_ray.data.datasets import build_dataset
 from hdebm_ray.distributed.driver import fit_stage
 from hdebm_ray.distributed.ray_data import uses_ray_data
-from hdebm_ray.sampling import Sampler
+from hdebm_ray.evaluation.sampling import Sampler
+from hdebm_ray.io.checkpoint import load_meta, load_states
 
 
 # M-EBM is M-JEM without the classifier batch: M-JEM's run covers its code path on Ray (and test_baselines /
@@ -78,7 +78,7 @@ def write_image_folder(dataset, root: Path) -> None:
 def test_stage1_step_in_process_equals_the_step_in_a_one_worker_trainer(ray_local, tmp_path):
     import torch
 
-    from hdebm_ray.runner import run_in_process
+    from hdebm_ray.training.runner import run_in_process
 
     cfg = load_config(
         "digits",

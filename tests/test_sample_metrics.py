@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from hdebm_ray.sample_metrics import inception_score, knn_radii, precision_recall
+from hdebm_ray.evaluation.sample_metrics import inception_score, knn_radii, precision_recall
 
 
 def column(*values) -> np.ndarray:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from hdebm_ray import storage
-from hdebm_ray.checkpoint import load_meta, save_checkpoint
 from hdebm_ray.config import ConfigError, load_config
+from hdebm_ray.io import storage
+from hdebm_ray.io.checkpoint import load_meta, save_checkpoint
 
 MOUNTS = """\
 /dev/root / ext4 rw 0 0

@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 
 from hdebm_ray.config import load_config
-from hdebm_ray.data import toy2d_centres
-from hdebm_ray.runner import run_in_process
-from hdebm_ray.sampling import Sampler
-from hdebm_ray.toy_metrics import mode_coverage
+from hdebm_ray.core.toy_metrics import mode_coverage
+from hdebm_ray.data.datasets import toy2d_centres
+from hdebm_ray.evaluation.sampling import Sampler
+from hdebm_ray.training.runner import run_in_process
 
 N_SAMPLES = 2000
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from helpers import TOY_TRIAL, distilled_toy
 
-from hdebm_ray.checkpoint import load_meta, load_states
-from hdebm_ray.cli import main as cli_main
+from hdebm_ray.cli.main import main as cli_main
 from hdebm_ray.config import load_config
+from hdebm_ray.io.checkpoint import load_meta, load_states
 
 KEY = "stage1.langevin.step_size"
 LO, HI = 1.0e-3, 2.0e-2

@@ -90,7 +90,7 @@ def test_distributions_map_to_ray_tune_domains():
 def test_cli_rejects_a_bad_space_before_ray_starts(tmp_path, capsys):
     import ray
 
-    from hdebm_ray.cli import main
+    from hdebm_ray.cli.main import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(space("  stage1.langevin.stepsize: {uniform: [0.1, 0.2]}\n"))
@@ -103,10 +103,10 @@ def test_cli_rejects_a_bad_space_before_ray_starts(tmp_path, capsys):
 def test_the_declared_metrics_are_what_each_stage_reports(tmp_path):
     """Every key a stage's report carries is declared (so a space may tune on it), and every declared key of its
     own turns up, but for those that need Ray, filled buffers or a guard event."""
-    from hdebm_ray.checkpoint import load_meta
-    from hdebm_ray.runner import run_in_process
+    from hdebm_ray.io.checkpoint import load_meta
     from hdebm_ray.stages import STAGES
     from hdebm_ray.stages.reported import LOOP, OWN, reported_metrics
+    from hdebm_ray.training.runner import run_in_process
 
     short = [f"{s}.steps=2" for s in ("diffusion", "stage1", "stage2", "mebm", "mjem", "icd")]
     short += [f"{s}.report_every=2" for s in STAGES] + [f"{s}.checkpoint_every=2" for s in STAGES]
@@ -241,7 +241,7 @@ def test_random_search_is_seeded_by_run_seed():
 def test_an_embedded_ray_for_a_sweep_fits_each_trials_workers_eval_actor_and_driver(monkeypatch):
     import os
 
-    from hdebm_ray.distributed.driver import local_cpus
+    from hdebm_ray.distributed.cluster import local_cpus
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     cfg = load_config("digits")  # 2 workers x 1 CPU and 1 eval actor x 1 CPU

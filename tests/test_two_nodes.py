@@ -17,12 +17,12 @@ import ray
 import torch
 from helpers import TINY, HoldAfter, RecordNode, newest_registered_step, small_digits_overrides
 
-from hdebm_ray.checkpoint import load_config_of, load_meta, load_states
 from hdebm_ray.config import load_config
-from hdebm_ray.data import build_dataset
-from hdebm_ray.dataset_convert import write_parquet_shards
+from hdebm_ray.data.convert import write_parquet_shards
+from hdebm_ray.data.datasets import build_dataset
 from hdebm_ray.distributed.driver import fit_stage
-from hdebm_ray.runner import run_in_process
+from hdebm_ray.io.checkpoint import load_config_of, load_meta, load_states
+from hdebm_ray.training.runner import run_in_process
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import warnings
 
 import ray
 
-from ..bank import BankRestarted, BankService
-from ..bank_client import BankClientBase, as_numpy
+from ..bank.client import BankClientBase, as_numpy
+from ..bank.service import BankRestarted, BankService
 
 NAMESPACE = "hdebm"
 

@@ -10,103 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import os
 
-from .. import storage
-from ..checkpoint import load_meta
 from ..config import Config
-from ..guard import DIVERGENCE_FILE, GUARDED_STAGES, GuardLog, backed_off, roll_back, take_divergence
-from ..results import print_eval_table
+from ..evaluation.results import print_eval_table
+from ..io import storage
+from ..io.checkpoint import load_meta
+from ..io.storage import as_uri, run_dir
 from ..stages import BANK_SPECS, INIT_FROM, PIPELINE
-from ..storage import as_uri, run_dir
+from ..training.guard import DIVERGENCE_FILE, GUARDED_STAGES, GuardLog, backed_off, roll_back, take_divergence
+from .cluster import resources_needed
 
 NAMESPACE = "hdebm"
-PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train V2's, on by default
-
-
-def local_cpus(cfg: Config, concurrent_runs: int = 1, extra_cpus: float = 0.0) -> int:
-    """Logical CPUs of an embedded local Ray: the machine's, or more when ``concurrent_runs`` runs' workers, eval
-    actors and Ray Data (plus ``extra_cpus``: a sweep's trial drivers) would not fit in them at once.
-
-    Eval actors hold their CPUs for the whole run: counted on top of the workers, or the next stage's workers could
-    never be placed next to them on a small machine (nor a sweep trial's beside its driver's bundle)."""
-    # - 1e-9: a sum of fractional CPUs (3 x 0.1) lands a hair above the integer it is, and ceil would add a CPU
-    return max(os.cpu_count() or 1, math.ceil(concurrent_runs * resources_needed(cfg)["CPU"] + extra_cpus - 1e-9))
-
-
-def init_ray(cfg: Config, concurrent_runs: int = 1, extra_cpus: float = 0.0) -> None:
-    """Connect to the cluster named by ray.address / $RAY_ADDRESS, or start an embedded local one (sized by
-    ``local_cpus``)."""
-    import ray
-
-    from .ray_compat import check_ray_version
-
-    check_ray_version()
-    if ray.is_initialized():
-        return
-    # Report ticks wait for the controller's poll; the 2 s default dominates short CPU steps.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
-    # A submitted job already has its runtime env (jobs/runtime_env.yaml sets the same variable); Ray refuses
-    # to merge a second one into it.
-    in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
-    env = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}}
-    num_cpus = None
-    if address == "local":
-        # One machine has no node to lose to preemption: no watcher actor (a process per Train run) to start.
-        env["env_vars"][PREEMPTION_WATCHER] = os.environ.get(PREEMPTION_WATCHER, "0")
-        num_cpus = local_cpus(cfg, concurrent_runs, extra_cpus)
-    else:
-        check_reachable(address, cfg.ray.connect_timeout_s)
-    try:
-        ray.init(
-            address=address,
-            namespace=NAMESPACE,
-            num_cpus=num_cpus,
-            log_to_driver=True,
-            runtime_env=None if in_job else env,
-        )
-    except ConnectionError as e:  # something answered at the address, but not a Ray cluster
-        if address == "local":
-            raise
-        from ..config import ConfigError
-
-        raise ConfigError(f"ray.address {address!r}: no Ray cluster there ({str(e).splitlines()[0]})") from None
-    storage.check_shared_storage(cfg, num_nodes=sum(1 for n in ray.nodes() if n.get("Alive")))
-
-
-def check_reachable(address: str, timeout_s: float) -> None:
-    """A ConfigError within ``timeout_s`` if nothing listens at a cluster address (``ray.init`` would retry for
-    minutes). 'auto' finds a local cluster by itself and fails at once without one."""
-    import socket
-
-    from ..config import ConfigError
-
-    if address == "auto":
-        return
-    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"ray.address {address!r} must be host:port, ray://host:port, 'auto', or '' (local)")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as e:
-        raise ConfigError(
-            f"ray.address {address!r}: nothing answers at {host}:{port} within {timeout_s:g} s ({e}); is the cluster "
-            f"up and reachable from here? (wait longer: ray.connect_timeout_s)"
-        ) from None
-
-
-def resources_needed(cfg: Config) -> dict[str, float]:
-    """CPUs and GPUs a stage's workers, the run's eval actors and Ray Data's preprocessing hold at the same time."""
-    from .ray_data import uses_ray_data
-
-    r, e = cfg.ray, cfg.eval
-    preprocess = cfg.data.preprocess_cpus if uses_ray_data(cfg) else 0.0
-    return {
-        "CPU": r.num_workers * r.cpus_per_worker + e.actors * e.cpus_per_actor + preprocess,
-        "GPU": (r.num_workers if r.use_gpu else 0) + e.actors * e.gpus_per_actor,
-    }
 
 
 def trainer_for(
@@ -225,7 +139,7 @@ def fit_stage(
     trial's part of the stage): ``{"train_name": its own Train run, "resume_from": checkpoint or None,
     "stop_at_step": int}``.
     """
-    from ..data import build_dataset
+    from ..data.datasets import build_dataset
     from ..stages import STAGES
     from ..stages.hdebm_stage2 import follow_stage1_chain
     from .eval_pool import NotifyEvalPool, pool_name
@@ -270,7 +184,7 @@ def fit_stage(
 def _fit_attempt(cfg: Config, stage: str, init_from, callbacks, report_hooks, pool, guard_log, chunk: dict):
     """One TorchTrainer run of the stage (with its bank actor, killed afterwards): to the end, or to the step
     where the guard stopped it."""
-    from ..data_files import DatasetError
+    from ..data.files import DatasetError
     from .ray_data import data_error_in
 
     bank = start_bank(cfg, stage, chunk.get("train_name"))
@@ -304,7 +218,7 @@ def _fit_attempt(cfg: Config, stage: str, init_from, callbacks, report_hooks, po
 
 def _latest_step(stage_dir: str) -> int:
     """The step of the stage's newest complete checkpoint (what the next attempt resumes from), 0 if none."""
-    from ..results import run_checkpoints
+    from ..io.checkpoint import run_checkpoints
 
     run_location, stage = stage_dir.rsplit("/", 1)
     return max([0] + [int(load_meta(p)["step"]) for p in run_checkpoints(run_location, [stage])])
@@ -345,8 +259,8 @@ def write_sample_grid(cfg: Config, checkpoint: str, out: str, n: int = 64) -> st
 
     @ray.remote(num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0)
     def grid(ckpt: str, path: str) -> str:
-        from ..sampling import Sampler, default_device, save_grid
-        from ..storage import local_dir, staged_output
+        from ..evaluation.sampling import Sampler, default_device, save_grid
+        from ..io.storage import local_dir, staged_output
 
         out_dir, name = path.rsplit("/", 1)
         with local_dir(ckpt) as d, staged_output(out_dir) as local_out:

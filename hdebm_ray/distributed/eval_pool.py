@@ -36,8 +36,8 @@ class EvalActor:
     """Samples a checkpoint with its stage's sampler and scores it; keeps one feature extractor per dataset."""
 
     def __init__(self, hold_until: str | None = None):
-        from ..fid import FeatureSpaces
-        from ..sampling import default_device
+        from ..evaluation.fid import FeatureSpaces
+        from ..evaluation.sampling import default_device
 
         self.spaces = FeatureSpaces(default_device())
         self.hold_until = hold_until  # testing aid: evaluations wait until this file exists
@@ -46,9 +46,9 @@ class EvalActor:
         return os.getpid()
 
     def evaluate(self, checkpoint: str, num_samples: int, seed: int) -> dict:
-        from ..checkpoint import load_config_of
-        from ..fid import evaluate_checkpoint
-        from ..storage import local_dir
+        from ..evaluation.fid import evaluate_checkpoint
+        from ..io.checkpoint import load_config_of
+        from ..io.storage import local_dir
 
         while self.hold_until and not os.path.exists(self.hold_until):
             time.sleep(0.05)
@@ -75,7 +75,8 @@ class EvalPool:
         hold_until: str | None = None,
         max_attempts: int = 3,
     ):
-        from ..results import evaluated, read_results, run_checkpoints
+        from ..evaluation.results import evaluated, read_results
+        from ..io.checkpoint import run_checkpoints
 
         self.run_location, self.num_samples, self.seed = run_location, num_samples, seed
         self.max_attempts = max_attempts
@@ -142,7 +143,7 @@ class EvalPool:
         return None
 
     async def _evaluate(self, index: int, ckpt: str) -> None:
-        from ..results import record, scores_text, start_note
+        from ..evaluation.results import record, scores_text, start_note
 
         result = await self._score(index, ckpt)
         if result is None:
@@ -234,7 +235,7 @@ class NotifyEvalPool(UserCallback):
     def after_report(self, run_context, metrics, checkpoint) -> None:
         if checkpoint is None:
             return
-        from ..storage import as_uri
+        from ..io.storage import as_uri
 
         if self._pool is None:
             self._pool = ray.get_actor(self.pool_name, namespace=NAMESPACE)

@@ -31,12 +31,12 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from .. import storage
-from ..checkpoint import incomplete, load_meta
+from ..bank.store import snapshot_location, snapshot_name
 from ..config import Config, ConfigError, from_dict
-from ..results import append_jsonl
-from ..slot_store import snapshot_location, snapshot_name
-from ..storage import local_dir, run_dir
+from ..evaluation.results import append_jsonl
+from ..io import storage
+from ..io.checkpoint import incomplete, load_meta
+from ..io.storage import local_dir, run_dir
 from .search_space import SearchSpace, trial_config
 
 ORIGIN_FILE = "origin.json"

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..data import STREAMED, build_dataset
-from ..data_files import (
+from ..data.datasets import STREAMED, build_dataset
+from ..data.files import (
     IMAGE_SUFFIXES,
     BadImageError,
     DatasetError,
@@ -39,7 +39,7 @@ from ..data_files import (
     image_bytes,
     uint8_to_unit,
 )
-from ..storage import is_uri
+from ..io.storage import is_uri
 
 ROWS_PER_DECODE_TASK = 256
 # Image files a read task may take on (Ray would otherwise pack many small files into few tasks). Parquet row

@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 
 from ..config import Config, ConfigError, from_dict
-from ..storage import run_dir
+from ..io.storage import run_dir
 from .ray_compat import wait_for_forwarded_reports
 from .search_space import SearchSpace, trial_config
 
@@ -184,7 +184,7 @@ def build_tuner(base: Config, space: SearchSpace, init_from: str | None, opts: S
 
 def write_outputs(results, base: Config, space: SearchSpace, opts: SweepOptions) -> dict:
     """trials.csv of every trial and best_config.yaml of the best; returns a summary."""
-    from .. import storage
+    from ..io import storage
 
     location = sweep_dir(base, opts.name)
     frame = results.get_dataframe()

@@ -14,13 +14,14 @@ import ray.train
 import ray.train.torch
 import torch
 
-from ..checkpoint import CheckpointError, checkpoint_meta, restore, save_checkpoint
 from ..config import from_dict
 from ..contracts import WorkerContext
-from ..guard import GuardLog, step_guard, write_divergence
-from ..loop import run_loop, seed_steps, status
-from ..stage_log import StageLogger
+from ..core.ranks import seed_steps, status
+from ..io.checkpoint import CheckpointError, checkpoint_meta, restore, save_checkpoint
 from ..stages import build_stage
+from ..training.guard import GuardLog, step_guard, write_divergence
+from ..training.loop import run_loop
+from ..training.stage_log import StageLogger
 from .bank_actor import ActorBankClient
 from .eval_pool import LatestEval
 from .ray_compat import quiet_train_report_log
@@ -31,7 +32,7 @@ def restore_newest_usable(stage, ckpt, stage_dir: str, device, chief: bool) -> t
     """Restore Ray's checkpoint ``ckpt``; if it is incomplete or corrupt, the newest usable older one of the
     stage. The verdicts depend on the files only (an out-of-memory error is raised, not taken for corruption),
     so every rank walks the same list to the same checkpoint. Returns (its meta, its path)."""
-    from ..results import run_checkpoints
+    from ..io.checkpoint import run_checkpoints
 
     try:
         with ckpt.as_directory() as d:

@@ -32,7 +32,7 @@ def build_denoiser(cfg: Config) -> nn.Module:
     if is_vector_data(cfg):
         alpha_bar = None
         if n.mlp.precondition:
-            from ..diffusion import CosineSchedule
+            from ..core.diffusion import CosineSchedule
 
             alpha_bar = CosineSchedule(cfg.diffusion.T, cfg.diffusion.cosine_s).alpha_bar
         return MLPDenoiser(dim=TOY_DIM, hidden=n.mlp.hidden, depth=n.mlp.depth, alpha_bar=alpha_bar)

@@ -12,10 +12,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..compute import Compute
 from ..config import Config
 from ..contracts import WorkerContext
-from ..data import batch_stream, build_dataset, random_images
+from ..core.compute import Compute
+from ..data.datasets import batch_stream, build_dataset, random_images
 
 
 def data_stream(cfg: Config, ctx: WorkerContext, batch_size: int, seed_offset: int, name: str = "train"):

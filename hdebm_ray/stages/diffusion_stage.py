@@ -10,9 +10,9 @@ import torch
 
 from ..config import Config
 from ..contracts import WorkerContext
-from ..diffusion import CosineSchedule, ddim_sample, diffusion_loss, noise_to_truncation
+from ..core.diffusion import CosineSchedule, ddim_sample, diffusion_loss, noise_to_truncation
+from ..core.optim import adam_with_schedule, layerwise_clip_
 from ..networks import build_denoiser
-from ..optim import adam_with_schedule, layerwise_clip_
 from .base import SamplerBase, StageBase
 
 

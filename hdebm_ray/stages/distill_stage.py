@@ -13,21 +13,14 @@ import math
 
 import torch
 
-from ..checkpoint import load_states
 from ..config import Config
 from ..contracts import WorkerContext
-from ..data import batch_stream, build_dataset
-from ..diffusion import (
-    CosineSchedule,
-    ddim_sample,
-    distill_gap,
-    distill_loss,
-    noise_to_truncation,
-    per_sample_mse,
-)
-from ..loop import mean_over_ranks
+from ..core.diffusion import CosineSchedule, ddim_sample, distill_gap, distill_loss, noise_to_truncation, per_sample_mse
+from ..core.optim import layerwise_clip_
+from ..core.ranks import mean_over_ranks
+from ..data.datasets import batch_stream, build_dataset
+from ..io.checkpoint import load_states
 from ..networks import build_denoiser
-from ..optim import layerwise_clip_
 from .base import StageBase
 from .diffusion_stage import TruncatedDiffusionSampler
 

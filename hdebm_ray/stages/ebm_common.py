@@ -7,11 +7,11 @@ import torch
 
 from ..config import Config
 from ..contracts import WorkerContext
-from ..data import toy2d_centres
-from ..energy_trainer import EnergyTrainer
-from ..loop import status
+from ..core.energy_trainer import EnergyTrainer
+from ..core.ranks import status
+from ..core.toy_metrics import mode_coverage
+from ..data.datasets import toy2d_centres
 from ..networks import build_energy
-from ..toy_metrics import mode_coverage
 
 TOY_EVAL_SAMPLES = 1000
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint import load_states
 from ..config import Config
 from ..contracts import WorkerContext
-from ..diffusion import CosineSchedule
-from ..hat import HatGenerator
+from ..core.diffusion import CosineSchedule
+from ..core.hat import HatGenerator
+from ..io.checkpoint import load_states
 from ..networks import build_denoiser, build_energy, build_generator, latent_shape, sample_shape
 from .base import SamplerBase
 

@@ -14,13 +14,13 @@ import torch
 
 from ..config import Config
 from ..contracts import WorkerContext
-from ..hat import HatGenerator
-from ..langevin import StepStats, sample_residual
-from ..loop import barrier, status
-from ..losses import generator_loss
+from ..core.hat import HatGenerator
+from ..core.langevin import StepStats, sample_residual
+from ..core.losses import generator_loss
+from ..core.optim import adam_with_schedule, ema_model, layerwise_clip_, load_adam_with_schedule, load_ema, update_ema
+from ..core.ranks import barrier, status
+from ..core.transfer import HostStaging
 from ..networks import latent_shape, sample_shape
-from ..optim import adam_with_schedule, ema_model, layerwise_clip_, load_adam_with_schedule, load_ema, update_ema
-from ..transfer import HostStaging
 from .base import StageBase
 from .ebm_common import energy_trainer, fixed_sample_grids, restore_snapshot, toy2d_tick_metrics
 from .hdebm_common import HatSampler, fast_hat, hat_generator, latents

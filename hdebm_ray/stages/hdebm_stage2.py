@@ -8,13 +8,13 @@ from __future__ import annotations
 import torch
 import yaml
 
-from .. import storage
-from ..checkpoint import CONFIG_FILE, ema_weights, load_meta, load_states
 from ..config import Config
 from ..contracts import WorkerContext
-from ..guard import BACKOFF_KEYS
-from ..langevin import StepStats, sample_joint
+from ..core.langevin import StepStats, sample_joint
+from ..io import storage
+from ..io.checkpoint import CONFIG_FILE, ema_weights, load_meta, load_states
 from ..networks import sample_shape
+from ..training.guard import BACKOFF_KEYS
 from .base import StageBase
 from .ebm_common import energy_trainer, fixed_sample_grids, toy2d_tick_metrics
 from .hdebm_common import HatSampler, fast_hat, hat_generator, latents

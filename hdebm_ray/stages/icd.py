@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
-from ..augment import AugmentOptions, augment
-from ..langevin import StepStats, langevin_step_with_graph
-from ..losses import kl_loss
+from ..core.langevin import StepStats, langevin_step_with_graph
+from ..core.losses import kl_loss
+from ..data.augment import AugmentOptions, augment
 from .replay_ebm import DATA_RANGE, ReplayEBMSampler, ReplayEBMStage, sgld_chain
 
 

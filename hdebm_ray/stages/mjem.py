@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from ..augment import AugmentOptions, augment
 from ..config import Config, ConfigError
 from ..contracts import WorkerContext
-from ..data import build_dataset, random_items, toy2d_centres
+from ..data.augment import AugmentOptions, augment
+from ..data.datasets import build_dataset, random_items, toy2d_centres
 from .base import data_stream
 from .replay_ebm import ReplayEBMSampler, ReplayEBMStage
 

@@ -14,16 +14,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import storage
-from ..augment import AugmentOptions, augment
+from ..bank.store import SlotStore, snapshot_location
 from ..config import Config, check_stage
 from ..contracts import WorkerContext
-from ..data import build_dataset, cache_root, data_fingerprint
-from ..gaussian_init import GaussianInit, cached_gaussian
-from ..langevin import StepStats, frozen, sample_langevin
-from ..loop import barrier
+from ..core.gaussian_init import GaussianInit, cached_gaussian
+from ..core.langevin import StepStats, frozen, sample_langevin
+from ..core.ranks import barrier
+from ..data.augment import AugmentOptions, augment
+from ..data.datasets import build_dataset, cache_root, data_fingerprint
+from ..io import storage
 from ..networks import build_energy, sample_shape
-from ..slot_store import SlotStore, snapshot_location
 from .base import SamplerBase, StageBase
 from .ebm_common import energy_trainer, fixed_sample_grids, restore_snapshot, toy2d_tick_metrics
 

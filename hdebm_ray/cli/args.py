@@ -1,0 +1,79 @@
+"""Flag types of ``hdebm-ray``: every flag is checked when parsed, before any work starts, and a bad one is one
+line naming the flag (``OneLineParser``), never a traceback later."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a user error as one line ``hdebm-ray <command>: error: ...`` (exit 2) instead of the usage
+    block; ``--help`` still shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def at_least(lo: float, kind=int):
+    """An argparse type: a number of ``kind`` that is >= ``lo``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo:g}, got {text}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} >= {lo:g}"
+    return parse
+
+
+def device(text: str) -> str:
+    """An argparse type: a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no MPS device")
+    return text
+
+
+def checkpoint(text: str) -> str:
+    """An argparse type: a complete checkpoint directory (local path or URI), checked before anything starts."""
+    from ..io.checkpoint import incomplete
+
+    if (why := incomplete(text)) is not None:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a complete checkpoint directory: {why}")
+    return text
+
+
+def local_checkpoint(text: str) -> str:
+    """``checkpoint``, on a local path or mount: the offline commands (eval, sample, enfe, ood) read files."""
+    from ..io.storage import is_uri
+
+    if is_uri(text):
+        raise argparse.ArgumentTypeError(
+            f"'{text}': the offline commands read a local checkpoint directory; copy it here first"
+        )
+    return checkpoint(text)
+
+
+def existing_dir(text: str) -> str:
+    """An argparse type: a local directory that exists."""
+    from pathlib import Path
+
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"'{text}' is not a directory")
+    return text

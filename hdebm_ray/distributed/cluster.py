@@ -1,0 +1,95 @@
+"""The Ray cluster a run uses: connect to one (``ray.address``, ``$RAY_ADDRESS``, ``ray job submit``) or start an
+embedded local Ray sized for the run, and what a stage's workers, eval actors and Ray Data hold at once."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from ..config import Config, ConfigError
+from ..io import storage
+from .bank_actor import NAMESPACE
+
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train V2's, on by default
+
+
+def local_cpus(cfg: Config, concurrent_runs: int = 1, extra_cpus: float = 0.0) -> int:
+    """Logical CPUs of an embedded local Ray: the machine's, or more when ``concurrent_runs`` runs' workers, eval
+    actors and Ray Data (plus ``extra_cpus``: a sweep's trial drivers) would not fit in them at once.
+
+    Eval actors hold their CPUs for the whole run: counted on top of the workers, or the next stage's workers could
+    never be placed next to them on a small machine (nor a sweep trial's beside its driver's bundle)."""
+    # - 1e-9: a sum of fractional CPUs (3 x 0.1) lands a hair above the integer it is, and ceil would add a CPU
+    return max(os.cpu_count() or 1, math.ceil(concurrent_runs * resources_needed(cfg)["CPU"] + extra_cpus - 1e-9))
+
+
+def init_ray(cfg: Config, concurrent_runs: int = 1, extra_cpus: float = 0.0) -> None:
+    """Connect to the cluster named by ray.address / $RAY_ADDRESS, or start an embedded local one (sized by
+    ``local_cpus``)."""
+    import ray
+
+    from .ray_compat import check_ray_version
+
+    check_ray_version()
+    if ray.is_initialized():
+        return
+    # Report ticks wait for the controller's poll; the 2 s default dominates short CPU steps.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+    # A submitted job already has its runtime env (jobs/runtime_env.yaml sets the same variable); Ray refuses
+    # to merge a second one into it.
+    in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+    env = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}}
+    num_cpus = None
+    if address == "local":
+        # One machine has no node to lose to preemption: no watcher actor (a process per Train run) to start.
+        env["env_vars"][PREEMPTION_WATCHER] = os.environ.get(PREEMPTION_WATCHER, "0")
+        num_cpus = local_cpus(cfg, concurrent_runs, extra_cpus)
+    else:
+        check_reachable(address, cfg.ray.connect_timeout_s)
+    try:
+        ray.init(
+            address=address,
+            namespace=NAMESPACE,
+            num_cpus=num_cpus,
+            log_to_driver=True,
+            runtime_env=None if in_job else env,
+        )
+    except ConnectionError as e:  # something answered at the address, but not a Ray cluster
+        if address == "local":
+            raise
+        from ..config import ConfigError
+
+        raise ConfigError(f"ray.address {address!r}: no Ray cluster there ({str(e).splitlines()[0]})") from None
+    storage.check_shared_storage(cfg, num_nodes=sum(1 for n in ray.nodes() if n.get("Alive")))
+
+
+def check_reachable(address: str, timeout_s: float) -> None:
+    """A ConfigError within ``timeout_s`` if nothing listens at a cluster address (``ray.init`` would retry for
+    minutes). 'auto' finds a local cluster by itself and fails at once without one."""
+    import socket
+
+    if address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"ray.address {address!r} must be host:port, ray://host:port, 'auto', or '' (local)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(
+            f"ray.address {address!r}: nothing answers at {host}:{port} within {timeout_s:g} s ({e}); is the cluster "
+            f"up and reachable from here? (wait longer: ray.connect_timeout_s)"
+        ) from None
+
+
+def resources_needed(cfg: Config) -> dict[str, float]:
+    """CPUs and GPUs a stage's workers, the run's eval actors and Ray Data's preprocessing hold at the same time."""
+    from .ray_data import uses_ray_data
+
+    r, e = cfg.ray, cfg.eval
+    preprocess = cfg.data.preprocess_cpus if uses_ray_data(cfg) else 0.0
+    return {
+        "CPU": r.num_workers * r.cpus_per_worker + e.actors * e.cpus_per_actor + preprocess,
+        "GPU": (r.num_workers if r.use_gpu else 0) + e.actors * e.gpus_per_actor,
+    }

@@ -1,0 +1,203 @@
+"""Where runs live: a local directory, a shared mount (NFS, Lustre, fuse), or an object store (s3://, gs://).
+
+Ray Train writes checkpoints through pyarrow filesystems; everything else this package writes next to them
+(bank snapshots, TensorBoard events, sample grids, ``pipeline.json``) goes through the same pyarrow
+filesystem here, so a run under ``s3://bucket/runs`` is as complete as one under ``./runs``. ``file://`` URIs
+take the object-store code path on a local disk, which is how the tests exercise it.
+
+On a multi-node cluster every node must see the run directory: a checkpoint written by a worker on node A is
+restored by a worker that may land on node B. ``check_shared_storage`` refuses a node-local path there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from ..config import Config, ConfigError
+
+# Filesystem types (from /proc/mounts) that every node of a cluster can mount.
+NETWORK_FS_TYPES = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "9p", "efs")
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_run_name(name: str, key: str = "run.name") -> None:
+    """A run (or sweep) name names one folder under run.storage_path: no separators, no '..'. Checked where
+    runs are created (the CLI), not on every config load, so old checkpoints stay readable."""
+    if not RUN_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{key} = {name!r} must be one folder name: letters, digits, '.', '_', '-' (at most 128, starting "
+            f"with a letter or digit)"
+        )
+
+
+def run_dir(cfg: Config) -> str:
+    """Absolute storage location of this run (local path, shared mount or URI)."""
+    base = cfg.run.storage_path
+    if not is_uri(base):
+        base = str(Path(base).expanduser().resolve())
+    return f"{base.rstrip('/')}/{cfg.run.name}"
+
+
+def fs_and_path(location: str) -> tuple[pafs.FileSystem, str]:
+    if is_uri(location):
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), str(location)
+
+
+def as_uri(fs_path: str, like: str) -> str:
+    """Turn a path Ray returns for a URI storage (scheme stripped: ``bucket/key``) back into a URI."""
+    if not is_uri(like) or is_uri(fs_path):
+        return fs_path
+    scheme = like.split("://", 1)[0]
+    return f"{scheme}://{fs_path}"
+
+
+def exists(location: str) -> bool:
+    fs, path = fs_and_path(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_text(location: str) -> str:
+    fs, path = fs_and_path(location)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def write_text(location: str, text: str) -> None:
+    """Write via a temporary name and a move, so a reader never sees half a file."""
+    fs, path = fs_and_path(location)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    tmp = f"{path}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(text.encode())
+    fs.move(tmp, path)
+
+
+def upload(local_path: str | Path, location: str) -> str:
+    """Copy a local file or directory to ``location`` (a no-op when it is the same local path)."""
+    local_path = Path(local_path)
+    if not is_uri(location) and Path(location).resolve() == local_path.resolve():
+        return location
+    fs, path = fs_and_path(location)
+    fs.create_dir(path if local_path.is_dir() else path.rsplit("/", 1)[0], recursive=True)
+    pafs.copy_files(str(local_path), path, destination_filesystem=fs)
+    return location
+
+
+def copy_file(source: str | Path, target: str | Path) -> None:
+    """Copy one file between any two locations (local paths or URIs), making the target's folder."""
+    sfs, spath = fs_and_path(str(source))
+    tfs, tpath = fs_and_path(str(target))
+    tfs.create_dir(tpath.rsplit("/", 1)[0], recursive=True)
+    pafs.copy_files(spath, tpath, source_filesystem=sfs, destination_filesystem=tfs)
+
+
+def remove_tree(location: str) -> None:
+    """Delete a folder (local path or URI) with everything in it; nothing if it is not there."""
+    fs, path = fs_and_path(location)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def list_dirs(location: str) -> list[tuple[str, int]]:
+    """(location, modification time in ns) of the folders directly inside ``location`` (0 where an object store
+    keeps no folder times); empty if it is not there."""
+    fs, path = fs_and_path(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = [i for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory]
+    return [(f"{location.rstrip('/')}/{i.base_name}", i.mtime_ns or 0) for i in infos]
+
+
+@contextlib.contextmanager
+def local_dir(location: str):
+    """A local directory with the contents of ``location``: itself when local, else a temporary download."""
+    if not is_uri(location):
+        yield Path(location)
+        return
+    tmp = tempfile.mkdtemp(prefix="hdebm-")
+    try:
+        fs, path = fs_and_path(location)
+        pafs.copy_files(path, tmp, source_filesystem=fs)
+        yield Path(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_output(location: str):
+    """A local directory to write into; its contents are uploaded to ``location`` when the block ends."""
+    if not is_uri(location):
+        Path(location).mkdir(parents=True, exist_ok=True)
+        yield Path(location)
+        return
+    tmp = tempfile.mkdtemp(prefix="hdebm-out-")
+    try:
+        yield Path(tmp)
+        upload(tmp, location)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def mount_fs_type(path: str | Path, mounts_file: str = "/proc/mounts") -> str | None:
+    """The filesystem type of the mount holding ``path`` (longest matching mount point), or None if unknown."""
+    try:
+        lines = Path(mounts_file).read_text().splitlines()
+    except OSError:
+        return None
+    path = os.path.realpath(path)
+    best, best_type = "", None
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount_point = parts[1].replace("\\040", " ")
+        inside = path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) > len(best):
+            best, best_type = mount_point, parts[2]
+    return best_type
+
+
+def is_shared_location(location: str, mounts_file: str = "/proc/mounts") -> bool:
+    if is_uri(location):
+        return not location.startswith("file://")
+    fs_type = mount_fs_type(location, mounts_file) or ""
+    return fs_type.startswith("fuse") or fs_type in NETWORK_FS_TYPES
+
+
+def check_shared_storage(cfg: Config, num_nodes: int, mounts_file: str = "/proc/mounts") -> None:
+    """Refuse a node-local run directory on a multi-node cluster, before any work starts."""
+    if num_nodes <= 1 or cfg.run.shared_storage:
+        return
+    location = run_dir(cfg)
+    if not is_shared_location(location, mounts_file):
+        raise ConfigError(
+            f"run.storage_path = {cfg.run.storage_path!r} is node-local ({location}), but the cluster has "
+            f"{num_nodes} nodes: a worker restarted on another node could not find the checkpoints. Use an "
+            "s3:// or gs:// URI or a shared mount (NFS, Lustre, fuse), or set run.shared_storage=true if this "
+            "path is mounted on every node."
+        )
+
+
+def check_not_in_job_working_dir(cfg: Config) -> None:
+    """A submitted job runs in a temporary copy of its working_dir: a relative run directory would vanish."""
+    path = cfg.run.storage_path
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and not is_uri(path) and not Path(path).expanduser().is_absolute():
+        raise ConfigError(
+            f"run.storage_path = {path!r} is relative, but this is a submitted Ray job: its working directory is a "
+            "temporary copy that is deleted with the job. Pass an absolute path on shared storage or a URI, "
+            "e.g. --set run.storage_path=/mnt/cluster_storage/hdebm (jobs/submit.sh does this from $HDEBM_STORAGE)."
+        )
