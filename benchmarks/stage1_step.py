@@ -26,7 +26,7 @@ from common import machine, untrained_distilled, write_results
 
 from hdebm_ray.config import load_config
 from hdebm_ray.contracts import WorkerContext
-from hdebm_ray.stages import BANK_SPECS, build_stage
+from hdebm_ray.stages import build_stage, stage_class
 from hdebm_ray.training.runner import local_bank
 
 
@@ -72,10 +72,10 @@ def actor_round_trip_seconds(cfg, n: int, rounds: int = 50) -> float:
 
     from hdebm_ray.distributed.bank_actor import create_bank_actor
 
-    spec = BANK_SPECS["stage1"](cfg)
-    actor = create_bank_actor("bank-benchmark", **spec, snapshot_dir=None)
-    fields = {k: np.random.randn(n, *s).astype(np.float32) for k, s in spec["shapes"].items()}
-    ray.get(actor.fill.remote(0, 0, {k: np.zeros((spec["size"], *s), np.float32) for k, s in spec["shapes"].items()}))
+    spec = stage_class("stage1").bank_spec(cfg)
+    actor = create_bank_actor("bank-benchmark", **spec.arguments(), snapshot_dir=None)
+    fields = {k: np.random.randn(n, *s).astype(np.float32) for k, s in spec.shapes.items()}
+    ray.get(actor.fill.remote(0, 0, {k: np.zeros((spec.size, *s), np.float32) for k, s in spec.shapes.items()}))
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()

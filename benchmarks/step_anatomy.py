@@ -204,7 +204,7 @@ def stage2_anatomy(cfg, init_dir, device, timer: Timer, steps: int) -> dict:
     out.update(timer.rounds(parts, {"chain_s": steps, "step_s": steps}))
     out["ideal_s"] = out["chain_s"] + out["h_update_s"]
     out["step_over_ideal"] = out["step_s"] / out["ideal_s"]
-    y_steps = cfg.stage2.langevin_steps
+    y_steps = cfg.stage2.langevin.steps
     out["chain_over_y_fwd_bwd"] = out["chain_s"] / (y_steps * out["fwd_bwd_input_s"])
     return out
 
@@ -311,7 +311,7 @@ def main() -> None:
         "stage1_batch_size": base.stage1.batch_size,
         "stage1_langevin_steps": base.stage1.langevin.steps,
         "stage2_batch_size": base.stage2.batch_size,
-        "stage2_langevin_steps": base.stage2.langevin_steps,
+        "stage2_langevin_steps": base.stage2.langevin.steps,
         "diffusion_batch_size": base.diffusion.batch_size,
         "variants": {},
     }

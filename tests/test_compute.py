@@ -174,8 +174,9 @@ def test_the_other_stages_train_in_bf16_with_channels_last(tmp_path, stage_name)
         "digits",
         overrides=[
             *TINY_DIGITS, "compute.precision=bf16", "compute.channels_last=true", "distill.n0_steps=2",
-            "distill.steps_per_stage=2", "distill.eval_batch=8", "stage2.batch_size=16", "stage2.langevin_steps=2",
-            *(f"{b}.{k}" for b in ("mebm", "mjem", "icd") for k in ("batch_size=16", "buffer_size=64", "sgld.steps=2")),
+            "distill.steps_per_stage=2", "distill.eval_batch=8", "stage2.batch_size=16", "stage2.langevin.steps=2",
+            *(f"{b}.{k}" for b in ("mebm", "mjem", "icd")
+              for k in ("batch_size=16", "buffer_size=64", "langevin.steps=2")),
             "mjem.classifier_batch_size=16", "icd.kl_samples=8", "icd.entropy_reference=8", "icd.entropy_min_filled=0",
             "diffusion.batch_size=16", "distill.batch_size=16",
         ],
@@ -294,7 +295,7 @@ for name in ('ray', 'cleanfid', 'tqdm'):
     sys.modules[name] = None  # `import name` fails and find_spec says absent, as on a machine without it
 sys.argv = ['step_anatomy.py', '--preset', 'toy2d', '--variants', 'fp32/none', '--steps', '1',
             '--reps', '1', '--skip-scaling', '--out', {str(tmp_path)!r}, '--set', 'stage1.langevin.steps=2',
-            '--set', 'stage2.langevin_steps=2', '--set', 'network.mlp.hidden=32']
+            '--set', 'stage2.langevin.steps=2', '--set', 'network.mlp.hidden=32']
 runpy.run_path({str(REPO / "benchmarks" / "step_anatomy.py")!r}, run_name='__main__')
 assert not any(m.split('.')[0] in ('ray', 'cleanfid', 'tqdm') for m, v in sys.modules.items() if v is not None)
 """

@@ -30,14 +30,14 @@ def _sections(cls=Config, prefix=""):
 
 def test_every_key_and_section_has_a_description():
     sections = dict(_sections())
-    assert {"stage1", "stage1.langevin", "icd.sgld", "eval"} <= set(sections)
+    assert {"stage1", "stage1.langevin", "icd.langevin", "eval"} <= set(sections)
     missing = [
         f"{name}.{f.name}"
         for name, cls in sections.items()
         for f in dataclasses.fields(cls)
         if not dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name]) and not f.metadata.get("doc", "").strip()
     ]
-    assert not missing, f"config keys without a doc= in hdebm_ray/config_schema.py: {', '.join(missing)}"
+    assert not missing, f"config keys without a doc= in hdebm_ray/config/schema.py: {', '.join(missing)}"
     # dataclass() writes "Name(field: type = ...)" as the docstring of a class that has none
     undocumented = [n for n, cls in sections.items() if (cls.__doc__ or "").startswith(f"{cls.__name__}(")]
     assert not undocumented, f"config sections without a docstring: {', '.join(undocumented)}"
@@ -61,7 +61,7 @@ def test_ebm_sections_share_one_optimiser_declaration():
 def test_docs_config_md_matches_the_schema():
     assert DOCS.is_file(), f"docs/config.md is missing; generate it with: {REGENERATE}"
     assert DOCS.read_text() == markdown_table(), (
-        f"docs/config.md is out of date with hdebm_ray/config_schema.py; regenerate it with: {REGENERATE}"
+        f"docs/config.md is out of date with hdebm_ray/config/schema.py; regenerate it with: {REGENERATE}"
     )
     assert "| `stage1.langevin.step_size` | `0.0005` | `> 0.0` |" in DOCS.read_text()
 
@@ -101,11 +101,11 @@ def test_config_show_prints_the_presets_values_under_a_prefix():
 def test_config_show_through_the_config_command(capsys):
     parser = argparse.ArgumentParser(prog="hdebm-ray")
     add_config_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["config", "show", "--preset", "cifar10", "mebm.sgld"])
+    args = parser.parse_args(["config", "show", "--preset", "cifar10", "mebm.langevin"])
     assert args.fn(args) == 0
     out = capsys.readouterr().out
-    assert out == config_show_main("cifar10", "mebm.sgld")
-    assert _row(out, "mebm.sgld.grad_clamp")[2:4] == ["1.0", "1.0"]  # the section's own default for a nested key
+    assert out == config_show_main("cifar10", "mebm.langevin")
+    assert _row(out, "mebm.langevin.grad_clamp")[2:4] == ["1.0", "1.0"]  # the section's own default for a nested key
 
 
 @pytest.mark.parametrize("prefix", ["stage9", "data.nope", "Stage1"])

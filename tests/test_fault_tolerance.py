@@ -131,14 +131,14 @@ def test_injected_divergence_rolls_back_to_the_checkpoint_and_its_buffer_and_the
     overrides = ["mebm.steps=6", "guard.inject_nan_at_step=3", "ray.max_failures=0"]
     cfg = load_config("digits", overrides=small_digits_overrides(str(tmp_path), "guard") + TINY + overrides)
     out = fit_stage(cfg, "mebm")
-    meta = load_meta(out["checkpoint"])
+    meta = load_meta(out.checkpoint)
     assert meta["step"] == 6 and meta["done"]
     (rollback,) = meta["guard"]["rollbacks"]
     assert (rollback["step"], rollback["to"], rollback["value"]) == (3, 2, "nan")
     # the second attempt resumed at step 2 with the buffer of step 2, backed off, and its checkpoints say so
     assert meta["summary"]["buffer_restores"] == [{"checkpoint_step": 2, "buffer_step": 2}]
-    backed = load_config_of(out["checkpoint"])
-    assert backed.mebm.lr == cfg.mebm.lr / 2 and backed.mebm.sgld.step_size == cfg.mebm.sgld.step_size / 2
+    backed = load_config_of(out.checkpoint)
+    assert backed.mebm.lr == cfg.mebm.lr / 2 and backed.mebm.langevin.step_size == cfg.mebm.langevin.step_size / 2
     run = tmp_path / "guard"
     assert json.loads((run / "mebm" / "guard.json").read_text())["scale"] == 0.5
     assert not (run / "mebm" / "divergence.json").exists()
@@ -151,7 +151,7 @@ def test_stage2_on_ray_trains_and_saves_the_step_sizes_its_stage1_backed_off_to(
     cfg = load_config("digits", overrides=small_digits_overrides(str(tmp_path), "inherit") + TINY)
     _, s1 = run_in_process(cfg.replace(**{"guard.inject_nan_at_step": 3}), "stage1", tmp_path / "s1", distilled)
     out = fit_stage(cfg, "stage2", init_from=str(s1))
-    saved = load_config_of(out["checkpoint"]).stage2
-    assert saved.y_step_size == pytest.approx(cfg.stage2.y_step_size * cfg.guard.backoff)
-    assert saved.z2_step_size == pytest.approx(cfg.stage2.z2_step_size * cfg.guard.backoff)
+    saved = load_config_of(out.checkpoint).stage2
+    assert saved.langevin.y_step_size == pytest.approx(cfg.stage2.langevin.y_step_size * cfg.guard.backoff)
+    assert saved.langevin.z2_step_size == pytest.approx(cfg.stage2.langevin.z2_step_size * cfg.guard.backoff)
     assert saved.lr == cfg.stage2.lr

@@ -105,7 +105,7 @@ def test_mebm_defaults_follow_the_official_code_and_the_clamps_bound_each_step()
     cfg = load_config()
     for name in ("mebm", "mjem"):
         s = getattr(cfg, name)
-        assert (s.sgld.grad_clamp, s.sgld.clamp, s.p0_cov_jitter, s.p0_clamp) == (1.0, True, 1e-4, True)
+        assert (s.langevin.grad_clamp, s.langevin.clamp, s.p0_cov_jitter, s.p0_clamp) == (1.0, True, 1e-4, True)
         assert (s.buffer_write, s.buffer_prefill, s.eval_protocol) == ("in_place", True, "buffer")
     assert (cfg.icd.buffer_write, cfg.icd.buffer_prefill, cfg.icd.eval_protocol) == ("reservoir", False, "fresh")
     # E(x) = 1000 * sum(x): every gradient element is 1000, clamped to 1, so alpha = 0.3 moves each pixel by 0.3

@@ -54,13 +54,13 @@ def test_rollbacks_back_off_the_stage_keys_and_stop_past_the_limit(tmp_path):
     div.observe(9, {"Loss/energy": torch.tensor(math.nan)})
     div = div.poll()
     line = log.record(cfg, "stage2", div, 8)
-    assert "stage2.y_step_size" in line and "stage2.lr" in line and "rolling back to step 8" in line
+    assert "stage2.langevin.y_step_size" in line and "stage2.lr" in line and "rolling back to step 8" in line
     b = backed_off(cfg, "stage2", log)
-    assert b.stage2.y_step_size == pytest.approx(cfg.stage2.y_step_size / 4)
-    assert b.stage2.z2_step_size == pytest.approx(cfg.stage2.z2_step_size / 4)
+    assert b.stage2.langevin.y_step_size == pytest.approx(cfg.stage2.langevin.y_step_size / 4)
+    assert b.stage2.langevin.z2_step_size == pytest.approx(cfg.stage2.langevin.z2_step_size / 4)
     assert b.stage2.lr == pytest.approx(cfg.stage2.lr / 4) and b.stage1 == cfg.stage1
     lr_only = cfg.replace(**{"guard.backoff_applies_to": "lr"})
-    assert backed_off(lr_only, "mebm", log).mebm.sgld.step_size == cfg.mebm.sgld.step_size
+    assert backed_off(lr_only, "mebm", log).mebm.langevin.step_size == cfg.mebm.langevin.step_size
     log.record(cfg, "stage2", div, 8)
     assert log.scale == pytest.approx(1 / 16)
     with pytest.raises(GuardStop, match=r"stage2 diverged at step 10: Loss/energy = nan .*after 2 rollback"):
@@ -89,7 +89,7 @@ def test_injected_nan_rolls_back_to_the_last_checkpoint_with_its_buffer_and_fini
     assert rollback == {"step": 6, "metric": "Loss/energy", "value": "nan", "rule": "not finite", "to": 4}
     assert json.loads((tmp_path / "run" / "guard.json").read_text())["scale"] == 0.5
     # the attempt after the rollback ran backed off, from the buffer of step 4 (never the poisoned one)
-    assert stage.cfg.mebm.lr == cfg.mebm.lr / 2 and stage.cfg.mebm.sgld.step_size == cfg.mebm.sgld.step_size / 2
+    assert stage.cfg.mebm.lr == cfg.mebm.lr / 2 and stage.cfg.mebm.langevin.step_size == cfg.mebm.langevin.step_size / 2
     assert stage.ctx.bank.service.loaded_snapshot_step == 4
     assert all(torch.isfinite(p).all() for p in stage.energy.net.parameters())
     acc = EventAccumulator(str(tmp_path / "tb" / "mebm"))

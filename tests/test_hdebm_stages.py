@@ -59,18 +59,18 @@ def test_stage2_samples_at_the_step_size_its_stage1_trained_h_with(tmp_path, cap
     stage, s2 = run_in_process(cfg, "stage2", tmp_path / "s2", init_dir=s1)
     assert "Stage 2's step sizes x 0.5 (stage2.follow_stage1_step_size)" in capsys.readouterr().out
     for key in ("y_step_size", "z1_step_size", "z2_step_size"):
-        want = getattr(cfg.stage2, key) * cfg.guard.backoff
-        assert getattr(stage.cfg.stage2, key) == pytest.approx(want)
-        assert getattr(Sampler(s2).cfg.stage2, key) == pytest.approx(want)  # what its samples run at
+        want = getattr(cfg.stage2.langevin, key) * cfg.guard.backoff
+        assert getattr(stage.cfg.stage2.langevin, key) == pytest.approx(want)
+        assert getattr(Sampler(s2).cfg.stage2.langevin, key) == pytest.approx(want)  # what its samples run at
     assert stage.cfg.stage2.lr == cfg.stage2.lr and not load_meta(s2)["guard"]["rollbacks"]
     off = cfg.replace(**{"stage2.follow_stage1_step_size": False})
     stage, _ = run_in_process(off, "stage2", tmp_path / "s2_off", init_dir=s1)
-    assert stage.cfg.stage2.y_step_size == cfg.stage2.y_step_size
+    assert stage.cfg.stage2.langevin.y_step_size == cfg.stage2.langevin.y_step_size
     # a Stage 1 run at three times the config's epsilon (a sweep's choice); a plain one leaves Stage 2 as it is
     swept = cfg.replace(**{"stage1.langevin.step_size": 3 * cfg.stage1.langevin.step_size})
     _, s1_swept = run_in_process(swept, "stage1", tmp_path / "s1_swept", init_dir=ck)
     stage, _ = run_in_process(cfg, "stage2", tmp_path / "s2_swept", init_dir=s1_swept)
-    assert stage.cfg.stage2.z1_step_size == pytest.approx(3 * cfg.stage2.z1_step_size)
+    assert stage.cfg.stage2.langevin.z1_step_size == pytest.approx(3 * cfg.stage2.langevin.z1_step_size)
     stage, _ = run_in_process(swept, "stage2", tmp_path / "s2_plain", init_dir=s1_swept)
     assert stage.cfg.stage2 == swept.stage2
 

@@ -34,9 +34,9 @@ def test_baseline_trains_with_two_workers_on_the_replay_buffer_actor(ray_local, 
     cfg = load_config("digits", overrides=small_digits_overrides(str(tmp_path), stage) + TINY + data)
     assert uses_ray_data(cfg) == (stage == "mjem")
     out = fit_stage(cfg, stage)
-    meta = load_meta(out["checkpoint"])
+    meta = load_meta(out.checkpoint)
     assert meta["done"] and meta["step"] == 4
-    chain_init = load_states(out["checkpoint"], ["chain_init"])["chain_init"]
+    chain_init = load_states(out.checkpoint, ["chain_init"])["chain_init"]
     if stage == "icd":  # chains start from U[-1, 1]: nothing to fit
         assert chain_init == {}
     else:  # the fitted p0 rides in the checkpoint as plain tensors
@@ -62,7 +62,7 @@ def test_baseline_trains_with_two_workers_on_the_replay_buffer_actor(ray_local, 
     if stage == "mjem":  # 4 steps of 8 images per rank from each stream: all through Ray Data
         assert [e.value for e in acc.Scalars("Data/train_batches")][-1] == 4
     # Samples with the stage's own sampler from the saved checkpoint.
-    x, starts = Sampler(out["checkpoint"]).sample_with_start(8, seed=0)
+    x, starts = Sampler(out.checkpoint).sample_with_start(8, seed=0)
     assert x.shape == starts.shape == (8, 1, 16, 16) and bool(torch.isfinite(x).all())
     assert not torch.equal(x, starts)  # the chain starts (scored as fid_init) are not the samples
 
@@ -94,7 +94,7 @@ def test_stage1_step_in_process_equals_the_step_in_a_one_worker_trainer(ray_loca
         _, local = run_in_process(cfg, "stage1", tmp_path / "local", init_dir=ck)
     finally:
         torch.set_num_threads(threads)
-    remote = fit_stage(cfg, "stage1", str(ck))["checkpoint"]
+    remote = fit_stage(cfg, "stage1", str(ck)).checkpoint
     a, b = load_states(local), load_states(remote)
     for net in ("energy", "generator"):
         for key, value in a[net].items():

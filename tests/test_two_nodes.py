@@ -97,8 +97,8 @@ def test_stage1_on_two_nodes_streams_parquet_through_ray_data_and_survives_losin
         remover.join()
     assert "error" not in seen, seen.get("error")
     assert seen["newest_before"] < 8  # the node was lost mid-run
-    meta = load_meta(out["checkpoint"])
-    assert meta["done"] and meta["step"] == 8 and out["checkpoint"].startswith(f"file://{tmp_path}/runs/two/")
+    meta = load_meta(out.checkpoint)
+    assert meta["done"] and meta["step"] == 8 and out.checkpoint.startswith(f"file://{tmp_path}/runs/two/")
     assert len(seen["placed"]) == 2  # before the loss: one worker on each of two nodes
     placed = {(nodes / f"rank{r}").read_text() for r in (0, 1)}
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
@@ -116,7 +116,7 @@ def test_stage1_on_two_nodes_streams_parquet_through_ray_data_and_survives_losin
     assert [e.value for e in acc.Scalars("Data/train_batches")][-1] == 8 - restore["checkpoint_step"]
 
     # A checkpoint is a directory of plain state_dicts + the resolved config, loadable with weights_only=True.
-    ckpt = Path(out["checkpoint"].removeprefix("file://"))
+    ckpt = Path(out.checkpoint.removeprefix("file://"))
     assert {"energy.pt", "generator.pt", "config.yaml", "meta.json"} <= {p.name for p in ckpt.iterdir()}
     states = load_states(ckpt)
     assert all(isinstance(v, torch.Tensor) for v in states["generator"].values())

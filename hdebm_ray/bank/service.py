@@ -11,9 +11,28 @@ samples back. The Ray actor in ``distributed/bank_actor.py`` wraps either one.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import numpy as np
 
 from .store import LeaseTable, SlotStore, SnapshotError, draw_free, list_snapshots, prune_snapshots
+
+
+@dataclass(frozen=True)
+class BankSpec:
+    """What a stage's shared store holds (a stage declares it: ``StageBase.bank_spec``): Stage 1's bank of N
+    entries of (z1, z2, X⁻), or a baseline's replay buffer of N chain states."""
+
+    kind: str  # "bank" or "replay"
+    size: int  # N slots
+    shapes: dict[str, tuple[int, ...]]  # each field's shape per slot
+    reinit_prob: float = 0.0  # replay: rho, the chains restarted from chain_init
+    write_policy: str = "in_place"  # replay: where chain ends go (``ReplayBuffer``)
+
+    def arguments(self) -> dict:
+        """``BankService``'s keyword arguments for this store."""
+        return dataclasses.asdict(self)
 
 
 class Bank:

@@ -1,4 +1,5 @@
-"""Command line: ``hdebm-ray`` / ``python -m hdebm_ray``.
+"""The ``hdebm-ray`` command line (also ``python -m hdebm_ray``): training commands here, the offline ones in
+``inference.py``.
 
 Every command that takes a config resolves it (``--preset``, ``--config``, ``--set``), validates it and checks
 its data before Ray starts, so a bad key, value or path fails in a second with a message naming it.
@@ -10,14 +11,20 @@ import argparse
 import dataclasses
 import sys
 
-from ..config import ConfigError, check_stage, load_config, preset_names
+from ..config import ConfigError, check_stage, load_config, preset_names, preset_summary
 from ..config.show import add_config_parser
-from ..data.datasets import DatasetError
+from ..data.datasets import DatasetError, check_data_available
+from ..distributed.pbt import check_pbt
 from ..distributed.ray_compat import UntestedRayError
+from ..distributed.search_space import load_space
+from ..distributed.sweep import SCHEDULERS, SEARCHERS, SweepOptions
 from ..evaluation.features import EvalError
+from ..evaluation.results import print_eval_table
 from ..io.checkpoint import CheckpointError
-from ..io.storage import check_run_name
+from ..io.storage import check_not_in_job_working_dir, check_run_name, run_dir, write_text
+from ..stages import STAGES
 from ..training.guard import GuardStop
+from ..training.pipeline import check_stages, init_checkpoint
 from .args import OneLineParser, at_least, checkpoint
 from .inference import add_inference_commands
 
@@ -47,28 +54,21 @@ def resolve(args) -> object:
 
 def prepare_run(cfg) -> None:
     """Checks that need the filesystem, then the resolved config saved next to the run."""
-    from ..data.datasets import check_data_available
-    from ..io.storage import check_not_in_job_working_dir, run_dir, write_text
-
     check_not_in_job_working_dir(cfg)
     check_data_available(cfg)
     write_text(f"{run_dir(cfg)}/config.yaml", cfg.to_yaml())
 
 
 def cmd_pipeline(args) -> int:
-    from ..distributed.cluster import init_ray
-    from ..distributed.driver import run_pipeline
-    from ..io.storage import run_dir
-    from ..stages import PIPELINE
-
     cfg = resolve(args)
-    stages = args.stages.split(",") if args.stages else PIPELINE
-    unknown = [s for s in stages if s not in PIPELINE]
-    if unknown:
-        raise ConfigError(f"--stages: unknown stage {unknown[0]!r}; stages are {', '.join(PIPELINE)}")
+    stages = args.stages.split(",") if args.stages else None
+    check_stages(stages or [])
     if args.dry_run:
         print(cfg.to_yaml(), end="")
         return 0
+    from ..distributed.cluster import init_ray
+    from ..distributed.driver import run_pipeline
+
     prepare_run(cfg)
     init_ray(cfg)
     state = run_pipeline(cfg, stages)
@@ -84,48 +84,31 @@ def cmd_pipeline(args) -> int:
 
 
 def resolve_init_from(cfg, stage: str, given: str | None) -> str | None:
-    """The checkpoint a stage starts from: --init-from, else the previous stage of the same run."""
-    from ..distributed.driver import read_pipeline_state
-    from ..stages import INIT_FROM
-
-    parent = INIT_FROM.get(stage)
-    if given or not parent:
-        return given
-    entry = read_pipeline_state(cfg).get(parent)
-    if not entry:
-        raise ConfigError(
-            f"stage {stage!r} starts from a {parent!r} checkpoint: pass --init-from DIR "
-            f"or run the {parent!r} stage of run {cfg.run.name!r} first"
-        )
-    return entry["checkpoint"]
+    """The checkpoint a stage starts from: --init-from, else the stage it starts from in the same run."""
+    return given or init_checkpoint(cfg, stage)
 
 
 def cmd_train(args) -> int:
-    from ..distributed.cluster import init_ray
-    from ..distributed.driver import fit_stage, running_eval_pool
-    from ..evaluation.results import print_eval_table
-    from ..io.storage import run_dir
-
     cfg = resolve(args)
     if args.dry_run:
         print(cfg.to_yaml(), end="")
         return 0
     check_stage(cfg, args.stage)
     init_from = resolve_init_from(cfg, args.stage, args.init_from)
+    from ..distributed.cluster import init_ray
+    from ..distributed.driver import fit_stage, running_eval_pool
+
     prepare_run(cfg)
     init_ray(cfg)
     with running_eval_pool(cfg) as pool:
         out = fit_stage(cfg, args.stage, init_from, eval_pool=pool)
     if pool is not None:
         print_eval_table(run_dir(cfg))
-    print(f"\n{args.stage} finished in {run_dir(cfg)}; checkpoint {out['checkpoint']}")
+    print(f"\n{args.stage} finished in {run_dir(cfg)}; checkpoint {out.checkpoint}")
     return 0
 
 
 def cmd_tune(args) -> int:
-    from ..distributed.search_space import load_space
-    from ..distributed.sweep import SweepOptions
-
     overrides = list(args.set)
     for flag, key in (("workers_per_trial", "ray.num_workers"), ("cpus_per_worker", "ray.cpus_per_worker")):
         if getattr(args, flag) is not None:
@@ -138,8 +121,6 @@ def cmd_tune(args) -> int:
     if args.mode:
         space = dataclasses.replace(space, mode=args.mode)
     if args.scheduler == "pbt":
-        from ..distributed.pbt import check_pbt
-
         check_pbt(space, args.search)
     if args.name:
         check_run_name(args.name, "--name")
@@ -179,16 +160,22 @@ def cmd_tune(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    for name in preset_names():
-        print(name)
+    """Each shipped preset with the first sentence of its description (the comment its file opens with)."""
+    names = preset_names()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:{width}}  {preset_summary(name)}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ..distributed.sweep import SCHEDULERS, SEARCHERS
-    from ..stages import STAGES
+DESCRIPTION = (
+    "Train energy-based image generators (HDEBM and its baselines) on Ray: pipeline / train / tune start Ray (an "
+    "embedded one, or $RAY_ADDRESS); eval / sample / enfe / ood / dataset read checkpoints and data without it."
+)
 
-    parser = OneLineParser(prog="hdebm-ray", description=__doc__.splitlines()[0])
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="hdebm-ray", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pipeline", help="run the stages in order, resuming a run of the same name")
@@ -229,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_inference_commands(sub)
 
-    p = sub.add_parser("presets", help="list the shipped presets")
+    p = sub.add_parser("presets", help="list the shipped presets and what each is")
     p.set_defaults(fn=cmd_presets)
     add_config_parser(sub)
     return parser

@@ -23,7 +23,9 @@ class SGLDSection:
     )
 
 
-AUGMENTS = ("color", "flip", "crop", "rescale", "blur", "jitter")
+IMAGE_AUGMENTS = ("color", "flip", "crop", "rescale", "blur")
+VECTOR_AUGMENTS = ("jitter",)  # toy2d points
+AUGMENTS = IMAGE_AUGMENTS + VECTOR_AUGMENTS
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class ReplayEBMSection(EnergyOptimSection):
 
     steps: int = like(EnergyOptimSection, "steps", 2000)
     # M-EBM's code clamps every gradient element to [-1, 1] and the chains to [-1, 1].
-    sgld: SGLDSection = SGLDSection(grad_clamp=1.0, clamp=True)
+    langevin: SGLDSection = SGLDSection(grad_clamp=1.0, clamp=True)
     chain_init: str = knob("p0", choices=("p0", "uniform"), doc="p0 = N(mu, Sigma) of the data, or U[-1, 1]")
     buffer_write: str = knob(
         "in_place",
@@ -47,7 +49,7 @@ class ReplayEBMSection(EnergyOptimSection):
         doc="what FID scores: the replay buffer's persistent chains at the checkpoint (M-EBM's reported FID), or "
         "fresh chains of sample_steps from chain_init",
     )
-    sample_steps: int = knob(0, lo=0, doc="SGLD steps when sampling a checkpoint; 0 = sgld.steps (K)")
+    sample_steps: int = knob(0, lo=0, doc="SGLD steps when sampling a checkpoint; 0 = langevin.steps (K)")
     sample_augment_every: int = knob(0, lo=0, doc="sampling: augment every this many SGLD steps; 0 = never")
     augment: tuple[str, ...] = knob(
         (), choices=AUGMENTS, doc="augmentations of the sampling transitions (images: color flip crop rescale blur)"
@@ -107,7 +109,7 @@ class ICDSection(ReplayEBMSection):
     Defaults are the paper code's CIFAR-10 values moved from its [0, 1] pixels to our [-1, 1] ones: step 100 on
     [0, 1] is alpha = 400 here, noise 0.001 is sigma = 0.002."""
 
-    sgld: SGLDSection = SGLDSection(steps=40, step_size=400.0, noise_std=0.002, clamp=True)
+    langevin: SGLDSection = SGLDSection(steps=40, step_size=400.0, noise_std=0.002, clamp=True)
     chain_init: str = like(_R, "chain_init", "uniform")
     buffer_write: str = like(_R, "buffer_write", "reservoir")
     buffer_prefill: bool = like(_R, "buffer_prefill", False)

@@ -283,11 +283,11 @@ class Stage1Section(EnergyOptimSection):
 
 
 @dataclass(frozen=True)
-class Stage2Section(EnergyOptimSection):
-    """Stage "stage2" (HDEBM Algorithm 2): H alone, joint Langevin on (Y, z1, z2) with G frozen."""
+class JointLangevinSection:
+    """Stage 2's joint Langevin chain on (Y, z1, z2): K steps on Y, the latents a step every few Y-steps (Hill's
+    convention on U = H / T_mc, as Stage 1's chain)."""
 
-    steps: int = like(EnergyOptimSection, "steps", 300)
-    langevin_steps: int = knob(20, lo=1, doc="K: Y-steps of the joint chain")
+    steps: int = knob(20, lo=1, doc="K: Y-steps of the joint chain")
     y_step_size: float = knob(5e-4, lo=0.0, lo_open=True, doc="epsilon1: Langevin step size on Y")
     z1_step_size: float = knob(5e-5, lo=0.0, lo_open=True, doc="epsilon2: Langevin step size on z1")
     z2_step_size: float = knob(1e-3, lo=0.0, lo_open=True, doc="epsilon3: Langevin step size on z2")
@@ -295,13 +295,21 @@ class Stage2Section(EnergyOptimSection):
     latent_prior: bool = knob(False, doc="add the N(0, I) prior gradient to the latent steps")
     temperature: float = knob(1e-8, lo=0.0, lo_open=True, doc="T_mc: U = H / T_mc")
     drift_clip: float = knob(2.5, lo=0.0, doc="per-sample L2 bound on Y's drift (not the latents'); 0 = off")
+
+
+@dataclass(frozen=True)
+class Stage2Section(EnergyOptimSection):
+    """Stage "stage2" (HDEBM Algorithm 2): H alone, joint Langevin on (Y, z1, z2) with G frozen."""
+
+    steps: int = like(EnergyOptimSection, "steps", 300)
+    langevin: JointLangevinSection = JointLangevinSection()
     lr: float = knob(2e-5, lo=0.0, lo_open=True, doc="Adam learning rate of H (from Stage 1's H)")
     start_from_ema: bool = knob(
         True, doc="start from Stage 1's EMA of H and G1 (what its samples use) if it kept one; false: raw weights"
     )
     follow_stage1_step_size: bool = knob(
         True,
-        doc="multiply the three step sizes by the Stage 1 checkpoint's stage1.langevin.step_size over this "
+        doc="multiply the chain's three step sizes by the Stage 1 checkpoint's stage1.langevin.step_size over this "
         "config's (a guard back-off, a sweep's or PBT's choice): H learned its short-run chain at that epsilon",
     )
     checkpoint_every: int = like(EnergyOptimSection, "checkpoint_every", 100)
@@ -329,6 +337,8 @@ class GuardSection:
     inject_nan_at_step: int = knob(0, lo=0, doc="testing: H outputs NaN in this step (1-based) of the first try")
 
 
+# The stages, each with its section of Config under its own name (the stage registry holds the same names: a test
+# keeps them equal); cross-key checks iterate over these.
 STAGE_NAMES = ("diffusion", "distill", "stage1", "stage2", "mebm", "mjem", "icd")
 
 

@@ -15,9 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IMAGE_AUGMENTS = ("color", "flip", "crop", "rescale", "blur")
-VECTOR_AUGMENTS = ("jitter",)
-
 # Fixed parts, after SimCLR / Improved CD's pipelines: blur σ ∈ [0.1, 1.5] on half the images; crops shift up to
 # 1/8 of the side. The strengths the papers' code sets are the section's ``augment_*`` keys (``AugmentOptions``).
 BLUR_SIGMA, BLUR_PROB = (0.1, 1.5), 0.5

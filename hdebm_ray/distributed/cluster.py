@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+
+import ray
 
 from ..config import Config, ConfigError
 from ..io import storage
 from .bank_actor import NAMESPACE
+from .ray_compat import check_ray_version
+from .ray_data import uses_ray_data
 
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train V2's, on by default
 
@@ -26,10 +31,6 @@ def local_cpus(cfg: Config, concurrent_runs: int = 1, extra_cpus: float = 0.0) -
 def init_ray(cfg: Config, concurrent_runs: int = 1, extra_cpus: float = 0.0) -> None:
     """Connect to the cluster named by ray.address / $RAY_ADDRESS, or start an embedded local one (sized by
     ``local_cpus``)."""
-    import ray
-
-    from .ray_compat import check_ray_version
-
     check_ray_version()
     if ray.is_initialized():
         return
@@ -58,8 +59,6 @@ def init_ray(cfg: Config, concurrent_runs: int = 1, extra_cpus: float = 0.0) -> 
     except ConnectionError as e:  # something answered at the address, but not a Ray cluster
         if address == "local":
             raise
-        from ..config import ConfigError
-
         raise ConfigError(f"ray.address {address!r}: no Ray cluster there ({str(e).splitlines()[0]})") from None
     storage.check_shared_storage(cfg, num_nodes=sum(1 for n in ray.nodes() if n.get("Alive")))
 
@@ -67,8 +66,6 @@ def init_ray(cfg: Config, concurrent_runs: int = 1, extra_cpus: float = 0.0) -> 
 def check_reachable(address: str, timeout_s: float) -> None:
     """A ConfigError within ``timeout_s`` if nothing listens at a cluster address (``ray.init`` would retry for
     minutes). 'auto' finds a local cluster by itself and fails at once without one."""
-    import socket
-
     if address == "auto":
         return
     host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
@@ -85,11 +82,23 @@ def check_reachable(address: str, timeout_s: float) -> None:
 
 def resources_needed(cfg: Config) -> dict[str, float]:
     """CPUs and GPUs a stage's workers, the run's eval actors and Ray Data's preprocessing hold at the same time."""
-    from .ray_data import uses_ray_data
-
     r, e = cfg.ray, cfg.eval
     preprocess = cfg.data.preprocess_cpus if uses_ray_data(cfg) else 0.0
     return {
         "CPU": r.num_workers * r.cpus_per_worker + e.actors * e.cpus_per_actor + preprocess,
         "GPU": (r.num_workers if r.use_gpu else 0) + e.actors * e.gpus_per_actor,
     }
+
+
+def warn_if_pool_starves_workers(cfg: Config) -> None:
+    """Eval actors hold their CPUs/GPUs for the whole run: on a cluster that cannot fit them next to the workers,
+    a stage's worker group would wait forever (unless an autoscaler adds nodes)."""
+    e, total = cfg.eval, ray.cluster_resources()
+    for res, need in resources_needed(cfg).items():
+        if need > total.get(res, 0.0) + 1e-9:
+            print(
+                f"[eval] warning: the workers and {e.actors} eval actor(s) need {need:g} {res} but the cluster has "
+                f"{total.get(res, 0.0):g}; without an autoscaler the workers will wait for the eval actors. Lower "
+                f"eval.actors / eval.cpus_per_actor / eval.gpus_per_actor or ray.num_workers.",
+                flush=True,
+            )

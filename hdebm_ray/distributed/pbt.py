@@ -37,6 +37,8 @@ from ..evaluation.results import append_jsonl
 from ..io import storage
 from ..io.checkpoint import incomplete, load_meta
 from ..io.storage import local_dir, run_dir
+from ..stages import stage_class
+from ..training.session import Chunk
 from .search_space import SearchSpace, trial_config
 
 ORIGIN_FILE = "origin.json"
@@ -105,15 +107,14 @@ def make_pbt_trainable(base: Config, stage: str, init_from: str | None, sweep_lo
         resume, step = None, 0
         if (given := tune.get_checkpoint()) is not None:
             resume, step = adopt(cfg, stage, given, trial_id, params)
-        total = total_steps(cfg, stage)
+        total = stage_class(stage).length(cfg)
         for end in chunk_ends(step, total, interval):
             name = f"{stage}-to-{end:08d}-{uuid.uuid4().hex[:6]}"
             if resume is not None:  # the bank actor of the chunk restores from the chunk's own bank/ folder
                 prune(cfg, stage, keep=resume)
                 carry_snapshot(resume, step, f"{run_dir(cfg)}/{name}")
-            chunk = {"train_name": name, "resume_from": resume, "stop_at_step": end}
-            out = fit_stage(cfg, stage, init_from, chunk=chunk)
-            resume, meta = out["checkpoint"], load_meta(out["checkpoint"])
+            out = fit_stage(cfg, stage, init_from, chunk=Chunk(name, resume, end))
+            resume, meta = out.checkpoint, load_meta(out.checkpoint)
             step = int(meta["step"])
             # PBT's clock: the step, but 0 at the end, so that no trial is cloned into or paused after it finished
             # (it would end with another trial's weights, untrained), also after a restored sweep forgot when PBT
@@ -123,14 +124,6 @@ def make_pbt_trainable(base: Config, stage: str, init_from: str | None, sweep_lo
                 tune.report({**meta["metrics"], "step": step, PBT_CLOCK: clock}, checkpoint=ckpt)
 
     return pbt_trial
-
-
-def total_steps(cfg: Config, stage: str) -> int:
-    """The stage's length in steps, as the stage itself counts them (distillation: all its halvings)."""
-    from ..stages import STAGES
-
-    cls = STAGES[stage]
-    return cls.count_steps(getattr(cfg, cls.section_name or stage))
 
 
 KEEP_OLDER = 3  # chunk runs / adopted copies a trial keeps besides the one it resumes from

@@ -26,6 +26,8 @@ from typing import Any
 import yaml
 
 from ..config import Config, ConfigError, key_type, yaml_problem
+from ..stages import STAGES, reported_metrics
+from ..stages.reported import EVAL
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 TOP_LEVEL = {"stage", "metric", "mode", "params", "description"}
@@ -98,8 +100,6 @@ def _param(source: str, key: str, spec: Any) -> Param:
 def parse_space(text: str, source: str, base: Config, metric: str | None = None) -> SearchSpace:
     """Parse and check a space against ``base`` (the resolved preset/config the trials start from); ``metric``
     (``--metric``) replaces the file's before it is checked."""
-    from ..stages import STAGES
-
     try:
         tree = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -136,10 +136,7 @@ def parse_space(text: str, source: str, base: Config, metric: str | None = None)
 def check_metric(space: SearchSpace, where: str, base: Config) -> None:
     """The space's metric must be a key its stage reports (``where``: the space key or the flag that set it); an
     eval pool's metric needs eval actors that score the stage, or every trial would report NaN."""
-    from ..stages import STAGES
-    from ..stages.reported import EVAL, reported_metrics
-
-    known = reported_metrics(space.stage, STAGES[space.stage].data_streams)
+    known = reported_metrics(space.stage)
     if space.metric not in known:
         close = difflib.get_close_matches(space.metric, sorted(known), n=3, cutoff=0.5)
         hint = f"did you mean {' or '.join(close)}?" if close else f"it reports {', '.join(sorted(known)[:12])}, ..."

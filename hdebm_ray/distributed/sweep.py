@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from ..config import Config, ConfigError, from_dict
 from ..io.storage import run_dir
+from ..stages import stage_class
 from .ray_compat import wait_for_forwarded_reports
 from .search_space import SearchSpace, trial_config
 
@@ -46,9 +47,8 @@ def sweep_dir(cfg: Config, name: str) -> str:
 
 
 def reports_per_trial(cfg: Config, stage: str) -> int:
-    from .pbt import total_steps
-
-    return max(1, math.ceil(total_steps(cfg, stage) / getattr(cfg, stage).report_every))
+    cls = stage_class(stage)
+    return max(1, math.ceil(cls.length(cfg) / cls.section(cfg).report_every))
 
 
 def make_trainable(base: Config, stage: str, init_from: str | None, sweep_location: str):
@@ -84,9 +84,9 @@ def report_final_score(pool, stage: str, out: dict) -> None:
 
     ray.get(pool.drain.remote())
     latest = ray.get(pool.latest.remote(stage))
-    if latest is None or latest["step"] != out["step"]:
+    if latest is None or latest["step"] != out.step:
         return
-    tune.report({**out["last_report"], "Eval/fid": float(latest["fid"]), "Eval/fid_step": float(latest["step"])})
+    tune.report({**out.last_report, "Eval/fid": float(latest["fid"]), "Eval/fid_step": float(latest["step"])})
 
 
 def _search_alg(space: SearchSpace, opts: SweepOptions, seed: int):

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
-from ..config import Config, load_config
+from ..config import Config, parse_config
 from . import storage
 from .storage import as_uri, fs_and_path
 
@@ -70,7 +70,9 @@ def load_meta(directory: str | Path) -> dict[str, Any]:
 
 
 def load_config_of(directory: str | Path) -> Config:
-    return load_config(config_file=Path(directory) / CONFIG_FILE)
+    """The config a checkpoint was written with (a local path or a URI); renamed keys of older releases are read."""
+    location = f"{directory}/{CONFIG_FILE}"
+    return parse_config(storage.read_text(location), f"config file '{location}'")
 
 
 def load_states(directory: str | Path, names: list[str] | None = None, map_location="cpu") -> dict[str, dict]:

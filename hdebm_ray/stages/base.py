@@ -1,17 +1,21 @@
-"""What every stage and every stage's sampler share: the bookkeeping of a stage's config section (steps, batch,
-report and checkpoint cadence), the checks on what it starts from, its per-rank data stream, and default hooks.
+"""What every stage and every stage's sampler share: the traits a stage declares about itself, the bookkeeping of
+its config section (steps, batch, report and checkpoint cadence), its per-rank data stream, and default hooks.
 
-A stage class names its section (``section``, default: its ``name``), whether it starts from an earlier stage's
-checkpoint (``starts_from``) and whether it needs the bank actor (``uses_bank``); ``StageBase.__init__`` does the
-rest. Its sampler (a ``SamplerBase``) is registered next to it in ``stages.SAMPLERS``.
+A stage class says everything the rest of the system needs to know of it, in one place (``StageBase``'s class
+attributes and class methods): its name (= its config section), the stage whose final checkpoint it starts from,
+whether it is one of HDEBM's pipeline stages, its sampler, the batch streams it reads, the metrics it reports, its
+bank or replay buffer, which keys the divergence guard backs off, and how it prepares the config it runs with.
+``stages/__init__.py`` builds every registry from one tuple of these classes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from ..bank.service import BankSpec
 from ..config import Config
 from ..contracts import WorkerContext
 from ..core.compute import Compute
@@ -34,22 +38,54 @@ def data_stream(cfg: Config, ctx: WorkerContext, batch_size: int, seed_offset: i
     )
 
 
-class StageBase:
-    """The shared bookkeeping of a stage, and defaults for the optional parts of ``contracts.Stage``."""
+@dataclass(frozen=True)
+class Backoff:
+    """What a divergence-guard rollback scales, as keys of the stage's own section: its chain's step sizes and its
+    learning rates (``guard.backoff_applies_to`` picks either or both)."""
 
-    name: ClassVar[str]
-    section_name: ClassVar[str | None] = None  # the config section; None: the stage's name
-    starts_from: ClassVar[str | None] = None  # what init_dir must hold, for the error when it is missing
-    uses_bank: ClassVar[bool] = False  # needs a bank / replay-buffer client in its WorkerContext
+    step_sizes: tuple[str, ...]
+    lrs: tuple[str, ...]
+
+
+class StageBase:
+    """The shared bookkeeping of a stage, its declared traits, and defaults for the optional parts of
+    ``contracts.Stage``."""
+
+    name: ClassVar[str]  # also the name of its config section
+    sampler: ClassVar[type[SamplerBase]]  # how its checkpoints make samples (inference asks for this)
+    starts_from: ClassVar[str | None] = None  # the stage whose final checkpoint it starts from (``init_dir``)
+    in_pipeline: ClassVar[bool] = False  # one of HDEBM's stages, run in registry order by ``pipeline``
     data_streams: ClassVar[tuple[str, ...]] = ("train",)  # the batch streams it reads (``data_stream(name=)``)
+    reports: ClassVar[frozenset[str]] = frozenset()  # metrics it reports itself (``reported.reported_metrics``)
+    backoff: ClassVar[Backoff | None] = None  # keys a guard rollback scales; None: the guard does not watch it
+
+    @classmethod
+    def bank_spec(cls, cfg: Config) -> BankSpec | None:
+        """The shared store it needs in its ``WorkerContext`` (Stage 1's bank, a baseline's replay buffer); None."""
+        return None
+
+    @classmethod
+    def prepare_config(cls, cfg: Config, init_dir: str | None) -> tuple[Config, str | None]:
+        """The config every attempt of the stage runs with, given what it starts from, and a status line saying
+        what changed (None: nothing). Stage 2 follows the chain its Stage 1 trained H with."""
+        return cfg, None
+
+    @classmethod
+    def section(cls, cfg: Config):
+        return getattr(cfg, cls.name)
+
+    @classmethod
+    def length(cls, cfg: Config) -> int:
+        """The stage's length in steps, as it counts them (distillation: all its halvings)."""
+        return cls.count_steps(cls.section(cfg))
 
     def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
         if self.starts_from and init_dir is None:
-            raise ValueError(f"{self.name} starts from {self.starts_from} (init_dir)")
-        if self.uses_bank and ctx.bank is None:
+            raise ValueError(f"{self.name} starts from a {self.starts_from} checkpoint (init_dir)")
+        if self.bank_spec(cfg) is not None and ctx.bank is None:
             raise ValueError(f"{self.name} needs a bank client in its WorkerContext")
         self.cfg, self.ctx = cfg, ctx
-        self.s = getattr(cfg, self.section_name or self.name)
+        self.s = self.section(cfg)
         self.total_steps = self.count_steps(self.s)
         self.report_every, self.checkpoint_every = self.s.report_every, self.s.checkpoint_every
         self.images_per_step = self.s.batch_size

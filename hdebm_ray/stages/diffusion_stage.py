@@ -16,8 +16,40 @@ from ..networks import build_denoiser
 from .base import SamplerBase, StageBase
 
 
+class TruncatedDiffusionSampler(SamplerBase):
+    """x ~ data noised to T', then ``steps`` DDIM steps back to x_0 (N0 for the diffusion model itself)."""
+
+    components = ("denoiser",)
+
+    def __init__(self, cfg, states, device, location, step, protocol=None):
+        super().__init__(cfg, states, device, location, step, protocol)
+        self.schedule = CosineSchedule(cfg.diffusion.T, cfg.diffusion.cosine_s)
+        self.denoiser = build_denoiser(cfg).to(device).eval()
+        self.denoiser.load_state_dict(states["denoiser"])
+
+    def ddim_steps(self) -> int:
+        return self.cfg.distill.n0_steps
+
+    def describe(self) -> str:
+        steps = self.ddim_steps()
+        return (
+            f"dataset images noised to T'={self.cfg.diffusion.T_trunc}, then {steps} DDIM step{'s' * (steps > 1)}"
+            " back (not from noise)"
+        )
+
+    @torch.no_grad()
+    def sample_with_start(self, n: int, seed: int = 0) -> tuple[torch.Tensor, None]:
+        t_trunc, x = self.cfg.diffusion.T_trunc, self.data(n, seed)
+        g = torch.Generator(device=self.device).manual_seed(seed + 1)
+        z = noise_to_truncation(self.schedule, x, torch.randn(x.shape, generator=g, device=self.device), t_trunc)
+        return ddim_sample(self.denoiser, z, self.schedule, t_trunc, self.ddim_steps()).clamp(-1, 1), None
+
+
 class DiffusionStage(StageBase):
     name = "diffusion"
+    sampler = TruncatedDiffusionSampler
+    in_pipeline = True
+    reports = frozenset({"Loss/diffusion", "Opt/grad_norm", "Opt/lr"})
 
     def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
         super().__init__(cfg, ctx, init_dir)
@@ -60,32 +92,3 @@ class DiffusionStage(StageBase):
         self.lr_sched.load_state_dict(states["lr_sched"])
         if self.scaler.is_enabled() and "scaler" in states:
             self.scaler.load_state_dict(states["scaler"])
-
-
-class TruncatedDiffusionSampler(SamplerBase):
-    """x ~ data noised to T', then ``steps`` DDIM steps back to x_0 (N0 for the diffusion model itself)."""
-
-    components = ("denoiser",)
-
-    def __init__(self, cfg, states, device, location, step, protocol=None):
-        super().__init__(cfg, states, device, location, step, protocol)
-        self.schedule = CosineSchedule(cfg.diffusion.T, cfg.diffusion.cosine_s)
-        self.denoiser = build_denoiser(cfg).to(device).eval()
-        self.denoiser.load_state_dict(states["denoiser"])
-
-    def ddim_steps(self) -> int:
-        return self.cfg.distill.n0_steps
-
-    def describe(self) -> str:
-        steps = self.ddim_steps()
-        return (
-            f"dataset images noised to T'={self.cfg.diffusion.T_trunc}, then {steps} DDIM step{'s' * (steps > 1)}"
-            " back (not from noise)"
-        )
-
-    @torch.no_grad()
-    def sample_with_start(self, n: int, seed: int = 0) -> tuple[torch.Tensor, None]:
-        t_trunc, x = self.cfg.diffusion.T_trunc, self.data(n, seed)
-        g = torch.Generator(device=self.device).manual_seed(seed + 1)
-        z = noise_to_truncation(self.schedule, x, torch.randn(x.shape, generator=g, device=self.device), t_trunc)
-        return ddim_sample(self.denoiser, z, self.schedule, t_trunc, self.ddim_steps()).clamp(-1, 1), None

@@ -37,10 +37,21 @@ def distill_total_steps(d) -> int:
     return int(math.log2(d.n0_steps)) * d.steps_per_stage
 
 
+class DistillSampler(TruncatedDiffusionSampler):
+    """The distilled student's one step from T' to x_0, on noised data like the diffusion model's sampler."""
+
+    def ddim_steps(self) -> int:
+        return 1
+
+
 class DistillStage(StageBase):
     name = "distill"
-    starts_from = "a trained diffusion checkpoint"
+    sampler = DistillSampler
+    starts_from = "diffusion"
+    in_pipeline = True
     count_steps = staticmethod(distill_total_steps)
+    reports = frozenset({"Loss/distill", "Opt/grad_norm", "Opt/lr"})
+    reports |= {"Distill/sampler_gap_mse", "Distill/step_gap_mse", "Distill/student_steps"}
 
     def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
         super().__init__(cfg, ctx, init_dir)
@@ -146,10 +157,3 @@ class DistillStage(StageBase):
 
     def load_summary(self, summary: dict) -> None:
         self.gaps = list(summary.get("distill_gaps", []))
-
-
-class DistillSampler(TruncatedDiffusionSampler):
-    """The distilled student's one step from T' to x_0, on noised data like the diffusion model's sampler."""
-
-    def ddim_steps(self) -> int:
-        return 1

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from ..bank.service import BankSpec
 from ..config import Config
 from ..contracts import WorkerContext
 from ..core.hat import HatGenerator
@@ -21,16 +22,10 @@ from ..core.optim import adam_with_schedule, ema_model, layerwise_clip_, load_ad
 from ..core.ranks import barrier, status
 from ..core.transfer import HostStaging
 from ..networks import latent_shape, sample_shape
-from .base import StageBase
+from .base import Backoff, StageBase
 from .ebm_common import energy_trainer, fixed_sample_grids, restore_snapshot, toy2d_tick_metrics
 from .hdebm_common import HatSampler, fast_hat, hat_generator, latents
-
-
-def bank_spec(cfg: Config) -> dict:
-    """What the driver creates the bank with: N entries of (z1, z2, X⁻)."""
-    shape = sample_shape(cfg)
-    shapes = {"z1": latent_shape(cfg), "z2": shape, "x": shape}
-    return {"kind": "bank", "size": cfg.stage1.bank_size, "shapes": shapes}
+from .reported import ENERGY, STORE
 
 
 def sample_stage1(energy, hat, z1, z2, langevin, stats=None):
@@ -41,11 +36,36 @@ def sample_stage1(energy, hat, z1, z2, langevin, stats=None):
     return x_gen, sample_residual(energy, x_gen, lv.steps, lv.step_size, lv.temperature, lv.drift_clip, stats)
 
 
+class Stage1Sampler(HatSampler):
+    """Fresh z1, z2, X = G(z1, z2) + Y_K after Algorithm 1's K Langevin steps on Y (the training sampler)."""
+
+    ema_components = ("energy", "generator")
+
+    def sample_with_start(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        z1, z2 = self.latents(n, seed)
+        torch.manual_seed(seed)
+        x_gen, y = sample_stage1(self.energy, self.hat, z1, z2, self.cfg.stage1.langevin)
+        return (x_gen + y).clamp(-1, 1), x_gen.clamp(-1, 1)
+
+    def describe(self) -> str:
+        return f"G(z) + Y after {self.cfg.stage1.langevin.steps} Langevin steps on Y"
+
+
 class Stage1(StageBase):
     name = "stage1"
-    uses_bank = True
+    sampler = Stage1Sampler
+    starts_from = "distill"  # the distilled one-step denoiser G2
+    in_pipeline = True
+    reports = frozenset(STORE | ENERGY | {"Bank/written_fraction", "Langevin/residual_norm", "Loss/generator"})
+    reports |= {"Opt/grad_norm_generator", "Opt/lr_generator", "Timing/bank_commit_s", "Timing/bank_wait_s"}
+    backoff = Backoff(step_sizes=("langevin.step_size",), lrs=("lr_energy", "lr_generator"))
 
-    starts_from = "the distilled one-step denoiser (a distill checkpoint)"
+    @classmethod
+    def bank_spec(cls, cfg: Config) -> BankSpec:
+        """N entries of (z1, z2, X⁻)."""
+        shape = sample_shape(cfg)
+        shapes = {"z1": latent_shape(cfg), "z2": shape, "x": shape}
+        return BankSpec(kind="bank", size=cfg.stage1.bank_size, shapes=shapes)
 
     def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
         super().__init__(cfg, ctx, init_dir)
@@ -214,18 +234,3 @@ class Stage1(StageBase):
             load_ema(self.ema_g, states["generator_ema"])
         if self.scaler_g.is_enabled() and "generator_scaler" in states:
             self.scaler_g.load_state_dict(states["generator_scaler"])
-
-
-class Stage1Sampler(HatSampler):
-    """Fresh z1, z2, X = G(z1, z2) + Y_K after Algorithm 1's K Langevin steps on Y (the training sampler)."""
-
-    ema_components = ("energy", "generator")
-
-    def sample_with_start(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        z1, z2 = self.latents(n, seed)
-        torch.manual_seed(seed)
-        x_gen, y = sample_stage1(self.energy, self.hat, z1, z2, self.cfg.stage1.langevin)
-        return (x_gen + y).clamp(-1, 1), x_gen.clamp(-1, 1)
-
-    def describe(self) -> str:
-        return f"G(z) + Y after {self.cfg.stage1.langevin.steps} Langevin steps on Y"

@@ -18,6 +18,7 @@ from ..core.langevin import StepStats, langevin_step_with_graph
 from ..core.losses import kl_loss
 from ..data.augment import AugmentOptions, augment
 from .replay_ebm import DATA_RANGE, ReplayEBMSampler, ReplayEBMStage, sgld_chain
+from .reported import REPLAY
 
 
 def detached(net: torch.nn.Module):
@@ -30,8 +31,16 @@ def detached(net: torch.nn.Module):
     return energy
 
 
+class ICDSampler(ReplayEBMSampler):
+    """Improved CD's samples: fresh chains with its augmentation transitions (Algorithm 2), or its buffer."""
+
+    stage = "icd"
+
+
 class ICDStage(ReplayEBMStage):
     name = "icd"
+    sampler = ICDSampler
+    reports = frozenset(REPLAY | {"Loss/kl", "Loss/nn_entropy"})
 
     def entropy_reference_size(self) -> int:
         return self.s.entropy_reference if self.s.kl_weight else 0
@@ -49,12 +58,12 @@ class ICDStage(ReplayEBMStage):
         s, net, fast = self.s, self.energy.net, self.energy.fast
         if not s.kl_weight:
             return super().negatives(x0, reference, filled, stats)
-        x_prev = sgld_chain(fast, x0, s.sgld, stats, steps=s.sgld.steps - 1)
+        x_prev = sgld_chain(fast, x0, s.langevin, stats, steps=s.langevin.steps - 1)
         m = min(s.kl_samples, len(x0))
-        x_hat = langevin_step_with_graph(net, x_prev[:m], s.sgld.step_size, s.sgld.noise_std)
-        if s.sgld.clamp:
+        x_hat = langevin_step_with_graph(net, x_prev[:m], s.langevin.step_size, s.langevin.noise_std)
+        if s.langevin.clamp:
             x_hat = x_hat.clamp(*DATA_RANGE)
-        rest = sgld_chain(fast, x_prev[m:], s.sgld, stats, steps=1) if m < len(x0) else x_prev[m:]
+        rest = sgld_chain(fast, x_prev[m:], s.langevin, stats, steps=1) if m < len(x0) else x_prev[m:]
         # The NN entropy needs a buffer that holds more than the first steps' chains (the paper waits for 1000).
         use_entropy = filled >= s.entropy_min_filled and len(reference) > 0
         return torch.cat([x_hat.detach(), rest]), (x_hat, reference if use_entropy else None)
@@ -73,9 +82,3 @@ class ICDStage(ReplayEBMStage):
             return s.kl_weight * loss, metrics
 
         return self.energy.update(x_pos, x_neg, extra_loss=kl_term)
-
-
-class ICDSampler(ReplayEBMSampler):
-    """Improved CD's samples: fresh chains with its augmentation transitions (Algorithm 2), or its buffer."""
-
-    stage = "icd"

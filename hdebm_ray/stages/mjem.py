@@ -15,6 +15,7 @@ from ..data.augment import AugmentOptions, augment
 from ..data.datasets import build_dataset, random_items, toy2d_centres
 from .base import data_stream
 from .replay_ebm import ReplayEBMSampler, ReplayEBMStage
+from .reported import REPLAY
 
 CLASSES = {"digits": 10, "cifar10": 10}
 ACCURACY_SAMPLES = 1000
@@ -48,9 +49,21 @@ def classifier_accuracy(net, cfg: Config, n: int = ACCURACY_SAMPLES, device="cpu
     return correct / len(images)
 
 
+class MJEMSampler(ReplayEBMSampler):
+    """M-JEM's samples: M-EBM's protocols on the energy head of its classifier network."""
+
+    stage = "mjem"
+
+    @staticmethod
+    def num_classes(cfg: Config) -> int:
+        return num_classes(cfg)
+
+
 class MJEMStage(ReplayEBMStage):
     name = "mjem"
+    sampler = MJEMSampler
     data_streams = ("train", "labelled")  # the EBM's batches and the classifier's, drawn independently
+    reports = frozenset(REPLAY | {"Classifier/accuracy", "Classifier/train_accuracy", "Loss/classifier"})
 
     def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
         super().__init__(cfg, ctx, init_dir)
@@ -80,13 +93,3 @@ class MJEMStage(ReplayEBMStage):
                 self.energy.net, self.cfg, device=self.ctx.device, items=self.accuracy_items
             )
         return metrics
-
-
-class MJEMSampler(ReplayEBMSampler):
-    """M-JEM's samples: M-EBM's protocols on the energy head of its classifier network."""
-
-    stage = "mjem"
-
-    @staticmethod
-    def num_classes(cfg: Config) -> int:
-        return num_classes(cfg)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..bank.service import BankSpec
 from ..bank.store import SlotStore, snapshot_location
 from ..config import Config, check_stage
 from ..contracts import WorkerContext
@@ -24,26 +25,11 @@ from ..data.augment import AugmentOptions, augment
 from ..data.datasets import build_dataset, cache_root, data_fingerprint
 from ..io import storage
 from ..networks import build_energy, sample_shape
-from .base import SamplerBase, StageBase
+from .base import Backoff, SamplerBase, StageBase
 from .ebm_common import energy_trainer, fixed_sample_grids, restore_snapshot, toy2d_tick_metrics
+from .reported import REPLAY
 
 DATA_RANGE = (-1.0, 1.0)
-
-
-def replay_spec(stage_name: str):
-    """What the driver creates the bank actor with: a replay buffer of chain states."""
-
-    def spec(cfg: Config) -> dict:
-        s = getattr(cfg, stage_name)
-        return {
-            "kind": "replay",
-            "size": s.buffer_size,
-            "shapes": {"x": sample_shape(cfg)},
-            "reinit_prob": s.reinit_prob,
-            "write_policy": s.buffer_write,
-        }
-
-    return spec
 
 
 def fit_p0(cfg: Config, section) -> GaussianInit:
@@ -107,23 +93,89 @@ def sample_replay_ebm(energy, init: ChainInit, section, n: int, generator=None, 
     Training chains persist in the buffer over many steps; a checkpoint's sampler has only chain_init to start
     from, so a longer chain than K gets closer to what the buffer holds."""
     x0 = init.sample(n, generator=generator, device=device)
-    steps = section.sample_steps or section.sgld.steps
+    steps = section.sample_steps or section.langevin.steps
     every = section.sample_augment_every or steps
     x, done = x0, 0
     while done < steps:
         if section.sample_augment_every:
             x = augment(x, section.augment, AugmentOptions.of(section))
-        x = sgld_chain(energy, x, section.sgld, steps=min(every, steps - done))
+        x = sgld_chain(energy, x, section.langevin, steps=min(every, steps - done))
         done += every
     return x0, x
+
+
+class ReplayEBMSampler(SamplerBase):
+    """A baseline's samples by its protocol (``<stage>.eval_protocol``): ``fresh``, test-time SGLD chains from its
+    chain_init (``sample_replay_ebm``); or ``buffer``, the replay buffer's persistent chains as they were at the
+    checkpoint (the snapshot ``<stage dir>/bank/bank_step_<step>.arrow`` beside it), as M-EBM reports its FID."""
+
+    stage = "mebm"
+    components = ("energy", "chain_init")
+    ema_components = ("energy",)
+    start_name = "init"  # results name the chain starts alone "init"
+    protocols = ("buffer", "fresh")
+
+    @staticmethod
+    def num_classes(cfg: Config) -> int:
+        """Logits of the energy net besides its energy (M-JEM's classifier head); 0 for a plain energy."""
+        return 0
+
+    def __init__(self, cfg, states, device, location, step, protocol=None):
+        super().__init__(cfg, states, device, location, step)
+        self.section = getattr(cfg, self.stage)
+        self.init = ChainInit.from_state_dict(sample_shape(cfg), states["chain_init"], self.section.p0_clamp)
+        self.energy = build_energy(cfg, self.num_classes(cfg), self.section.multiscale).to(device).eval()
+        self.energy.load_state_dict(states["energy"])
+        self.protocol = protocol or self.section.eval_protocol
+        if self.protocol not in self.protocols:
+            raise ValueError(f"unknown sampling protocol {self.protocol!r}; choose one of {', '.join(self.protocols)}")
+        if self.protocol == "buffer":  # the samples are the chains themselves: no weights are involved
+            self.uses_weights = False
+            self._load_buffer(snapshot_location(location, step))
+
+    def describe(self) -> str:
+        if self.protocol == "buffer":
+            return "the replay buffer's chains at this checkpoint"
+        steps = self.section.sample_steps or self.section.langevin.steps
+        return f"{steps} SGLD steps from {self.section.chain_init}"
+
+    def _load_buffer(self, location: str) -> None:
+        if not storage.exists(location):
+            raise FileNotFoundError(
+                f"no replay buffer snapshot at {location} for this {self.stage} checkpoint (sample with the fresh "
+                "protocol instead: --protocol fresh)"
+            )
+        store, _ = SlotStore.load(location)
+        self.buffer = torch.from_numpy(store.arrays["x"][store.written_step >= 0])
+        self.max_samples = len(self.buffer)
+        # A fixed order over the slots: consecutive seeds read consecutive, distinct slots.
+        self.buffer_order = torch.randperm(len(self.buffer), generator=torch.Generator().manual_seed(self.cfg.run.seed))
+
+    def sample_with_start(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(seed)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        if self.protocol == "buffer":  # the chains as training left them; starts: p0 draws of the same count
+            slots = self.buffer_order[(torch.arange(n) + seed) % len(self.buffer)]
+            x0 = self.init.sample(n, generator=gen, device=self.device)
+            return self.buffer[slots].to(self.device).clamp(-1, 1), x0.clamp(-1, 1)
+        x0, x = sample_replay_ebm(self.energy, self.init, self.section, n, gen, self.device)
+        return x.clamp(-1, 1), x0.clamp(-1, 1)
 
 
 class ReplayEBMStage(StageBase):
     """M-EBM; M-JEM and Improved CD override ``num_classes``, ``start_transition``, ``negatives``, ``update``."""
 
     name = "mebm"
+    sampler = ReplayEBMSampler
+    reports = frozenset(REPLAY)
+    backoff = Backoff(step_sizes=("langevin.step_size",), lrs=("lr",))
 
-    uses_bank = True
+    @classmethod
+    def bank_spec(cls, cfg: Config) -> BankSpec:
+        """A replay buffer of the section's ``buffer_size`` chain states."""
+        s = cls.section(cfg)
+        shapes = {"x": sample_shape(cfg)}
+        return BankSpec("replay", s.buffer_size, shapes, reinit_prob=s.reinit_prob, write_policy=s.buffer_write)
 
     def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
         check_stage(cfg, self.name)
@@ -192,7 +244,7 @@ class ReplayEBMStage(StageBase):
     def negatives(self, x0: torch.Tensor, reference: torch.Tensor, filled: int, stats: StepStats):
         """x⁻ after K SGLD steps, and what ``update`` needs besides (Improved CD: the graph-carrying last step);
         ``filled``: how many slots the buffer held when the chains were drawn."""
-        return sgld_chain(self.energy.fast, x0, self.s.sgld, stats), None
+        return sgld_chain(self.energy.fast, x0, self.s.langevin, stats), None
 
     def update(self, x_pos, y_pos, x_neg, extra) -> dict[str, float]:
         return self.energy.update(x_pos, x_neg)
@@ -238,61 +290,3 @@ class ReplayEBMStage(StageBase):
     def load_state_dict(self, states: dict[str, dict]) -> None:
         self.energy.load_state_dict(states, "energy")
         self.init = ChainInit.from_state_dict(sample_shape(self.cfg), states["chain_init"], self.s.p0_clamp)
-
-
-class ReplayEBMSampler(SamplerBase):
-    """A baseline's samples by its protocol (``<stage>.eval_protocol``): ``fresh``, test-time SGLD chains from its
-    chain_init (``sample_replay_ebm``); or ``buffer``, the replay buffer's persistent chains as they were at the
-    checkpoint (the snapshot ``<stage dir>/bank/bank_step_<step>.arrow`` beside it), as M-EBM reports its FID."""
-
-    stage = "mebm"
-    components = ("energy", "chain_init")
-    ema_components = ("energy",)
-    start_name = "init"  # results name the chain starts alone "init"
-    protocols = ("buffer", "fresh")
-
-    @staticmethod
-    def num_classes(cfg: Config) -> int:
-        """Logits of the energy net besides its energy (M-JEM's classifier head); 0 for a plain energy."""
-        return 0
-
-    def __init__(self, cfg, states, device, location, step, protocol=None):
-        super().__init__(cfg, states, device, location, step)
-        self.section = getattr(cfg, self.stage)
-        self.init = ChainInit.from_state_dict(sample_shape(cfg), states["chain_init"], self.section.p0_clamp)
-        self.energy = build_energy(cfg, self.num_classes(cfg), self.section.multiscale).to(device).eval()
-        self.energy.load_state_dict(states["energy"])
-        self.protocol = protocol or self.section.eval_protocol
-        if self.protocol not in self.protocols:
-            raise ValueError(f"unknown sampling protocol {self.protocol!r}; choose one of {', '.join(self.protocols)}")
-        if self.protocol == "buffer":  # the samples are the chains themselves: no weights are involved
-            self.uses_weights = False
-            self._load_buffer(snapshot_location(location, step))
-
-    def describe(self) -> str:
-        if self.protocol == "buffer":
-            return "the replay buffer's chains at this checkpoint"
-        steps = self.section.sample_steps or self.section.sgld.steps
-        return f"{steps} SGLD steps from {self.section.chain_init}"
-
-    def _load_buffer(self, location: str) -> None:
-        if not storage.exists(location):
-            raise FileNotFoundError(
-                f"no replay buffer snapshot at {location} for this {self.stage} checkpoint (sample with the fresh "
-                "protocol instead: --protocol fresh)"
-            )
-        store, _ = SlotStore.load(location)
-        self.buffer = torch.from_numpy(store.arrays["x"][store.written_step >= 0])
-        self.max_samples = len(self.buffer)
-        # A fixed order over the slots: consecutive seeds read consecutive, distinct slots.
-        self.buffer_order = torch.randperm(len(self.buffer), generator=torch.Generator().manual_seed(self.cfg.run.seed))
-
-    def sample_with_start(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        torch.manual_seed(seed)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        if self.protocol == "buffer":  # the chains as training left them; starts: p0 draws of the same count
-            slots = self.buffer_order[(torch.arange(n) + seed) % len(self.buffer)]
-            x0 = self.init.sample(n, generator=gen, device=self.device)
-            return self.buffer[slots].to(self.device).clamp(-1, 1), x0.clamp(-1, 1)
-        x0, x = sample_replay_ebm(self.energy, self.init, self.section, n, gen, self.device)
-        return x.clamp(-1, 1), x0.clamp(-1, 1)

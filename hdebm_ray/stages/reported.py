@@ -1,11 +1,11 @@
-"""What each stage reports, by exact key: the names a Tune space's ``metric`` may use (a typo or another stage's
-metric is refused when the space is loaded, not found failing in every trial). A test keeps these sets equal to
-what the stages really report."""
+"""The metric sets the stages share, by exact key; each stage class declares its own (``StageBase.reports``) from
+these. Together they are the names a Tune space's ``metric`` may use (a typo or another stage's metric is refused
+when the space is loaded, not found failing in every trial); a test keeps them equal to what the stages report."""
 
 from __future__ import annotations
 
 # Every stage, from the step loop.
-LOOP = {"Timing/sec_per_step", "Timing/train_step_s", "Timing/images_per_sec"}
+LOOP = {"Timing/sec_per_step", "Timing/train_step_s", "Timing/images_per_sec", "step", "nimg"}
 # Every stage with eval actors on (``eval.stages``), the newest known score.
 EVAL = {"Eval/fid", "Eval/fid_step"}
 # Streamed through Ray Data: per stream (``Data/<stream>_batches`` / ``_epochs``) and the skipped images.
@@ -41,23 +41,3 @@ STORE = {
     "Bank/reconstructed",  # the Ray actor's
 }
 REPLAY = STORE | ENERGY | {"Bank/distinct_lineages", "Bank/pushed", "Bank/reinit_fraction", "Langevin/chain_move"}
-
-OWN = {
-    "diffusion": {"Loss/diffusion", "Opt/grad_norm", "Opt/lr"},
-    "distill": {"Loss/distill", "Opt/grad_norm", "Opt/lr"}
-    | {"Distill/sampler_gap_mse", "Distill/step_gap_mse", "Distill/student_steps"},
-    "stage1": STORE
-    | ENERGY
-    | {"Bank/written_fraction", "Langevin/residual_norm", "Loss/generator", "Opt/grad_norm_generator"}
-    | {"Opt/lr_generator", "Timing/bank_commit_s", "Timing/bank_wait_s"},
-    "stage2": ENERGY | {"Langevin/residual_norm", "Langevin/z1_move"},
-    "mebm": REPLAY,
-    "mjem": REPLAY | {"Classifier/accuracy", "Classifier/train_accuracy", "Loss/classifier"},
-    "icd": REPLAY | {"Loss/kl", "Loss/nn_entropy"},
-}
-
-
-def reported_metrics(stage: str, streams: tuple[str, ...] = ("train",)) -> set[str]:
-    """Every key stage ``stage`` can report (``streams``: the data streams it reads)."""
-    data = DATA | {f"Data/{s}_{what}" for s in streams for what in ("batches", "epochs")}
-    return OWN[stage] | LOOP | EVAL | data

@@ -26,21 +26,13 @@ import torch
 from ..config import Config
 from ..core.ranks import gather_across_ranks
 from ..io import storage
+from ..stages import stage_class
 
 # What must be finite: metrics whose names start with one of these.
 FINITE = ("Loss/", "Energy/data", "Energy/sample", "Opt/grad_norm")
 # Which metrics are bounded by which guard key (a bound of 0 = unchecked).
 BOUNDED = {"Energy/abs_gap": "max_energy_gap", "Langevin/drift_norm": "max_drift_norm"}
 
-# The config keys a rollback scales, per EBM stage: (Langevin step sizes, learning rates).
-BACKOFF_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "stage1": (("stage1.langevin.step_size",), ("stage1.lr_energy", "stage1.lr_generator")),
-    "stage2": (("stage2.y_step_size", "stage2.z1_step_size", "stage2.z2_step_size"), ("stage2.lr",)),
-    "mebm": (("mebm.sgld.step_size",), ("mebm.lr",)),
-    "mjem": (("mjem.sgld.step_size",), ("mjem.lr",)),
-    "icd": (("icd.sgld.step_size",), ("icd.lr",)),
-}
-GUARDED_STAGES = tuple(BACKOFF_KEYS)
 LOG_FILE = "guard.json"  # in the stage's directory: the rollbacks so far
 DIVERGENCE_FILE = "divergence.json"  # written by rank 0 when an attempt stops; taken by whoever rolls back
 
@@ -141,8 +133,8 @@ class StepGuard:
 
 
 def step_guard(cfg: Config, stage: str, device: torch.device, rollbacks: int) -> StepGuard | None:
-    """The guard of ``stage``'s loop, None where there is none (off, or not an EBM stage)."""
-    return StepGuard(cfg, device, rollbacks) if cfg.guard.enabled and stage in GUARDED_STAGES else None
+    """The guard of ``stage``'s loop, None where there is none (off, or a stage that declares no back-off)."""
+    return StepGuard(cfg, device, rollbacks) if cfg.guard.enabled and stage_class(stage).backoff else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,12 +219,14 @@ def roll_back(cfg: Config, stage: str, stage_dir: str, log: GuardLog, div: Diver
 
 
 def backed_off_keys(cfg: Config, stage: str) -> tuple[str, ...]:
-    step_sizes, lrs = BACKOFF_KEYS[stage]
-    return {"both": step_sizes + lrs, "step_size": step_sizes, "lr": lrs}[cfg.guard.backoff_applies_to]
+    """The dotted keys a rollback of ``stage`` scales (its ``backoff``, by ``guard.backoff_applies_to``)."""
+    backoff = stage_class(stage).backoff
+    picked = {"both": backoff.step_sizes + backoff.lrs, "step_size": backoff.step_sizes, "lr": backoff.lrs}
+    return tuple(f"{stage}.{key}" for key in picked[cfg.guard.backoff_applies_to])
 
 
 def backed_off(cfg: Config, stage: str, log: GuardLog) -> Config:
     """``cfg`` with the stage's backed-off keys multiplied by the log's scale (``cfg`` itself without rollbacks)."""
-    if not log.rollbacks or stage not in BACKOFF_KEYS:
+    if not log.rollbacks or stage_class(stage).backoff is None:
         return cfg
     return cfg.scaled(backed_off_keys(cfg, stage), log.scale)

@@ -1,7 +1,6 @@
-"""Running a stage without Ray: the single-process path used by tests, benchmarks and debugging.
-
-The Ray Train worker (``distributed/worker.py``) does the same with ``ray.train.report`` in place of writing
-checkpoints itself, and the bank actor in place of the in-process bank.
+"""Running a stage in this process, without Ray: the single-process adapter of ``session.py`` (tests, benchmarks,
+debugging). Rank 0 of 1; the bank or replay buffer is an in-process ``BankService``; checkpoints are written
+straight into the stage's folder, each under a temporary name renamed into place.
 """
 
 from __future__ import annotations
@@ -14,24 +13,57 @@ from ..bank.client import LocalBankClient
 from ..bank.service import BankService
 from ..config import Config
 from ..contracts import WorkerContext
-from ..core.ranks import seed_steps
-from ..io.checkpoint import checkpoint_meta, latest_checkpoint, load_meta, restore, save_checkpoint_atomically
-from ..stages import BANK_SPECS, build_stage
-from ..stages.hdebm_stage2 import follow_stage1_chain
-from .guard import GuardLog, backed_off, roll_back, step_guard
-from .loop import run_loop
-from .stage_log import StageLogger
+from ..io.checkpoint import latest_checkpoint, save_checkpoint_atomically
+from ..io.storage import run_dir
+from ..stages import stage_class
+from .session import CheckpointDraft, StageJob, StageResult, fit_with_rollbacks, run_attempt
 
 
 def local_bank(cfg: Config, stage_name: str, snapshot_dir: str | None) -> LocalBankClient:
-    """The in-process counterpart of the driver's bank actor, built from the same spec."""
-    service = BankService(
-        **BANK_SPECS[stage_name](cfg),
-        snapshot_dir=snapshot_dir,
-        seed=cfg.run.seed,
-        keep=cfg.ray.checkpoints_to_keep + 1,
-    )
+    """The in-process counterpart of the driver's bank actor, built from the stage's own spec."""
+    spec = stage_class(stage_name).bank_spec(cfg)
+    service = BankService(**spec.arguments(), snapshot_dir=snapshot_dir, seed=cfg.run.seed, keep=bank_keep(cfg))
     return LocalBankClient(service)
+
+
+def bank_keep(cfg: Config) -> int:
+    """Bank snapshots kept: one more than checkpoints, so whichever checkpoint a resume uses finds its own."""
+    return cfg.ray.checkpoints_to_keep + 1
+
+
+class InProcessPort:
+    """``session.StagePort`` of a single process: checkpoints written to ``stage_dir`` by this process."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.out = device, None
+
+    def context(self, job: StageJob) -> WorkerContext:
+        self.out = Path(job.stage_dir)
+        ctx = WorkerContext(device=self.device)
+        if stage_class(job.stage).bank_spec(job.cfg) is not None:
+            ctx.bank = local_bank(job.cfg, job.stage, str(self.out / "bank"))
+        return ctx
+
+    def resume_candidate(self, job: StageJob) -> str | None:
+        last = latest_checkpoint(self.out)
+        return str(last) if last is not None else job.resume_from
+
+    def report(self, step: int, metrics: dict, checkpoint: CheckpointDraft | None) -> None:
+        if checkpoint is not None:
+            directory = self.out / f"checkpoint_{step:08d}"
+            save_checkpoint_atomically(directory, checkpoint.states, checkpoint.cfg, checkpoint.meta)
+
+    def has_own_checkpoint(self) -> bool:
+        return latest_checkpoint(self.out) is not None
+
+    def tick_metrics(self) -> dict:
+        return {}
+
+    def late_metrics(self) -> dict:
+        return {}
+
+    def after_report(self, rank: int, step: int) -> None:
+        pass
 
 
 def run_in_process(
@@ -43,45 +75,26 @@ def run_in_process(
     log_dir: str | None = None,
 ):
     """Run one stage in this process (rank 0 of 1), resuming from ``out_dir``'s latest checkpoint; a divergence
-    the guard sees rolls back to the latest checkpoint with the stage's step sizes / LRs backed off."""
+    the guard sees rolls back to the latest checkpoint with the stage's step sizes / LRs backed off. Returns the
+    last attempt's stage and the final checkpoint's path."""
     out = Path(out_dir)
-    log = GuardLog.read(cfg, str(out))
-    cfg, followed = follow_stage1_chain(cfg, stage_name, init_dir)
-    if followed:
-        print(followed, flush=True)
-    while True:
-        stage, divergence = _attempt(backed_off(cfg, stage_name, log), stage_name, out, init_dir, device, log_dir, log)
-        if divergence is None:
-            return stage, latest_checkpoint(out)
-        last = latest_checkpoint(out)
-        to_step = int(load_meta(last)["step"]) if last is not None else 0
-        print(roll_back(cfg, stage_name, str(out), log, divergence, to_step), flush=True)
+    port = InProcessPort(torch.device(device))
+    init = str(init_dir) if init_dir is not None else None
+
+    def attempt(attempt_cfg: Config, rollbacks: tuple[dict, ...]):
+        job = StageJob(attempt_cfg, stage_name, str(out), str(out), log_dir, init_from=init, rollbacks=rollbacks)
+        stage, _ = run_attempt(job, port)
+        return stage
+
+    stage = fit_with_rollbacks(cfg, stage_name, init, str(out), str(out), attempt)
+    return stage, latest_checkpoint(out)
 
 
-def _attempt(cfg: Config, stage_name: str, out: Path, init_dir, device, log_dir, log: GuardLog):
-    torch.manual_seed(cfg.run.seed)
-    ctx = WorkerContext(device=torch.device(device))
-    if stage_name in BANK_SPECS:
-        ctx.bank = local_bank(cfg, stage_name, str(out / "bank"))
-    stage = build_stage(stage_name, cfg, ctx, init_dir)
-    start = 0
-    if (last := latest_checkpoint(out)) is not None:
-        start = int(restore(stage, last, ctx.device)["step"])
-    seed_steps(cfg.run.seed, ctx.rank, start, attempt=len(log.rollbacks))
-    logger = StageLogger(stage, log_dir, enabled=True)
-
-    guard = step_guard(cfg, stage_name, ctx.device, len(log.rollbacks))
-
-    def report(step, metrics, with_ckpt):
-        if guard is not None:
-            metrics = {**metrics, **log.metrics()}
-        logger.log(step, metrics, with_images=with_ckpt)
-        if with_ckpt:
-            meta = checkpoint_meta(stage, step, start, metrics, guard=log.rollbacks)
-            save_checkpoint_atomically(out / f"checkpoint_{step:08d}", stage.state_dict(), cfg, meta)
-
-    divergence = run_loop(stage, start, report, guard)
-    if divergence is None and latest_checkpoint(out) is None:  # a stage with nothing to train leaves its product
-        report(stage.total_steps, {}, True)
-    logger.close()
-    return stage, divergence
+def fit_in_process(cfg: Config, stage: str, init_from: str | None = None, device="cpu") -> StageResult:
+    """``run_in_process`` in the run's own layout (``<run>/<stage>``, TensorBoard in ``<run>/tb``): the fit function
+    of an in-process ``pipeline.run_pipeline``."""
+    run = run_dir(cfg)
+    _, last = run_in_process(cfg, stage, f"{run}/{stage}", init_from, device, log_dir=f"{run}/tb")
+    if last is None:
+        raise RuntimeError(f"stage {stage!r} finished without a checkpoint in {run}/{stage}")
+    return StageResult.of(str(last))
