@@ -216,14 +216,15 @@ def diffusion_anatomy(cfg, device, timer: Timer, steps: int) -> dict:
     out = {"compile_first_step_s": timer.first_call(lambda: stage.train_step(0))}
 
     def fwd_bwd():
-        stage.opt.zero_grad(set_to_none=True)
-        stage.scaler.scale(diffusion_loss(stage.ddp, stage.schedule, x0, d.T_trunc, d.loss_weighting)).backward()
+        stage.denoiser.opt.zero_grad(set_to_none=True)
+        loss = diffusion_loss(stage.ddp, stage.schedule, x0, d.T_trunc, d.loss_weighting)
+        stage.denoiser.scaler.scale(loss).backward()
 
     fwd_bwd()
     step = iter(range(1, 10**9))
     parts = {
         "fwd_bwd_s": fwd_bwd,
-        "opt_step_s": lambda: stage.opt.step(),
+        "opt_step_s": lambda: stage.denoiser.opt.step(),
         "step_s": lambda: stage.train_step(next(step)),
     }
     out.update(timer.rounds(parts))

@@ -95,3 +95,88 @@ def load_ema(ema, state: dict) -> None:
     """Load an EMA's state_dict (the host copy of its count is read again at the next update)."""
     ema.load_state_dict(state)
     ema.host_count = None
+
+
+class TrainedModule:
+    """A network and everything that trains it: Adam with its LR schedule, fp16's loss scaler, the layer-wise
+    gradient clip and the EMA in images. ``step(loss)`` is the update every stage makes; ``state_dict`` names the
+    parts ``<name>``, ``<name>_opt``, ``<name>_sched``, ``<name>_scaler`` (fp16), ``<name>_ema`` (with an EMA).
+
+    ``net`` is the plain module that is saved and averaged; a stage runs its forward passes through whatever wrapper
+    it needs (DDP, autocast, compiled), which share its parameters.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        net: nn.Module,
+        compute,
+        *,
+        lr: float,
+        schedule: str = "constant",
+        warmup_steps: int = 0,
+        total_steps: int = 1,
+        betas=(0.9, 0.999),
+        grad_clip: float = 0.0,
+        ema_halflife_kimg: float = 0.0,
+        batch_size: int = 1,
+    ):
+        self.name, self.net, self.compute, self.grad_clip = name, net, compute, grad_clip
+        self.schedule_args = (lr, schedule, warmup_steps, total_steps, tuple(betas))
+        self.opt, self.sched = adam_with_schedule(
+            net.parameters(), lr, schedule, warmup_steps, total_steps, tuple(betas), compute.adam_kwargs()
+        )
+        self.scaler = compute.scaler()
+        self.ema = ema_model(net, ema_halflife_kimg, batch_size)
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    def step(self, loss: torch.Tensor) -> torch.Tensor:
+        """One update on ``loss``: scaled backward, the true gradients clipped layer-wise, Adam, the schedule and
+        the EMA; returns the gradient norm before clipping (on the device)."""
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)  # clip the true gradients (a no-op without fp16)
+        grad_norm = layerwise_clip_(self.net.parameters(), self.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        if self.ema is not None:
+            update_ema(self.ema, self.net)
+        return grad_norm
+
+    def reset_optimizer(self) -> None:
+        """A fresh Adam and schedule on the same parameters (a distillation student's next round)."""
+        lr, schedule, warmup, total, betas = self.schedule_args
+        self.opt, self.sched = adam_with_schedule(
+            self.net.parameters(), lr, schedule, warmup, total, betas, self.compute.adam_kwargs()
+        )
+
+    def averaged(self) -> nn.Module:
+        """The EMA weights' module (the network itself without an EMA)."""
+        return self.ema.module if self.ema is not None else self.net
+
+    def state_dict(self) -> dict[str, dict]:
+        n = self.name
+        states = {n: self.net.state_dict(), f"{n}_opt": self.opt.state_dict(), f"{n}_sched": self.sched.state_dict()}
+        if self.ema is not None:
+            states[f"{n}_ema"] = self.ema.state_dict()
+        if self.scaler.is_enabled():  # fp16: a resume keeps the loss scale it had found
+            states[f"{n}_scaler"] = self.scaler.state_dict()
+        return states
+
+    def load_state_dict(self, states: dict[str, dict]) -> None:
+        """Restore every part the states hold (the learning rate stays the one this bundle was built with: a
+        guard's back-off or a resumed run's new LR; ``load_adam_with_schedule``)."""
+        n = self.name
+        self.net.load_state_dict(states[n])
+        if f"{n}_sched" in states:
+            load_adam_with_schedule(self.opt, self.sched, states[f"{n}_opt"], states[f"{n}_sched"])
+        else:  # written without a schedule (a constant LR): the optimiser alone, at this bundle's LR
+            load_adam_with_schedule(self.opt, self.sched, states[f"{n}_opt"], self.sched.state_dict())
+        if self.ema is not None and f"{n}_ema" in states:
+            load_ema(self.ema, states[f"{n}_ema"])
+        if self.scaler.is_enabled() and f"{n}_scaler" in states:
+            self.scaler.load_state_dict(states[f"{n}_scaler"])

@@ -75,18 +75,33 @@ def load_config_of(directory: str | Path) -> Config:
     return parse_config(storage.read_text(location), f"config file '{location}'")
 
 
+# Component names of checkpoints written before hdebm-ray 0.2 (the diffusion and distillation stages' optimiser
+# parts), read under the names every trained network's parts now have (``core.optim.TrainedModule``).
+LEGACY_NAMES = {"optimizer": "denoiser_opt", "lr_sched": "denoiser_sched", "scaler": "denoiser_scaler"}
+
+
+def state_files(directory: str | Path) -> dict[str, Path]:
+    """{component name: its file} of a checkpoint, legacy names read as their current ones."""
+    files = {p.stem: p for p in sorted(Path(directory).glob("*.pt"))}
+    for old, new in LEGACY_NAMES.items():
+        if old in files and new not in files:
+            files[new] = files.pop(old)
+    return files
+
+
 def load_states(directory: str | Path, names: list[str] | None = None, map_location="cpu") -> dict[str, dict]:
     """The named (default: all) state_dicts of a checkpoint, loaded with ``weights_only=True``."""
     d = Path(directory)
-    names = names if names is not None else sorted(p.stem for p in d.glob("*.pt"))
-    missing = [n for n in names if not (d / f"{n}.pt").is_file()]
+    files = state_files(d)
+    names = names if names is not None else list(files)
+    missing = [n for n in names if n not in files]
     if missing:
         raise FileNotFoundError(
             f"checkpoint '{d}' has no {missing[0]}.pt (has {sorted(p.name for p in d.glob('*.pt'))})"
         )
     if (d / META_FILE).is_file() and (why := incomplete(d)) is not None:
         raise CheckpointError(f"checkpoint '{d}' is incomplete: {why}")
-    return {n: load_state_file(d / f"{n}.pt", map_location) for n in names}
+    return {n: load_state_file(files[n], map_location) for n in names}
 
 
 def ema_weights(directory: str | Path, names: list[str], map_location="cpu") -> dict[str, dict] | None:

@@ -11,7 +11,7 @@ import torch
 from ..config import Config
 from ..contracts import WorkerContext
 from ..core.diffusion import CosineSchedule, ddim_sample, diffusion_loss, noise_to_truncation
-from ..core.optim import adam_with_schedule, layerwise_clip_
+from ..core.optim import TrainedModule
 from ..networks import build_denoiser
 from .base import SamplerBase, StageBase
 
@@ -57,38 +57,27 @@ class DiffusionStage(StageBase):
         self.schedule = CosineSchedule(d.T, d.cosine_s)
         self.model = self.compute.layout(build_denoiser(cfg).to(ctx.device))
         self.ddp = self.compute.fast(ctx.wrap(self.model, "denoiser"))
-        self.opt, self.lr_sched = adam_with_schedule(
-            self.model.parameters(), d.lr, d.lr_schedule, d.warmup_steps, d.steps, kernels=self.compute.adam_kwargs()
+        self.denoiser = TrainedModule(
+            "denoiser",
+            self.model,
+            self.compute,
+            lr=d.lr,
+            schedule=d.lr_schedule,
+            warmup_steps=d.warmup_steps,
+            total_steps=d.steps,
+            grad_clip=d.grad_clip,
         )
-        self.scaler = self.compute.scaler()
         self.batches = self.data_stream(seed_offset=0)
 
     def train_step(self, step: int) -> dict[str, float]:
         x0, _ = next(self.batches)
         d = self.cfg.diffusion
         loss = diffusion_loss(self.ddp, self.schedule, x0, d.T_trunc, d.loss_weighting)
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.opt)
-        grad_norm = layerwise_clip_(self.model.parameters(), self.cfg.diffusion.grad_clip)
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.lr_sched.step()
-        return {"Loss/diffusion": loss.detach(), "Opt/grad_norm": grad_norm, "Opt/lr": self.opt.param_groups[0]["lr"]}
+        grad_norm = self.denoiser.step(loss)
+        return {"Loss/diffusion": loss.detach(), "Opt/grad_norm": grad_norm, "Opt/lr": self.denoiser.lr}
 
     def state_dict(self) -> dict[str, dict]:
-        states = {
-            "denoiser": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "lr_sched": self.lr_sched.state_dict(),
-        }
-        if self.scaler.is_enabled():
-            states["scaler"] = self.scaler.state_dict()
-        return states
+        return self.denoiser.state_dict()
 
     def load_state_dict(self, states: dict[str, dict]) -> None:
-        self.model.load_state_dict(states["denoiser"])
-        self.opt.load_state_dict(states["optimizer"])
-        self.lr_sched.load_state_dict(states["lr_sched"])
-        if self.scaler.is_enabled() and "scaler" in states:
-            self.scaler.load_state_dict(states["scaler"])
+        self.denoiser.load_state_dict(states)

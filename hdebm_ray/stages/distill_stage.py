@@ -16,7 +16,7 @@ import torch
 from ..config import Config
 from ..contracts import WorkerContext
 from ..core.diffusion import CosineSchedule, ddim_sample, distill_gap, distill_loss, noise_to_truncation, per_sample_mse
-from ..core.optim import layerwise_clip_
+from ..core.optim import TrainedModule
 from ..core.ranks import mean_over_ranks
 from ..data.datasets import batch_stream, build_dataset
 from ..io.checkpoint import load_states
@@ -70,8 +70,8 @@ class DistillStage(StageBase):
         c.layout(self.student)
         self.ddp = c.fast(ctx.wrap(self.student, "student"))
         self.teacher_fast = c.fast(self.teacher)
-        self.opt = torch.optim.Adam(self.student.parameters(), lr=d.lr, **c.adam_kwargs())
-        self.scaler = c.scaler()
+        # saved as "denoiser": the student is the one-step G2 that Stage 1 loads
+        self.trained = TrainedModule("denoiser", self.student, c, lr=d.lr, grad_clip=d.grad_clip)
         self.gaps: list[dict] = []
         self.batches = self.data_stream(seed_offset=1)
         self._eval_x0 = None
@@ -86,12 +86,7 @@ class DistillStage(StageBase):
         n_student = self.n_student(step)
         x0, _ = next(self.batches)
         loss = distill_loss(self.ddp, self.teacher_fast, self.schedule, x0, self.cfg.diffusion.T_trunc, n_student)
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.opt)
-        grad_norm = layerwise_clip_(self.student.parameters(), d.grad_clip)
-        self.scaler.step(self.opt)
-        self.scaler.update()
+        grad_norm = self.trained.step(loss)
         metrics = {
             "Loss/distill": loss.detach(),
             "Opt/grad_norm": grad_norm,
@@ -132,25 +127,15 @@ class DistillStage(StageBase):
         # The student becomes the next teacher; the next student starts from it with a fresh optimiser.
         self.teacher.load_state_dict(self.student.state_dict())
         self.student.train()
-        self.opt = torch.optim.Adam(self.student.parameters(), lr=self.cfg.distill.lr, **self.compute.adam_kwargs())
+        self.trained.reset_optimizer()
         return {"Distill/step_gap_mse": step_gap, "Distill/sampler_gap_mse": sampler_gap}
 
     def state_dict(self) -> dict[str, dict]:
-        states = {
-            "denoiser": self.student.state_dict(),
-            "teacher": self.teacher.state_dict(),
-            "optimizer": self.opt.state_dict(),
-        }
-        if self.scaler.is_enabled():
-            states["scaler"] = self.scaler.state_dict()
-        return states
+        return {**self.trained.state_dict(), "teacher": self.teacher.state_dict()}
 
     def load_state_dict(self, states: dict[str, dict]) -> None:
-        self.student.load_state_dict(states["denoiser"])
+        self.trained.load_state_dict(states)
         self.teacher.load_state_dict(states["teacher"])
-        self.opt.load_state_dict(states["optimizer"])
-        if self.scaler.is_enabled() and "scaler" in states:
-            self.scaler.load_state_dict(states["scaler"])
 
     def summary(self) -> dict:
         return {"distill_gaps": self.gaps}

@@ -18,7 +18,7 @@ from ..contracts import WorkerContext
 from ..core.hat import HatGenerator
 from ..core.langevin import StepStats, sample_residual
 from ..core.losses import generator_loss
-from ..core.optim import adam_with_schedule, ema_model, layerwise_clip_, load_adam_with_schedule, load_ema, update_ema
+from ..core.optim import TrainedModule
 from ..core.ranks import barrier, status
 from ..core.transfer import HostStaging
 from ..networks import latent_shape, sample_shape
@@ -76,14 +76,21 @@ class Stage1(StageBase):
         self.hat_fast = fast_hat(c, self.hat)  # the same G through autocast / compiled modules
         self.g1_ddp = c.fast(ctx.wrap(self.hat.g1, "generator"))
         self.energy = energy_trainer(cfg, ctx, s, s.lr_energy, s.langevin.temperature, compute=c)
-        self.opt_g, self.sched_g = adam_with_schedule(
-            self.hat.g1.parameters(), s.lr_generator, s.lr_schedule, s.warmup_steps, s.steps, kernels=c.adam_kwargs()
+        self.generator = TrainedModule(
+            "generator",
+            self.hat.g1,
+            c,
+            lr=s.lr_generator,
+            schedule=s.lr_schedule,
+            warmup_steps=s.warmup_steps,
+            total_steps=s.steps,
+            grad_clip=s.grad_clip,
+            ema_halflife_kimg=s.ema_halflife_kimg,
+            batch_size=s.batch_size,
         )
-        self.scaler_g = c.scaler()
         self.staging = HostStaging(ctx.device)
         self._pending_commit = None  # the last step's commit, awaited at the next step (its round trip overlaps)
         self._commit_ok: float | None = None
-        self.ema_g = ema_model(self.hat.g1, s.ema_halflife_kimg, s.batch_size)
         self.bank = ctx.bank
         self.batches = self.data_stream(seed_offset=2)
         self.summary_state = {"bank_restores": []}
@@ -156,7 +163,7 @@ class Stage1(StageBase):
         metrics.update(
             {
                 "Loss/generator": loss_g,
-                "Opt/lr_generator": self.opt_g.param_groups[0]["lr"],
+                "Opt/lr_generator": self.generator.lr,
                 "Opt/grad_norm_generator": grad_norm_g,
                 "Langevin/residual_norm": y.flatten(1).norm(dim=1).mean(),
                 "Timing/bank_wait_s": bank_wait_s,
@@ -179,16 +186,7 @@ class Stage1(StageBase):
         # The gradient reaches φ through the frozen G2 (term 1) and directly (term 2).
         x_full = self.hat_fast.g2(g_raw, banked["z2"])
         loss_g = generator_loss(x_full, g_raw, banked["x"], s.beta1, s.beta2, s.gen_loss_scale, banked["written"])
-        self.opt_g.zero_grad(set_to_none=True)
-        self.scaler_g.scale(loss_g).backward()
-        self.scaler_g.unscale_(self.opt_g)
-        grad_norm_g = layerwise_clip_(self.hat.g1.parameters(), s.grad_clip)
-        self.scaler_g.step(self.opt_g)
-        self.scaler_g.update()
-        self.sched_g.step()
-        if self.ema_g is not None:
-            update_ema(self.ema_g, self.hat.g1)
-        return loss_g.detach(), grad_norm_g
+        return loss_g.detach(), self.generator.step(loss_g)
 
     def tick_metrics(self, step: int) -> dict[str, float]:
         def sample(n):
@@ -202,8 +200,8 @@ class Stage1(StageBase):
     def tick_images(self, step: int) -> dict[str, torch.Tensor]:
         def sample(n, generator, use_ema):
             hat = self.hat
-            if use_ema and self.ema_g is not None:
-                hat = HatGenerator(self.ema_g.module, self.hat.denoiser, self.hat.schedule, self.hat.t_trunc)
+            if use_ema and self.generator.ema is not None:
+                hat = HatGenerator(self.generator.ema.module, self.hat.denoiser, self.hat.schedule, self.hat.t_trunc)
             z1, z2 = latents(self.cfg, n, self.shape, self.ctx.device, generator)
             x_gen, y = sample_stage1(self.energy.sampling_net(use_ema), hat, z1, z2, self.s.langevin)
             return x_gen, x_gen + y
@@ -213,24 +211,8 @@ class Stage1(StageBase):
     # -- state ------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, dict]:
-        states = {
-            **self.energy.state_dict("energy"),
-            "generator": self.hat.g1.state_dict(),
-            "generator_opt": self.opt_g.state_dict(),
-            "generator_sched": self.sched_g.state_dict(),
-            "denoiser": self.hat.denoiser.state_dict(),
-        }
-        if self.ema_g is not None:
-            states["generator_ema"] = self.ema_g.state_dict()
-        if self.scaler_g.is_enabled():
-            states["generator_scaler"] = self.scaler_g.state_dict()
-        return states
+        return {**self.energy.state_dict(), **self.generator.state_dict(), "denoiser": self.hat.denoiser.state_dict()}
 
     def load_state_dict(self, states: dict[str, dict]) -> None:
-        self.energy.load_state_dict(states, "energy")
-        self.hat.g1.load_state_dict(states["generator"])
-        load_adam_with_schedule(self.opt_g, self.sched_g, states["generator_opt"], states["generator_sched"])
-        if self.ema_g is not None and "generator_ema" in states:
-            load_ema(self.ema_g, states["generator_ema"])
-        if self.scaler_g.is_enabled() and "generator_scaler" in states:
-            self.scaler_g.load_state_dict(states["generator_scaler"])
+        self.energy.load_state_dict(states)
+        self.generator.load_state_dict(states)

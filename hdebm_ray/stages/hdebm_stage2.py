@@ -146,10 +146,10 @@ class Stage2(StageBase):
 
     def state_dict(self) -> dict[str, dict]:
         return {
-            **self.energy.state_dict("energy"),
+            **self.energy.state_dict(),
             "generator": self.hat.g1.state_dict(),
             "denoiser": self.hat.denoiser.state_dict(),
         }
 
     def load_state_dict(self, states: dict[str, dict]) -> None:
-        self.energy.load_state_dict(states, "energy")
+        self.energy.load_state_dict(states)

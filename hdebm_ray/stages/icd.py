@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
+from ..core.energy_trainer import ExtraTerm
 from ..core.langevin import StepStats, langevin_step_with_graph
 from ..core.losses import kl_loss
 from ..data.augment import AugmentOptions, augment
@@ -74,11 +75,11 @@ class ICDStage(ReplayEBMStage):
         x_hat, reference = extra
         s = self.s
 
-        def kl_term():
+        def kl_term(_):
             loss, entropy = kl_loss(detached(self.energy.net), x_hat, reference, s.entropy_weight)
             metrics = {"Loss/kl": loss.detach()}
             if entropy is not None:  # reported from the step the buffer holds enough to measure against
                 metrics["Loss/nn_entropy"] = entropy.detach()
             return s.kl_weight * loss, metrics
 
-        return self.energy.update(x_pos, x_neg, extra_loss=kl_term)
+        return self.energy.update(x_pos, x_neg, ExtraTerm(kl_term))

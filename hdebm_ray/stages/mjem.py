@@ -8,9 +8,11 @@ cross-entropy of the classifier head. Both heads share the trunk, and both losse
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..config import Config, ConfigError
 from ..contracts import WorkerContext
+from ..core.energy_trainer import ExtraTerm
 from ..data.augment import AugmentOptions, augment
 from ..data.datasets import build_dataset, random_items, toy2d_centres
 from .base import data_stream
@@ -82,7 +84,15 @@ class MJEMStage(ReplayEBMStage):
     def update(self, x_pos, y_pos, x_neg, extra) -> dict[str, float]:
         x_cls, y_cls = next(self.labelled)
         x_cls = augment(x_cls, self.s.augment, AugmentOptions.of(self.s))
-        return self.energy.update(x_pos, x_neg, labelled=(x_cls, y_cls.long(), self.s.classifier_weight))
+        y_cls, weight = y_cls.long(), self.s.classifier_weight
+
+        def cross_entropy(logits):
+            xent = F.cross_entropy(logits, y_cls)
+            accuracy = (logits.argmax(1) == y_cls).float().mean()
+            return weight * xent, {"Loss/classifier": xent.detach(), "Classifier/train_accuracy": accuracy}
+
+        # the labelled batch joins the energy's forward: both heads share the trunk, and DDP allows one forward
+        return self.energy.update(x_pos, x_neg, ExtraTerm(cross_entropy, inputs=x_cls))
 
     def tick_metrics(self, step: int) -> dict[str, float]:
         metrics = super().tick_metrics(step)

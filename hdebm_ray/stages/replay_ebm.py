@@ -285,8 +285,8 @@ class ReplayEBMStage(StageBase):
         return fixed_sample_grids(self.cfg, self.ctx, self.sample, "Samples/init")
 
     def state_dict(self) -> dict[str, dict]:
-        return {**self.energy.state_dict("energy"), "chain_init": self.init.state_dict()}
+        return {**self.energy.state_dict(), "chain_init": self.init.state_dict()}
 
     def load_state_dict(self, states: dict[str, dict]) -> None:
-        self.energy.load_state_dict(states, "energy")
+        self.energy.load_state_dict(states)
         self.init = ChainInit.from_state_dict(sample_shape(self.cfg), states["chain_init"], self.s.p0_clamp)

@@ -118,18 +118,32 @@ class StepGuard:
     @contextmanager
     def testing_hook(self, stage, step: int):
         """``guard.inject_nan_at_step``: H's energies are NaN during that step of the first attempt (no rollback
-        yet), on every rank: a divergence the tests can place (in the trainer, so it holds under torch.compile and
-        for networks returning logits too)."""
+        yet), on every rank: a divergence the tests can place. The training forward is wrapped for the step (outside
+        DDP, autocast and compiled modules, whatever they return: energies, or energies and logits)."""
         at = self.cfg.guard.inject_nan_at_step
         trainer = getattr(stage, "energy", None)
         if not (at and step + 1 == at and self.rollbacks == 0 and trainer is not None):
             yield
             return
-        trainer.poisoned = True
+        forward = trainer.ddp
+        trainer.ddp = NaNEnergies(forward)
         try:
             yield
         finally:
-            trainer.poisoned = False
+            trainer.ddp = forward
+
+
+class NaNEnergies:
+    """A forward whose energies (the first output) come out NaN: the guard's injected divergence."""
+
+    def __init__(self, forward):
+        self.forward = forward
+
+    def __call__(self, *args, **kwargs):
+        out = self.forward(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (out[0] * float("nan"), *out[1:])
+        return out * float("nan")
 
 
 def step_guard(cfg: Config, stage: str, device: torch.device, rollbacks: int) -> StepGuard | None:
