@@ -37,6 +37,17 @@ def ray_local():
     ray.shutdown()
 
 
+RAY_FIXTURES = {"ray_local", "two_nodes", "local_head"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that starts Ray (through a Ray fixture, or a module that says so with ``pytestmark``) as
+    ``ray``: ``pytest -m "not ray"`` runs the rest."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
 def pytest_sessionfinish(session, exitstatus):
     session.config.hdebm_exitstatus = int(exitstatus)
 

@@ -29,7 +29,8 @@ def test_baseline_trains_with_two_workers_on_the_replay_buffer_actor(ray_local, 
     data = [f"data.path={tmp_path / 'data'}"]
     if stage == "mjem":
         write_image_folder(build_dataset(load_config("digits")), tmp_path / "data")
-        data += ["data.dataset=image_folder", "data.shuffle_buffer=64", "data.preprocess_cpus=0.5"]
+        data += ["data.dataset=image_folder", "data.loader=ray_data", "data.shuffle_buffer=64"]
+        data += ["data.preprocess_cpus=0.5"]
         data += ["mjem.num_classes=10"]
     cfg = load_config("digits", overrides=small_digits_overrides(str(tmp_path), stage) + TINY + data)
     assert uses_ray_data(cfg) == (stage == "mjem")

@@ -17,12 +17,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import TOY_TRIAL, distilled_toy
 
 from hdebm_ray.cli.main import main as cli_main
 from hdebm_ray.config import load_config
 from hdebm_ray.io.checkpoint import load_meta, load_states
+
+pytestmark = pytest.mark.ray  # its sweeps start their own embedded Ray through the CLI
 
 KEY = "stage1.langevin.step_size"
 LO, HI = 1.0e-3, 2.0e-2

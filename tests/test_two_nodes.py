@@ -47,6 +47,7 @@ def test_stage1_on_two_nodes_streams_parquet_through_ray_data_and_survives_losin
     overrides = small_digits_overrides(f"file://{tmp_path}/runs", "two") + TINY
     overrides += [
         "data.dataset=parquet",
+        "data.loader=ray_data",  # 1797 digits would fit data.in_memory_mb: stream them as a big dataset would be
         f"data.path=file://{shards}",
         "data.preprocess_cpus=1",
         "ray.num_workers=2",

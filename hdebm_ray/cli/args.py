@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
+
+from ..io.checkpoint import CheckpointError, checkpoint_or_newest
+from ..io.storage import is_uri
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -51,18 +55,16 @@ def device(text: str) -> str:
 
 
 def checkpoint(text: str) -> str:
-    """An argparse type: a complete checkpoint directory (local path or URI), checked before anything starts."""
-    from ..io.checkpoint import incomplete
-
-    if (why := incomplete(text)) is not None:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a complete checkpoint directory: {why}")
-    return text
+    """An argparse type: a complete checkpoint directory (local path or URI), or a stage folder (its newest complete
+    checkpoint), checked before anything starts."""
+    try:
+        return checkpoint_or_newest(text.rstrip("/"))
+    except CheckpointError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def local_checkpoint(text: str) -> str:
     """``checkpoint``, on a local path or mount: the offline commands (eval, sample, enfe, ood) read files."""
-    from ..io.storage import is_uri
-
     if is_uri(text):
         raise argparse.ArgumentTypeError(
             f"'{text}': the offline commands read a local checkpoint directory; copy it here first"
@@ -72,8 +74,6 @@ def local_checkpoint(text: str) -> str:
 
 def existing_dir(text: str) -> str:
     """An argparse type: a local directory that exists."""
-    from pathlib import Path
-
     if not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"'{text}' is not a directory")
     return text

@@ -126,8 +126,15 @@ class DataSection:
         "auto",
         choices=("auto", "torch", "ray_data"),
         doc="ray_data: stream image_folder / parquet through Ray Data into the Train workers (a fresh file order "
-        "and a local shuffle buffer every epoch); torch: a DataLoader over the files in each worker (random access, "
-        "small datasets); auto: ray_data for image_folder / parquet, torch for the in-memory datasets",
+        "and a local shuffle buffer every epoch); torch: a DataLoader in each worker, over the files, or over one "
+        "decoded copy in memory where it fits data.in_memory_mb; auto: torch where the decoded images fit "
+        "data.in_memory_mb (and for the datasets a package ships), else ray_data",
+    )
+    in_memory_mb: int = knob(
+        512,
+        lo=0,
+        doc="image_folder / parquet whose images, decoded as uint8 at data.resolution, take at most this many MB are "
+        "decoded once into each worker's memory (no per-epoch Ray Data start-up or file reads); 0 = never",
     )
     preprocess_cpus: float = knob(
         1.0,

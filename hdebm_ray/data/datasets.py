@@ -13,6 +13,7 @@ whole-dataset passes go through ``iter_batches``. Under Ray Train they reach the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Iterator
@@ -201,6 +202,64 @@ def check_data_available(cfg: Config) -> None:
             print(f"data.verify: {len(ds.skipped)} image(s) cannot be decoded; training skips them", flush=True)
     else:
         ds[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small file datasets in memory
+
+
+class DecodedImages(Dataset):
+    """A file dataset decoded once at its resolution and held as uint8 (a quarter of float32); items as the files
+    give them: [-1, 1] images and labels."""
+
+    def __init__(self, files: Dataset, what: str):
+        xs, ys = zip(*iter_batches(files, 1024, progress=f"decoding {what} into memory"), strict=True)
+        self.images, self.labels = unit_to_uint8(torch.cat(xs)), torch.cat(ys)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return uint8_to_unit(self.images[i]), int(self.labels[i])
+
+
+def decoded_mb(cfg: Config, num_items: int) -> float:
+    """MB of ``num_items`` images of ``cfg``'s resolution and channels, as uint8."""
+    d = cfg.data
+    return num_items * d.channels * d.resolution**2 / 2**20
+
+
+def fits_in_memory(cfg: Config) -> bool:
+    """Whether ``cfg``'s file dataset, decoded, is within ``data.in_memory_mb`` (the datasets a package ships are
+    held in memory anyway)."""
+    d = cfg.data
+    if d.dataset not in STREAMED:
+        return True
+    if d.in_memory_mb == 0:
+        return False
+    return decoded_mb(cfg, _count(d.dataset, d.path, d.resolution, d.channels)) <= d.in_memory_mb
+
+
+@functools.cache
+def _count(dataset: str, path: str, resolution: int, channels: int) -> int:
+    """Items of a file dataset (its files listed, or its shards' footers read, once per process)."""
+    files = (ImageFiles if dataset == "image_folder" else ParquetImages)(path, resolution, channels)
+    return len(files)
+
+
+_DECODED: dict[tuple, DecodedImages] = {}
+
+
+def training_dataset(cfg: Config) -> Dataset:
+    """What a stage's in-process batches are drawn from: ``build_dataset``, or for a file dataset that
+    ``fits_in_memory`` one decoded copy, shared by every stream of this process."""
+    dataset = build_dataset(cfg)
+    if cfg.data.dataset not in STREAMED or not fits_in_memory(cfg):
+        return dataset
+    key = (cfg.data.dataset, cfg.data.path, cfg.data.resolution, cfg.data.channels, dataset.fingerprint)
+    if key not in _DECODED:
+        _DECODED[key] = DecodedImages(dataset, f"{cfg.data.dataset} '{cfg.data.path}'")
+    return _DECODED[key]
 
 
 # ----------------------------------------------------------------------------------------------------------------

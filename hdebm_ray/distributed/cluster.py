@@ -16,6 +16,7 @@ from .ray_compat import check_ray_version
 from .ray_data import uses_ray_data
 
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train V2's, on by default
+RAY_DATA_LOG_LEVEL = "RAY_DATA_LOG_LEVEL"
 
 
 def local_cpus(cfg: Config, concurrent_runs: int = 1, extra_cpus: float = 0.0) -> int:
@@ -41,6 +42,9 @@ def init_ray(cfg: Config, concurrent_runs: int = 1, extra_cpus: float = 0.0) -> 
     # to merge a second one into it.
     in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
     env = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}}
+    # Ray Data's INFO lines ("Dataset ... execution finished", one per epoch and stream from each split coordinator)
+    # drown the stage's status lines; its warnings and errors still show.
+    env["env_vars"][RAY_DATA_LOG_LEVEL] = os.environ.setdefault(RAY_DATA_LOG_LEVEL, "WARNING")
     num_cpus = None
     if address == "local":
         # One machine has no node to lose to preemption: no watcher actor (a process per Train run) to start.

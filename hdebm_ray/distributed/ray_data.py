@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..data.datasets import STREAMED, build_dataset
+from ..data.datasets import STREAMED, build_dataset, fits_in_memory
 from ..data.files import (
     IMAGE_SUFFIXES,
     BadImageError,
@@ -48,9 +48,10 @@ ROWS_PER_READ_TASK = 1024
 
 
 def uses_ray_data(cfg: Config) -> bool:
-    """Whether the stages read ``cfg``'s dataset through Ray Data (``data.loader``)."""
-    loader = cfg.data.loader
-    return cfg.data.dataset in STREAMED and loader in ("auto", "ray_data")
+    """Whether the stages read ``cfg``'s dataset through Ray Data (``data.loader``; ``auto`` streams a file dataset
+    that does not fit ``data.in_memory_mb`` decoded)."""
+    loader, d = cfg.data.loader, cfg.data
+    return d.dataset in STREAMED and (loader == "ray_data" or (loader == "auto" and not fits_in_memory(cfg)))
 
 
 def check_stream_fits(cfg: Config, num_items: int, batch_size: int) -> None:
@@ -153,7 +154,7 @@ def build_ray_dataset(cfg: Config, stream: str = "train"):
             shuffle=shuffle,
             override_num_blocks=max(1, math.ceil(len(files) / ROWS_PER_READ_TASK)),
             file_extensions=extensions,
-            ray_remote_args={"num_cpus": task_cpus},
+            num_cpus=task_cpus,
         )
         decode = DecodeBatch(d.resolution, d.channels, files.base, tuple(files.classes), d.on_bad_image)
     ds = ds.map_batches(decode, batch_format="numpy", batch_size=ROWS_PER_DECODE_TASK, num_cpus=task_cpus)

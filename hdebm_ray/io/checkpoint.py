@@ -154,12 +154,36 @@ def restore(stage, ckpt_dir, device) -> dict:
     return meta
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The complete checkpoint of ``out_dir`` with the highest step, None if it has none."""
-    ckpts = sorted(
-        (p for p in out_dir.glob("checkpoint_*") if incomplete(p) is None), key=lambda p: load_meta(p)["step"]
-    )
-    return ckpts[-1] if ckpts else None
+def latest_checkpoint(stage_dir: str | Path) -> Path | None:
+    """The complete (and, under Ray, registered) checkpoint folder of a stage with the highest step, None if it has
+    none; ``stage_dir`` is a local path (``newest_checkpoint`` takes URIs too)."""
+    found = newest_checkpoint(str(stage_dir))
+    return Path(found) if found is not None else None
+
+
+def newest_checkpoint(stage_dir: str) -> str | None:
+    """``latest_checkpoint`` of a stage folder given as a local path or a URI."""
+    run_location, name = stage_dir.rstrip("/").rsplit("/", 1)
+    found = run_checkpoints(run_location, [name])
+    return max(found, key=lambda c: load_meta(c)["step"]) if found else None
+
+
+def checkpoint_or_newest(location: str) -> str:
+    """``location`` if it is a checkpoint, else the newest complete checkpoint of the stage folder it names (what
+    ``sample --checkpoint runs/x/stage2`` means); ``CheckpointError`` saying which when it is neither."""
+    if storage.exists(f"{location}/{META_FILE}"):
+        if (why := incomplete(location)) is not None:
+            raise CheckpointError(f"'{location}' is not a complete checkpoint directory: {why}")
+        return location
+    if not storage.exists(location):
+        raise CheckpointError(f"'{location}' does not exist")
+    newest = newest_checkpoint(location)
+    if newest is None:
+        raise CheckpointError(
+            f"'{location}' is neither a checkpoint directory (no {META_FILE}) nor a stage folder with a complete "
+            "checkpoint_* in it"
+        )
+    return newest
 
 
 def save_checkpoint_atomically(directory: Path, states: dict[str, dict], config: Config, meta: dict) -> Path:

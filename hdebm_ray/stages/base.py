@@ -19,7 +19,7 @@ from ..bank.service import BankSpec
 from ..config import Config
 from ..contracts import WorkerContext
 from ..core.compute import Compute
-from ..data.datasets import batch_stream, build_dataset, random_images
+from ..data.datasets import batch_stream, build_dataset, random_images, training_dataset
 
 
 def data_stream(cfg: Config, ctx: WorkerContext, batch_size: int, seed_offset: int, name: str = "train"):
@@ -28,7 +28,7 @@ def data_stream(cfg: Config, ctx: WorkerContext, batch_size: int, seed_offset: i
     if ctx.batches is not None:
         return ctx.batches(name, batch_size // ctx.world_size)
     return batch_stream(
-        build_dataset(cfg),
+        training_dataset(cfg),
         batch_size // ctx.world_size,
         ctx.rank,
         ctx.world_size,

@@ -18,7 +18,7 @@ from ..contracts import WorkerContext
 from ..core.diffusion import CosineSchedule, ddim_sample, distill_gap, distill_loss, noise_to_truncation, per_sample_mse
 from ..core.optim import TrainedModule
 from ..core.ranks import mean_over_ranks
-from ..data.datasets import batch_stream, build_dataset
+from ..data.datasets import batch_stream, training_dataset
 from ..io.checkpoint import load_states
 from ..networks import build_denoiser
 from .base import StageBase
@@ -101,7 +101,7 @@ class DistillStage(StageBase):
         """A fixed batch of this rank's data, for gaps comparable across sub-stages."""
         if self._eval_x0 is None:
             stream = batch_stream(
-                build_dataset(self.cfg),
+                training_dataset(self.cfg),
                 self.cfg.distill.eval_batch,
                 self.ctx.rank,
                 self.ctx.world_size,
