@@ -41,7 +41,8 @@ from hdebm_ray.evaluation.fid import FeatureSpace, frechet_distance, kernel_dist
 from hdebm_ray.evaluation.images import save_grid  # noqa: E402
 from hdebm_ray.evaluation.sample_metrics import precision_recall  # noqa: E402
 from hdebm_ray.io.checkpoint import load_meta  # noqa: E402
-from hdebm_ray.training.runner import run_in_process  # noqa: E402
+from hdebm_ray.training.pipeline import run_pipeline  # noqa: E402
+from hdebm_ray.training.runner import fit_in_process  # noqa: E402
 
 METHODS = {  # the stages each method trains, and the ones whose checkpoints are its samplers
     "hdebm": (("diffusion", "distill", "stage1", "stage2"), ("stage1", "stage2")),
@@ -85,21 +86,31 @@ def with_points(cfg, stage: str, points: int):
 
 
 def train(cfg, method: str, root: Path, points: int) -> list[dict]:
-    """Train the method's stages in order; every checkpoint of its scored stages with the minute it was written."""
+    """Train the method's stages in order (HDEBM: the core pipeline, each stage from the previous one's final
+    checkpoint); every checkpoint of its scored stages with the minute it was written."""
     stages, scored = METHODS[method]
     shutil.rmtree(root / method, ignore_errors=True)  # a fresh run: a resumed one would not be on the clock
-    clock_s, init, found = 0.0, None, []
-    for stage in stages:
-        stage_cfg = with_points(cfg, stage, points) if stage in scored else cfg
+    run_cfg = cfg.replace(**{"run.storage_path": str(root), "run.name": method})
+    clock = {"s": 0.0}
+    found = []
+
+    def fit(stage_cfg, stage: str, init_from):
+        stage_cfg = with_points(stage_cfg, stage, points) if stage in scored else stage_cfg
         started = time.time()
         print(f"[quality] {method}: training {stage}", flush=True)
-        _, init = run_in_process(stage_cfg, stage, root / method / stage, init_dir=init)
+        result = fit_in_process(stage_cfg, stage, init_from)
         if stage in scored:
             for ckpt in sorted((root / method / stage).glob("checkpoint_*")):
                 meta = load_meta(ckpt)
-                minute = (clock_s + meta["saved_at"] - started) / 60
+                minute = (clock["s"] + meta["saved_at"] - started) / 60
                 found.append({"method": method, "stage": stage, "step": meta["step"], "minute": minute, "ckpt": ckpt})
-        clock_s += time.time() - started
+        clock["s"] += time.time() - started
+        return result
+
+    if method == "hdebm":
+        run_pipeline(run_cfg, fit, list(stages))
+    else:
+        fit(run_cfg, stages[0], None)
     return found
 
 

@@ -68,7 +68,62 @@ def test_no_import_cycles_even_through_deferred_imports():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
-    assert len(graph) > 40 and graph["hdebm_ray.evaluation.sampling"], "the graph was not built"
+    assert len(graph) > 60 and graph["hdebm_ray.evaluation.sampling"], "the graph was not built"
+
+
+# The layers, top to bottom: a module may import its own layer and those below it, never one above (deferred imports
+# included). docs/architecture.md describes each.
+LAYERS = (
+    ("cli",),
+    ("distributed",),
+    ("training",),
+    ("evaluation",),
+    ("stages",),
+    ("bank",),
+    ("core", "networks"),
+    ("data",),
+    ("io",),
+    ("config", "presets"),
+    ("contracts", "progress"),
+)
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    return next((i for i, names in enumerate(LAYERS) if len(parts) > 1 and parts[1] in names), None)
+
+
+def test_imports_point_down_the_layers():
+    modules = _modules()
+    unplaced = [m for m in modules if _layer(m) is None and m not in ("hdebm_ray", "hdebm_ray.__main__")]
+    assert not unplaced, f"modules outside every layer: {unplaced}"
+    upward = sorted(
+        f"{m} -> {i}"
+        for m, p in modules.items()
+        if _layer(m) is not None
+        for i in _imports(m, p)
+        if i in modules and _layer(i) is not None and _layer(i) < _layer(m)
+    )
+    assert not upward, "imports from a lower layer to a higher one: " + "; ".join(upward)
+    # the check can fail: the layers were recognised
+    assert _layer("hdebm_ray.training.session") < _layer("hdebm_ray.stages.base") < _layer("hdebm_ray.config.root")
+
+
+def test_every_registry_comes_from_the_stage_classes_and_matches_the_config():
+    from hdebm_ray.config.schema import STAGE_NAMES
+    from hdebm_ray.stages import GUARDED, PIPELINE, STAGE_CLASSES
+
+    assert tuple(STAGES) == STAGE_NAMES == tuple(c.name for c in STAGE_CLASSES)
+    assert PIPELINE == ["diffusion", "distill", "stage1", "stage2"]
+    assert GUARDED == ("stage1", "stage2", "mebm", "mjem", "icd")
+    cfg = load_config("digits")
+    for cls in STAGE_CLASSES:
+        assert cls.starts_from is None or cls.starts_from in STAGES, cls.name
+        assert cls.section(cfg) is getattr(cfg, cls.name)
+        if cls.backoff is not None:  # every key a rollback scales exists in the stage's section
+            for key in cls.backoff.step_sizes + cls.backoff.lrs:
+                assert isinstance(cfg.replace(**{f"{cls.name}.{key}": 1e-3}), type(cfg)), key
+    assert {c.name for c in STAGE_CLASSES if c.bank_spec(cfg) is not None} == {"stage1", "mebm", "mjem", "icd"}
 
 
 def test_ray_is_imported_only_by_the_adapter_subpackage():

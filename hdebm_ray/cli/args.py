@@ -7,6 +7,8 @@ import argparse
 import math
 from pathlib import Path
 
+import torch
+
 from ..io.checkpoint import CheckpointError, checkpoint_or_newest
 from ..io.storage import is_uri
 
@@ -38,8 +40,6 @@ def at_least(lo: float, kind=int):
 
 def device(text: str) -> str:
     """An argparse type: a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
-    import torch
-
     try:
         dev = torch.device(text)
     except RuntimeError:

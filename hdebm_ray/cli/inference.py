@@ -5,17 +5,24 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from ..config import ConfigError, load_config, parse_override
+from ..data.convert import check_not_inside, write_parquet_shards
+from ..data.datasets import build_dataset
+from ..evaluation.enfe import measure_enfe
+from ..evaluation.fid import FeatureSpaces, evaluate_checkpoint
+from ..evaluation.ood import ood_auroc
+from ..evaluation.results import evaluated, record, scores_text
+from ..evaluation.sampling import Sampler, default_device, save_grid
+from ..io.checkpoint import load_config_of, load_meta, run_checkpoints
+from ..progress import progress, write
 from .args import at_least, device, existing_dir, local_checkpoint
 
 
 def checkpoints_to_evaluate(args) -> list[str]:
     """Absolute checkpoint paths: the keys the eval pool writes to eval.jsonl, so neither scores one twice."""
-    from pathlib import Path
-
-    from ..io.checkpoint import run_checkpoints
-
     if args.checkpoint:
         return [str(Path(args.checkpoint).resolve())]
     found = run_checkpoints(str(Path(args.run).resolve()))
@@ -27,10 +34,6 @@ def checkpoints_to_evaluate(args) -> list[str]:
 def results_location(ckpt: str) -> str:
     """Where a checkpoint's results go: its run (``<run>/<stage>/checkpoint_*``, the stage named in its meta),
     else, for a checkpoint outside a run, ``<checkpoint>/eval`` — never a folder above it that is not a run."""
-    from pathlib import Path
-
-    from ..io.checkpoint import load_meta
-
     path = Path(ckpt).resolve()
     if path.parent.name == load_meta(path).get("stage"):
         return str(path.parent.parent)
@@ -39,12 +42,6 @@ def results_location(ckpt: str) -> str:
 
 def cmd_eval(args) -> int:
     """FID / KID of one checkpoint, or of every checkpoint of a run not evaluated yet (results kept per run)."""
-
-    from ..evaluation.fid import FeatureSpaces, evaluate_checkpoint
-    from ..evaluation.results import evaluated, record, scores_text
-    from ..evaluation.sampling import default_device
-    from ..io.checkpoint import load_config_of
-    from ..progress import progress, write
 
     todo = checkpoints_to_evaluate(args)
     spaces = FeatureSpaces(default_device(args.device), progress=True)
@@ -70,15 +67,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_dataset_convert(args) -> int:
-    from ..data.convert import check_not_inside, write_parquet_shards
-
     overrides = [f"data.dataset={args.source}", f"data.path={args.input or ''}"]
     if args.resolution:
         overrides.append(f"data.resolution={args.resolution}")
     if args.channels:
         overrides.append(f"data.channels={args.channels}")
     cfg = load_config(None, None, overrides)
-    from ..data.datasets import build_dataset
 
     dataset = build_dataset(cfg)
     check_not_inside(args.input, args.out)
@@ -91,8 +85,6 @@ def cmd_dataset_convert(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from ..evaluation.sampling import Sampler, default_device, save_grid
-
     device = default_device(args.device)
     sampler = Sampler(args.checkpoint, device=device, use_ema=args.ema, protocol=args.protocol)
     out = save_grid(sampler.sample(args.n, seed=args.seed), args.out, sampler.cfg, caption=sampler.caption())
@@ -102,10 +94,6 @@ def cmd_sample(args) -> int:
 
 def cmd_enfe(args) -> int:
     """Equivalent NFE of a checkpoint's sampler (docs/algorithms.md §7); prints one JSON line."""
-    import json
-
-    from ..evaluation.enfe import measure_enfe
-    from ..evaluation.sampling import default_device
 
     device = default_device(args.device)
     result = measure_enfe(
@@ -130,10 +118,6 @@ def cmd_enfe(args) -> int:
 
 def cmd_ood(args) -> int:
     """AUROC of a checkpoint's energy as an out-of-distribution score; prints one JSON line."""
-    import json
-
-    from ..evaluation.ood import ood_auroc
-    from ..evaluation.sampling import default_device
 
     device = default_device(args.device)
     result = ood_auroc(args.checkpoint, args.in_source, args.out_source, args.n, device=device, progress=True)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..config.compute_support import COMPILE_MODES, problem
+from ..config.schema import ComputeSection
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -108,6 +109,4 @@ class Compute:
 
 def default_compute(device="cpu") -> Compute:
     """fp32, eager, foreach Adam: what code that builds networks outside a stage (samplers, tests) runs with."""
-    from ..config.schema import ComputeSection
-
     return Compute(ComputeSection(), device)

@@ -25,6 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+from ..data.datasets import iter_batches
+from ..progress import duration, mode, write
+from .moments import FrequentDirections, RunningMoments
 
 
 @dataclass
@@ -92,8 +97,6 @@ def fit_gaussian_stream(
     batches, max_full_dim: int = 4096, rank: int = 512, cov_jitter: float = 0.0
 ) -> tuple[GaussianInit, int]:
     """``fit_gaussian`` of the rows of an iterable of batches (N_b×...), read once; returns the fit and N."""
-    from .moments import FrequentDirections, RunningMoments
-
     moments = sketch = shape = None
     for x in batches:
         if moments is None:
@@ -125,8 +128,6 @@ def fit_gaussian_stream(
 
 def first_rank() -> bool:
     """Rank 0 of the process group, or a single process."""
-    import torch.distributed as dist
-
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
@@ -141,8 +142,6 @@ def cached_gaussian(
 ) -> GaussianInit:
     """p0 of a whole dataset of (image, label) items, fitted in one streamed pass and cached as
     ``<cache_dir>/<name>.pt``. ``progress``: show the fit's progress (None: on rank 0 only)."""
-    from ..data.datasets import iter_batches
-    from ..progress import duration, mode, write
 
     path = Path(cache_dir) / f"{name}.pt"
     if path.is_file():

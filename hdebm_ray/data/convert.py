@@ -21,11 +21,14 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 from ..io.storage import fs_and_path, is_uri
+from ..progress import progress as show_progress
 from .datasets import iter_batches, unit_to_uint8
 from .files import DatasetError, ParquetImages
 
@@ -100,8 +103,6 @@ def write_parquet_shards(
     """Encode every (image in [-1, 1], label) of ``dataset`` into ``out``/shard-NNNNN.parquet, ``shard_size`` rows
     each, in a random order fixed by ``seed`` (``shuffle``); returns the shards' paths. ``progress``: show
     progress over the images."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     if shard_size < 1:
         raise DatasetError(f"--shard-size must be at least 1 (got {shard_size})")
@@ -147,8 +148,6 @@ def write_parquet_shards(
 
 def items_in_order(dataset, shuffle: bool, seed: int, progress: bool):
     """(image, label, position in the source), in a random order fixed by ``seed`` or in storage order."""
-    from ..progress import progress as show_progress
-
     if not shuffle:
         index = 0
         for x, y in iter_batches(dataset, 256, progress="dataset convert" if progress else None):

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 
 from ..config import Config
 from ..io.storage import is_uri
+from ..progress import progress as show_progress
 from .files import DatasetError, ImageFiles, ParquetImages, pil_to_unit, uint8_to_unit
 
 __all__ = ["DatasetError", "ImageFiles", "ParquetImages", "pil_to_unit", "uint8_to_unit"]
@@ -152,8 +153,6 @@ def iter_batches(
     """The dataset's items (all, or ``indices`` in ascending order) in storage order, ``batch_size`` at a time:
     how the whole-dataset passes (FID reference, p0 fit, conversion) read in bounded memory. ``progress``: a
     label to show progress over the items under (None: silent)."""
-    from ..progress import progress as show_progress
-
     order = range(len(dataset)) if indices is None else sorted(int(i) for i in indices)
     total = len(order)
     if hasattr(dataset, "iter_batches"):  # files: one sequential pass over the shards / files

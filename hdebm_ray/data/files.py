@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -221,8 +222,6 @@ class ParquetImages(BadImagePolicy, Dataset):
     list and row counts; rows are read on demand."""
 
     def __init__(self, root: str, resolution: int, channels: int, cache_bytes: int = ROW_GROUP_CACHE_BYTES):
-        import pyarrow.parquet as pq
-
         self.root, self.resolution, self.channels = root, resolution, channels
         self.fs, base = open_root(root, "parquet folder")
         self.shards, self.fingerprint = list_files(self.fs, base, (".parquet",))
@@ -269,8 +268,6 @@ class ParquetImages(BadImagePolicy, Dataset):
         return images, labels
 
     def _open(self, shard: int):
-        import pyarrow.parquet as pq
-
         return pq.ParquetFile(self.fs.open_input_file(self.shards[shard]))
 
     def _item(self, shard: int, row: int, image, label) -> tuple[torch.Tensor, int]:

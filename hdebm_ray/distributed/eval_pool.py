@@ -24,6 +24,11 @@ import ray
 from ray.train import UserCallback
 
 from ..config import Config
+from ..evaluation.fid import FeatureSpaces, evaluate_checkpoint
+from ..evaluation.results import evaluated, read_results, record, scores_text, start_note
+from ..evaluation.sampling import default_device
+from ..io.checkpoint import load_config_of, run_checkpoints
+from ..io.storage import as_uri, local_dir
 from .bank_actor import NAMESPACE
 
 
@@ -36,8 +41,6 @@ class EvalActor:
     """Samples a checkpoint with its stage's sampler and scores it; keeps one feature extractor per dataset."""
 
     def __init__(self, hold_until: str | None = None):
-        from ..evaluation.fid import FeatureSpaces
-        from ..evaluation.sampling import default_device
 
         self.spaces = FeatureSpaces(default_device())
         self.hold_until = hold_until  # testing aid: evaluations wait until this file exists
@@ -46,9 +49,6 @@ class EvalActor:
         return os.getpid()
 
     def evaluate(self, checkpoint: str, num_samples: int, seed: int) -> dict:
-        from ..evaluation.fid import evaluate_checkpoint
-        from ..io.checkpoint import load_config_of
-        from ..io.storage import local_dir
 
         while self.hold_until and not os.path.exists(self.hold_until):
             time.sleep(0.05)
@@ -75,8 +75,6 @@ class EvalPool:
         hold_until: str | None = None,
         max_attempts: int = 3,
     ):
-        from ..evaluation.results import evaluated, read_results
-        from ..io.checkpoint import run_checkpoints
 
         self.run_location, self.num_samples, self.seed = run_location, num_samples, seed
         self.max_attempts = max_attempts
@@ -143,8 +141,6 @@ class EvalPool:
         return None
 
     async def _evaluate(self, index: int, ckpt: str) -> None:
-        from ..evaluation.results import record, scores_text, start_note
-
         result = await self._score(index, ckpt)
         if result is None:
             return
@@ -235,7 +231,6 @@ class NotifyEvalPool(UserCallback):
     def after_report(self, run_context, metrics, checkpoint) -> None:
         if checkpoint is None:
             return
-        from ..io.storage import as_uri
 
         if self._pool is None:
             self._pool = ray.get_actor(self.pool_name, namespace=NAMESPACE)

@@ -62,7 +62,7 @@ def check_pbt(space: SearchSpace, search: str) -> None:
 def pbt_scheduler(space: SearchSpace, interval_steps: int, quantile_fraction: float, resample_probability: float):
     """Synchronous PBT over the space's keys; every explored value is clipped to the space's range (the config would
     refuse a value outside the ranges the space was checked against)."""
-    from .pbt_scheduler import SynchronousPBT
+    from .pbt_scheduler import SynchronousPBT  # Ray Tune: kept off the CLI's start-up (this module checks spaces)
 
     mutations, bounds = {}, {}
     for p in space.params:

@@ -21,6 +21,7 @@ of what the Train workers and eval actors hold, so preprocessing can neither sta
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -183,8 +184,6 @@ def preprocess_limits(cfg: Config, streams: int = 1):
 def data_error_in(error: BaseException) -> str | None:
     """The message of a ``DatasetError`` behind a failed training run (raised in a worker, a Ray Data task or the
     controller, and wrapped by Ray on the way), or None."""
-    import re
-
     seen, todo = set(), [error]
     while todo:
         e = todo.pop()

@@ -19,6 +19,9 @@ Distributions: ``loguniform: [lo, hi]`` (0 < lo < hi), ``uniform: [lo, hi]``, ``
 from __future__ import annotations
 
 import difflib
+import itertools
+import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,9 +175,6 @@ def _check_corners(source: str, params: tuple[Param, ...], base: Config) -> None
     """Rules across keys (bank >= batch, divisibility by the workers) checked at every combination of the ends
     of the ranges and the listed values (a seeded sample of MAX_CORNERS of them when there are more). A rule on
     the interior of a range (a power of two inside a randint range) is the trial's own config check."""
-    import itertools
-    import math
-    import random
 
     ends = [p.extremes() for p in params]
     if math.prod(len(e) for e in ends) <= MAX_CORNERS:

@@ -16,8 +16,10 @@ import threading
 from dataclasses import dataclass
 
 from ..config import Config, ConfigError, from_dict
+from ..io import storage
 from ..io.storage import run_dir
 from ..stages import stage_class
+from .pbt import check_pbt, make_pbt_trainable, pbt_scheduler
 from .ray_compat import wait_for_forwarded_reports
 from .search_space import SearchSpace, trial_config
 
@@ -138,8 +140,6 @@ def pbt_interval(base: Config, stage: str, opts: SweepOptions) -> int:
 def build_tuner(base: Config, space: SearchSpace, init_from: str | None, opts: SweepOptions):
     from ray import tune
 
-    from .pbt import check_pbt, make_pbt_trainable, pbt_scheduler
-
     location = sweep_dir(base, opts.name)
     pbt = opts.scheduler == "pbt"
     if pbt:
@@ -184,8 +184,6 @@ def build_tuner(base: Config, space: SearchSpace, init_from: str | None, opts: S
 
 def write_outputs(results, base: Config, space: SearchSpace, opts: SweepOptions) -> dict:
     """trials.csv of every trial and best_config.yaml of the best; returns a summary."""
-    from ..io import storage
-
     location = sweep_dir(base, opts.name)
     frame = results.get_dataframe()
     storage.write_text(f"{location}/trials.csv", frame.to_csv(index=False))

@@ -13,7 +13,11 @@ import time
 
 import torch
 
+from ..config import ConfigError
 from ..core.diffusion import ddim_sample
+from ..networks import sample_shape
+from ..progress import progress as show_progress
+from .sampling import Sampler
 
 
 def _timed(fn, device: torch.device) -> float:
@@ -45,10 +49,6 @@ def measure_enfe(
     ``timer(fn, device) -> cost`` measures one batch (default: wall seconds, CUDA synchronised). ``progress``:
     show progress over the timed batches (outside the timed calls).
     """
-    from ..config import ConfigError
-    from ..networks import sample_shape
-    from ..progress import progress as show_progress
-    from .sampling import Sampler
 
     sampler = Sampler(ckpt_dir, device=device, protocol="fresh")  # timing a sampler: chains, not a buffer
     dev, shape = sampler.device, sample_shape(sampler.cfg)

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from ..config import Config
+from ..data.datasets import build_dataset, data_fingerprint, iter_batches
+from ..progress import progress as show_progress
 
 INCEPTION_PATH = Path("/tmp/inception-2015-12-05.pt")
 CLASSIFIER_MAX_IMAGES = 50_000  # the feature classifier's training set, drawn at random beyond that
@@ -159,8 +161,6 @@ class FeatureClassifier(nn.Module):
 
 
 def classifier_cache_path(cfg: Config, cache_dir: Path) -> Path:
-    from ..data.datasets import data_fingerprint
-
     d = cfg.data
     key = f"{d.dataset}-{d.path}-{d.resolution}-{d.channels}"
     if files := data_fingerprint(cfg):
@@ -176,8 +176,6 @@ def train_classifier(
 ) -> tuple[FeatureClassifier, float]:
     """Fit the feature classifier on the dataset's labels; returns it and its held-out accuracy (last 10%).
     ``progress``: show progress over the epochs."""
-    from ..data.datasets import build_dataset, iter_batches
-    from ..progress import progress as show_progress
 
     ds = build_dataset(cfg)
     # all images, or a random CLASSIFIER_MAX_IMAGES of them: they are held in memory while it trains

@@ -23,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..config import Config
+from ..core.moments import Reservoir, RunningMoments
 from ..data.datasets import build_dataset, cache_root, data_fingerprint, iter_batches
 from ..io.checkpoint import load_meta
 from ..progress import progress as show_progress
@@ -41,8 +43,6 @@ def cache_dir(cfg: Config) -> Path:
 
 def write_png_folder(images: torch.Tensor, folder: str | Path) -> Path:
     """Images in [-1, 1] (B×C×H×W) as uint8 PNGs, as they would be saved; grey stays grey (read back as RGB)."""
-    from PIL import Image
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     arr = ((images.detach().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -88,8 +88,6 @@ class ReferenceStats:
         self.mu, self.sigma, self.kid_features, self.n, self.produced_by = mu, sigma, kid_features, n, produced_by
 
     def save(self, path: Path) -> None:
-        import json
-
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # eval actors saving at once
         produced = np.array(json.dumps(self.produced_by))
@@ -98,16 +96,12 @@ class ReferenceStats:
 
     @classmethod
     def load(cls, path: Path) -> ReferenceStats:
-        import json
-
         with np.load(path, allow_pickle=False) as z:
             produced = json.loads(str(z["produced_by"]))
             return cls(z["mu"], z["sigma"], z["kid_features"], int(z["n"]), produced)
 
     @classmethod
     def of_stream(cls, feature_batches, kid_samples: int, produced_by: dict, seed: int = 0) -> ReferenceStats:
-        from ..core.moments import Reservoir, RunningMoments
-
         moments = reservoir = None
         for feats in feature_batches:
             if moments is None:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from ..config import Config
-from ..data.datasets import toy2d_centres
+from ..data.datasets import build_dataset, toy2d_centres
 
 MIN_WIDTH = 512  # px: the narrowest saved grid (a 16-px run's 8×8 grid is 137 px natively)
 
@@ -35,8 +36,6 @@ def grid_image(x: torch.Tensor, cfg: Config | None = None) -> torch.Tensor:
 
 def data_grid(cfg: Config) -> torch.Tensor:
     """The first ``eval.image_grid`` dataset images: the reference frame next to the sample grids."""
-    from ..data.datasets import build_dataset
-
     ds = build_dataset(cfg)
     return torch.stack([ds[i][0] for i in range(min(cfg.eval.image_grid, len(ds)))])
 
@@ -55,8 +54,6 @@ def upscale(pixels: np.ndarray, min_width: int = MIN_WIDTH) -> np.ndarray:
 
 def caption_font(size: int):
     """PIL's default font at ``size`` px (Pillow >= 10.1), else its small bitmap font."""
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=size)
     except TypeError:
@@ -76,8 +73,6 @@ def wrap(text: str, font, width: int) -> list[str]:
 
 def with_caption(img, caption: str):
     """``img`` (PIL) below a white strip with ``caption`` in black, wrapped to the image's width."""
-    from PIL import Image, ImageDraw
-
     size = max(14, min(24, img.width // 32))
     font, margin = caption_font(size), size // 2
     lines = wrap(caption, font, img.width - 2 * margin)
@@ -96,8 +91,6 @@ def save_grid(
 ) -> Path:
     """``grid_image`` as a PNG file at least ``min_width`` px wide (nearest-neighbour, integer factor; 2-D points
     are plotted at that size), under ``caption`` when one is given."""
-    from PIL import Image
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     x = x.detach().cpu().float()
@@ -114,8 +107,6 @@ def save_grid(
 
 def scatter_plot(points: torch.Tensor, centres: torch.Tensor | None = None, size: int = 400):
     """A PIL image of points in [-1.2, 1.2]², with the true centres circled in red."""
-    from PIL import Image, ImageDraw
-
     img = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(img)
 

@@ -13,6 +13,10 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError
+from ..data.datasets import build_dataset, random_images
+from ..networks import sample_shape
+from ..progress import progress as show_progress
+from .sampling import Sampler
 
 SYNTHETIC = ("uniform", "gaussian", "constant")
 DATASETS = ("digits", "cifar10", "image_folder", "parquet")
@@ -20,8 +24,6 @@ DATASETS = ("digits", "cifar10", "image_folder", "parquet")
 
 def source_images(spec: str, cfg: Config, n: int, seed: int = 0) -> torch.Tensor:
     """Up to ``n`` images in [-1, 1] from a source spec, shaped like the checkpoint's data."""
-    from ..data.datasets import build_dataset, random_images
-    from ..networks import sample_shape
 
     shape = sample_shape(cfg)
     g = torch.Generator().manual_seed(seed)
@@ -41,8 +43,6 @@ def source_images(spec: str, cfg: Config, n: int, seed: int = 0) -> torch.Tensor
 @torch.no_grad()
 def energies(energy: torch.nn.Module, images: torch.Tensor, batch: int, device, progress: str | None = None):
     """H(x) of ``images`` in batches (numpy); ``progress``: a label to show progress over the batches under."""
-    from ..progress import progress as show_progress
-
     starts = show_progress(range(0, len(images), batch), desc=progress or "", unit="batches", enabled=bool(progress))
     out = [energy(images[i : i + batch].to(device)).float().cpu() for i in starts]
     return torch.cat(out).numpy()
@@ -60,8 +60,6 @@ def ood_auroc(
 ) -> dict:
     """AUROC of the checkpoint's energy separating ``out_spec`` from ``in_spec`` (default: its own dataset);
     ``progress``: show progress over the energy batches."""
-    from .sampling import Sampler
-
     sampler = Sampler(ckpt_dir, device=device, protocol="fresh")  # only its energy is used
     if sampler.energy is None:
         raise ConfigError(f"checkpoint {ckpt_dir} is of stage {sampler.stage!r}, which has no energy")

@@ -7,8 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from torch.utils.tensorboard import SummaryWriter
+
 from ..io import storage
 from ..io.storage import staged_output
+from ..stages import PIPELINE
 
 # What an evaluation scores, each also of the chain starts alone (``<key>_generator`` / ``<key>_init``) but IS.
 SCORES = ("fid", "kid", "precision", "recall")
@@ -45,8 +48,6 @@ def append_jsonl(path: str | Path, record: dict) -> None:
 def record(run_location: str, result: dict) -> None:
     """Append to ``<run>/eval.jsonl`` and log ``Eval/*`` (FID, KID, precision, recall, IS; those of the chain starts)
     at the checkpoint's images seen."""
-    from torch.utils.tensorboard import SummaryWriter
-
     append_jsonl(f"{run_location}/eval.jsonl", result)
     # events go to a local directory (uploaded afterwards when the run lives under a URI)
     with staged_output(f"{run_location}/tb/{result['stage']}") as local:
@@ -94,8 +95,6 @@ def evaluated(run_location: str, protocol: str | None = None, weights: str | Non
 
 def print_eval_table(run_location: str) -> None:
     """The run's scores so far, one line per scored checkpoint (from ``<run>/eval.jsonl``)."""
-    from ..stages import PIPELINE
-
     results = read_results(run_location)
     if not results:
         return

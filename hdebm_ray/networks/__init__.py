@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import Config, ConfigError
+from ..core.diffusion import CosineSchedule
 from .classifier_energy import ClassifierEnergy
 from .mlp import MLPDenoiser, MLPEnergy, MLPGenerator
 from .sngan import MultiScaleEnergy, ResNetEnergy, ResNetGenerator
@@ -32,8 +33,6 @@ def build_denoiser(cfg: Config) -> nn.Module:
     if is_vector_data(cfg):
         alpha_bar = None
         if n.mlp.precondition:
-            from ..core.diffusion import CosineSchedule
-
             alpha_bar = CosineSchedule(cfg.diffusion.T, cfg.diffusion.cosine_s).alpha_bar
         return MLPDenoiser(dim=TOY_DIM, hidden=n.mlp.hidden, depth=n.mlp.depth, alpha_bar=alpha_bar)
     return build_unet(cfg, cfg.network.unet.dropout)

@@ -16,8 +16,10 @@ import sys
 import tempfile
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from ..core.ranks import status
+from ..evaluation.images import data_grid, grid_image
 from ..io.storage import is_uri, upload
 from ..progress import hms
 
@@ -79,8 +81,6 @@ class StageLogger:
     def __init__(self, stage, log_dir: str | None, enabled: bool):
         self.stage, self.writer, self.upload_to, self.data_logged = stage, None, None, False
         if enabled and log_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
             target = f"{log_dir}/{stage.name}"
             if is_uri(target):
                 self.upload_to, target = target, tempfile.mkdtemp(prefix="hdebm-tb-")
@@ -103,8 +103,6 @@ class StageLogger:
         status(tick_line(self.stage, step, metrics, resources))
 
     def _log_images(self, step: int, nimg: int) -> None:
-        from ..evaluation.images import data_grid, grid_image
-
         grids = self.stage.tick_images(step)
         if grids and not self.data_logged:  # stages with grids have a cfg
             grids["Samples/data"] = data_grid(self.stage.cfg)
