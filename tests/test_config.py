@@ -105,3 +105,36 @@ def test_cli_dry_run_prints_resolved_config_and_rejects_bad_values():
     bad = subprocess.run(run + ["--set", "stage1.langevin.step_size=-1"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert "stage1.langevin.step_size" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_keys_renamed_in_0_2_are_read_with_one_notice_each(tmp_path, capsys):
+    """Stage 2's flat chain keys and the baselines' ``sgld`` section moved to ``<stage>.langevin``: the old spellings
+    still load (a config file, ``--set``, an old checkpoint's config.yaml, a tune space's keys), each with a one-line
+    notice once per process, and both spellings of one key at once are refused."""
+    from hdebm_ray.config import key_type, parse_config, renamed
+
+    renamed._noted.clear()
+    text = "stage2:\n  y_step_size: 3.0e-4\n  langevin_steps: 7\nmebm:\n  sgld: {steps: 4}\n"
+    old = _write(tmp_path / "old.yaml", text)
+    cfg = load_config("digits", old, ["stage2.z2_step_size=2e-3", "icd.sgld.step_size=50"])
+    assert (cfg.stage2.langevin.y_step_size, cfg.stage2.langevin.steps, cfg.stage2.langevin.z2_step_size) == (
+        3e-4,
+        7,
+        2e-3,
+    )
+    assert cfg.mebm.langevin.steps == 4 and cfg.icd.langevin.step_size == 50
+    assert cfg.stage2.langevin.z1_step_size == load_config("digits").stage2.langevin.z1_step_size  # untouched
+    notices = capsys.readouterr().err.splitlines()
+    assert len(notices) == 5 and all(n.startswith("hdebm-ray: note: config key '") for n in notices)
+    assert any("'stage2.y_step_size' is now 'stage2.langevin.y_step_size'" in n and "old.yaml" in n for n in notices)
+    assert any("'icd.sgld' is now 'icd.langevin'" in n and "--set" in n for n in notices)
+    # once per key and process; an old checkpoint's config (written before 0.2) reads the same way
+    written = Config().to_dict()
+    chain = written["stage2"].pop("langevin")
+    written["stage2"].update({"langevin_steps": chain["steps"], "y_step_size": 1e-3})
+    assert parse_config(yaml.safe_dump(written), "config file 'old-ckpt'").stage2.langevin.y_step_size == 1e-3
+    assert key_type("mjem.sgld.noise_std") is float
+    assert len(capsys.readouterr().err.splitlines()) == 1  # only mjem.sgld is new
+    both = _write(tmp_path / "both.yaml", "stage2:\n  y_step_size: 3.0e-4\n  langevin: {y_step_size: 4.0e-4}\n")
+    with pytest.raises(ConfigError, match=r"'stage2.y_step_size' and 'stage2.langevin.y_step_size' are both set"):
+        load_config("digits", both)

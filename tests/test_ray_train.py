@@ -103,3 +103,40 @@ def test_stage1_step_in_process_equals_the_step_in_a_one_worker_trainer(ray_loca
     fresh = run_in_process(cfg.replace(**{"run.seed": 1}), "stage1", tmp_path / "other", init_dir=ck)[1]
     c = load_states(fresh)
     assert any(not torch.allclose(v, c["energy"][k]) for k, v in a["energy"].items())  # the comparison can fail
+
+
+def test_ray_data_streams_a_folder_without_a_log_line_per_epoch_and_auto_keeps_a_small_one_in_memory(
+    ray_local, tmp_path
+):
+    """A 100-image folder: under ``data.loader: auto`` it fits ``data.in_memory_mb`` and is decoded once into memory
+    (no Ray Data); forced through Ray Data by the CLI (against this module's Ray, as a driver of its own), several
+    epochs pass without Ray Data's per-epoch "execution finished" lines or a deprecation warning in the log."""
+    import subprocess
+    import sys
+
+    import ray
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hdebm_ray.data.datasets import DecodedImages, training_dataset
+
+    digits = build_dataset(load_config("digits"))
+    write_image_folder(torch.utils.data.Subset(digits, range(100)), tmp_path / "data")
+    data = ["data.dataset=image_folder", f"data.path={tmp_path / 'data'}"]
+    small = load_config("digits", overrides=data)
+    assert not uses_ray_data(small) and isinstance(training_dataset(small), DecodedImages)
+    assert len(training_dataset(small)) == 100 and training_dataset(small) is training_dataset(small)  # decoded once
+    assert uses_ray_data(small.replace(**{"data.in_memory_mb": 0}))
+
+    overrides = small_digits_overrides(str(tmp_path), "folder") + data + ["data.loader=ray_data"]
+    overrides += ["diffusion.steps=16", "diffusion.batch_size=16", "diffusion.report_every=4", "eval.actors=0"]
+    overrides += ["diffusion.checkpoint_every=16", "data.preprocess_cpus=0.5"]
+    cmd = [sys.executable, "-m", "hdebm_ray", "train", "--stage", "diffusion", "--preset", "digits"]
+    cmd += ["--address", ray.get_runtime_context().gcs_address] + [a for o in overrides for a in ("--set", o)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-3000:]
+    acc = EventAccumulator(str(tmp_path / "folder" / "tb" / "diffusion"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("Data/train_epochs")][-1] >= 2  # 100 images, 6 batches of 8 a rank
+    assert "execution finished" not in log and "RayDeprecationWarning" not in log
+    assert log.count("[diffusion] step") == 4
