@@ -27,6 +27,7 @@ SHRUNK = [
     "compute.compile=none",
     "compute.adam=auto",
     "compute.tf32=false",
+    "data.loader=ray_data",  # 256 small images would fit data.in_memory_mb: stream them as ImageNet would be
     "data.preprocess_cpus=1",
     "data.shuffle_buffer=64",
     # the preset's network shapes, narrow
