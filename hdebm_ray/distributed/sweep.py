@@ -205,7 +205,7 @@ def write_outputs(results, base: Config, space: SearchSpace, opts: SweepOptions)
 def leftover_bank_actors(prefix: str = "bank-trial-") -> list[str]:
     import ray
 
-    from .driver import NAMESPACE
+    from .bank_actor import NAMESPACE
 
     return [
         a["name"]
