@@ -14,9 +14,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
+from ..io import storage
 from ..io.storage import fs_and_path
 
 SNAPSHOT_PREFIX = "bank_step_"
+BATCH_BYTES = 16 * 2**20  # rows of a snapshot per record batch: at most this many bytes
 
 
 def snapshot_name(step: int) -> str:
@@ -102,16 +104,9 @@ class SlotStore:
     # -- snapshots ------------------------------------------------------------------------------------------
 
     def snapshot(self, directory: str, step: int) -> str:
-        """Write every slot to ``directory/bank_step_<step>.arrow`` (atomically: temp file, then move)."""
-        fs, base = fs_and_path(directory)
-        fs.create_dir(base, recursive=True)
-        cols = {
-            k: pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), int(np.prod(a.shape[1:])))
-            for k, a in self.arrays.items()
-        }
-        cols["written_step"] = pa.array(self.written_step)
-        cols["writes"] = pa.array(self.writes)
-        cols["lineage"] = pa.array(self.lineage)
+        """Write every slot to ``directory/bank_step_<step>.arrow``, whole or not at all (``storage.atomic_output``:
+        renamed into place on a filesystem, written to its key in an object store, never copied server-side), in
+        record batches of at most ``BATCH_BYTES``, so neither writing nor reading it back holds a second copy."""
         meta = {
             "step": str(step),
             "size": str(self.size),
@@ -121,12 +116,28 @@ class SlotStore:
             "double_writes": str(self.double_writes),
             "audit_from": str(self.audit_from),
         }
-        table = pa.table(cols).replace_schema_metadata(meta)
-        path, tmp = f"{base}/{snapshot_name(step)}", f"{base}/.{snapshot_name(step)}.tmp"
-        with fs.open_output_stream(tmp) as out, ipc.new_file(out, table.schema) as writer:
-            writer.write_table(table)
-        fs.move(tmp, path)
+        row_bytes = sum(a[0].nbytes for a in self.arrays.values()) + 24
+        rows = max(1, BATCH_BYTES // row_bytes)
+        path = f"{directory.rstrip('/')}/{snapshot_name(step)}"
+        with storage.atomic_output(path) as out:
+            writer = None
+            for start in range(0, self.size, rows):
+                batch = self._batch(slice(start, start + rows))
+                if writer is None:
+                    writer = ipc.new_file(out, batch.schema.with_metadata(meta))
+                writer.write_batch(batch)
+            writer.close()
         return path
+
+    def _batch(self, rows: slice) -> pa.RecordBatch:
+        cols = {
+            k: pa.FixedSizeListArray.from_arrays(pa.array(a[rows].reshape(-1)), int(np.prod(a.shape[1:])))
+            for k, a in self.arrays.items()
+        }
+        cols["written_step"] = pa.array(self.written_step[rows])
+        cols["writes"] = pa.array(self.writes[rows])
+        cols["lineage"] = pa.array(self.lineage[rows])
+        return pa.record_batch(cols)
 
     @classmethod
     def load(cls, path: str) -> tuple[SlotStore, int]:
@@ -150,26 +161,37 @@ class SlotStore:
 
     @classmethod
     def _load(cls, path: str) -> tuple[SlotStore, int]:
+        """Read the snapshot one record batch at a time into the store's arrays: the peak is the store plus one
+        batch (a snapshot written in one batch, before 0.2, is read whole)."""
         fs, p = fs_and_path(path)
         with fs.open_input_file(p) as f:
-            table = ipc.open_file(f).read_all()
-        meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
-        shapes = {k[6:]: tuple(int(x) for x in v.split(",") if x) for k, v in meta.items() if k.startswith("shape:")}
-        store = cls(int(meta["size"]), shapes)
-        for k, shape in shapes.items():
-            flat = table.column(k).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            store.arrays[k][:] = flat.reshape(store.size, *shape)
-        store.written_step[:] = table.column("written_step").to_numpy()
-        store.writes[:] = table.column("writes").to_numpy()
-        if "lineage" in table.column_names:
-            store.lineage[:] = table.column("lineage").to_numpy()
+            reader = ipc.open_file(f)
+            meta = {k.decode(): v.decode() for k, v in reader.schema.metadata.items()}
+            shapes = {
+                k[6:]: tuple(int(x) for x in v.split(",") if x) for k, v in meta.items() if k.startswith("shape:")
+            }
+            store = cls(int(meta["size"]), shapes)
+            start = 0
+            for i in range(reader.num_record_batches):
+                batch = reader.get_batch(i)
+                rows = slice(start, start + batch.num_rows)
+                for k, shape in shapes.items():
+                    flat = batch.column(k).flatten().to_numpy(zero_copy_only=False)
+                    store.arrays[k][rows] = flat.reshape(batch.num_rows, *shape)
+                store.written_step[rows] = batch.column("written_step").to_numpy()
+                store.writes[rows] = batch.column("writes").to_numpy()
+                if "lineage" in batch.schema.names:
+                    store.lineage[rows] = batch.column("lineage").to_numpy()
+                start += batch.num_rows
+                del batch
+            if start != store.size:
+                raise ValueError(f"{start} rows for {store.size} slots")
         store.counters = {k[8:]: int(v) for k, v in meta.items() if k.startswith("counter:")}
         store.load_step_writes(decode_runs(meta.get("step_writes", "")))
         store.double_writes = int(meta.get("double_writes", 0))
         step = int(meta["step"])
         # A snapshot from before the counts were kept: they are complete only from its step on.
         store.audit_from = int(meta["audit_from"]) if "audit_from" in meta else step
-        step = int(meta["step"])
         store.step = step
         return store, step
 

@@ -134,11 +134,19 @@ def prune(cfg: Config, stage: str, keep: str) -> None:
     ``keep`` (under synchronous PBT every chunk leaves a Train run and an adopted copy, each a checkpoint and a bank
     snapshot, which would otherwise pile up)."""
     run = run_dir(cfg)
-    chunks = [(d, t) for d, t in storage.list_dirs(run) if d.rsplit("/", 1)[-1].startswith(f"{stage}-to-")]
-    adopted = storage.list_dirs(f"{run}/{stage}-adopted")  # one folder per copy: its checkpoint and bank/
-    older = sorted(((d, t) for d, t in chunks + adopted if not keep.startswith(d + "/")), key=lambda dt: dt[1])
-    for d, _ in older[: max(0, len(older) - KEEP_OLDER)]:
+    chunks = [d for d, _ in storage.list_dirs(run) if d.rsplit("/", 1)[-1].startswith(f"{stage}-to-")]
+    adopted = [d for d, _ in storage.list_dirs(f"{run}/{stage}-adopted")]  # a copy per folder: checkpoint, bank/
+    # by the step in the name (<stage>-to-<step>-<id>, <step>-<id>): object stores keep no folder times
+    older = sorted((d for d in chunks + adopted if not keep.startswith(d + "/")), key=folder_step)
+    for d in older[: max(0, len(older) - KEEP_OLDER)]:
         storage.remove_tree(d)
+
+
+def folder_step(folder: str) -> int:
+    """The step a chunk run (``<stage>-to-<step>-<id>``) or an adopted copy (``<step>-<id>``) is named after."""
+    name = folder.rstrip("/").rsplit("/", 1)[-1]
+    digits = name.split("-to-", 1)[-1].split("-", 1)[0]
+    return int(digits) if digits.isdigit() else -1
 
 
 def carry_snapshot(checkpoint: str, step: int, train_run: str) -> None:
@@ -175,7 +183,7 @@ class tune_checkpoint:
 
 def adopt(cfg: Config, stage: str, given, trial_id: str, params: dict) -> tuple[str, int]:
     """Copy a Tune checkpoint (the trial's own, or its donor's) into the trial's run: the Train checkpoint to
-    ``<run>/<stage>-adopted/<id>/checkpoint_<step>``, its bank snapshot beside it; record the start in
+    ``<run>/<stage>-adopted/<step>-<id>/checkpoint_<step>``, its bank snapshot beside it; record the start in
     ``pbt_history.jsonl``. Returns (the copy's path, its step). The trial's own Train checkpoint, if it is still
     there and complete, is used as it is."""
     run = run_dir(cfg)
@@ -187,7 +195,7 @@ def adopt(cfg: Config, stage: str, given, trial_id: str, params: dict) -> tuple[
         if own:
             target = origin["checkpoint"]
         else:
-            target = f"{run}/{stage}-adopted/{uuid.uuid4().hex[:8]}/checkpoint_{step:08d}"  # bank/ beside it
+            target = f"{run}/{stage}-adopted/{step:08d}-{uuid.uuid4().hex[:8]}/checkpoint_{step:08d}"  # bank/ beside
             with tempfile.TemporaryDirectory(prefix="hdebm-adopt-") as tmp:
                 files = Path(tmp) / "checkpoint"
                 shutil.copytree(d, files, ignore=shutil.ignore_patterns(ORIGIN_FILE, BANK_SUBDIR))

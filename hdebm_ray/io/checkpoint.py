@@ -12,6 +12,7 @@ import json
 import pickle
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -188,9 +189,7 @@ def checkpoint_or_newest(location: str) -> str:
 
 def save_checkpoint_atomically(directory: Path, states: dict[str, dict], config: Config, meta: dict) -> Path:
     """``save_checkpoint`` into a temporary sibling, renamed into place: a crash never leaves half of one."""
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:12]}.tmp")  # no writer shares it
     save_checkpoint(tmp, states, config, meta)
     if directory.exists():  # the same step again (a re-run that finished nothing new): replace it
         shutil.rmtree(directory)

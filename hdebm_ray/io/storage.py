@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -76,14 +77,71 @@ def read_text(location: str) -> str:
         return f.read().decode()
 
 
-def write_text(location: str, text: str) -> None:
-    """Write via a temporary name and a move, so a reader never sees half a file."""
+def is_object_store(location: str) -> bool:
+    """Whether ``location`` is in an object store (s3://, gs://, ...), where a "move" is a server-side copy (S3:
+    5 GiB at most, and as slow as the copy) but an object appears whole or not at all."""
+    return is_uri(location) and not location.startswith("file://")
+
+
+def temporary_name(path: str) -> str:
+    """A hidden sibling name no other writer uses (two drivers, two ranks, two attempts each get their own)."""
+    folder, _, name = path.rpartition("/")
+    return f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+@contextlib.contextmanager
+def atomic_output(location: str):
+    """An output stream whose contents appear at ``location`` whole or not at all: on a filesystem (local, a shared
+    mount, file://) written under a temporary name and renamed when the block ends; in an object store written to
+    the key itself (an upload becomes visible only when it completes), never copied server-side."""
     fs, path = fs_and_path(location)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    tmp = f"{path}.tmp"
-    with fs.open_output_stream(tmp) as f:
-        f.write(text.encode())
-    fs.move(tmp, path)
+    if is_object_store(location):
+        with fs.open_output_stream(path) as out:
+            yield out
+        return
+    tmp = temporary_name(path)
+    try:
+        with fs.open_output_stream(tmp) as out:
+            yield out
+        fs.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise
+
+
+def write_text(location: str, text: str) -> None:
+    """Write so that a reader never sees half a file (``atomic_output``)."""
+    with atomic_output(location) as out:
+        out.write(text.encode())
+
+
+def create_exclusive(location: str, text: str) -> bool:
+    """Create a file only if nothing is there yet; True if this call created it. On a filesystem the create is
+    exclusive (one of two racing callers wins); an object store has no such create, so there the check and the
+    write are two requests (callers read back what they wrote)."""
+    if not is_uri(location) or location.startswith("file://"):
+        path = location.removeprefix("file://")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return True
+    if exists(location):
+        return False
+    write_text(location, text)
+    return True
+
+
+def remove_file(location: str) -> None:
+    """Delete a file (local path or URI); nothing if it is not there."""
+    fs, path = fs_and_path(location)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
 
 
 def upload(local_path: str | Path, location: str) -> str:

@@ -12,15 +12,17 @@ RSS; gpu: ``torch.cuda.max_memory_allocated``, only when CUDA is in use). They a
 from __future__ import annotations
 
 import resource
+import shutil
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from ..core.ranks import status
 from ..evaluation.images import data_grid, grid_image
-from ..io.storage import is_uri, upload
+from ..io.storage import copy_file, is_uri
 from ..progress import hms
 
 GIB = 2**30
@@ -75,15 +77,21 @@ def tick_line(stage, step: int, metrics: dict[str, float], resources: dict[str, 
 class StageLogger:
     """Rank 0's TensorBoard scalars (x-axis: images seen) and a one-line status per report tick.
 
-    Under a URI storage the events are written to a local directory and copied up after every tick.
+    Under a URI storage the events are written to a local folder and the event file that changed is uploaded after
+    every tick; a file is closed and a new one begun once it passes ``ROLL_BYTES``, so a tick's upload stays bounded
+    however long the run. The local folder is removed when the logger closes.
     """
 
+    ROLL_BYTES = 4 * 2**20
+
     def __init__(self, stage, log_dir: str | None, enabled: bool):
-        self.stage, self.writer, self.upload_to, self.data_logged = stage, None, None, False
+        self.stage, self.writer, self.upload_to, self.local, self.data_logged = stage, None, None, None, False
+        self.uploaded: dict[str, int] = {}  # local event file -> size when last uploaded
         if enabled and log_dir:
             target = f"{log_dir}/{stage.name}"
             if is_uri(target):
-                self.upload_to, target = target, tempfile.mkdtemp(prefix="hdebm-tb-")
+                self.upload_to, self.local = target, tempfile.mkdtemp(prefix="hdebm-tb-")
+                target = self.local
             self.writer = SummaryWriter(log_dir=target)
         self.enabled = enabled
 
@@ -99,8 +107,23 @@ class StageLogger:
                 self._log_images(step, nimg)
             self.writer.flush()
             if self.upload_to:
-                upload(self.writer.log_dir, self.upload_to)
+                self._upload_changed()
         status(tick_line(self.stage, step, metrics, resources))
+
+    def _upload_changed(self, final: bool = False) -> None:
+        """Upload the event files that grew since their last upload; past ``ROLL_BYTES`` close the current one
+        (uploaded once more, then deleted here) and begin the next."""
+        for path in sorted(Path(self.local).glob("events.out.tfevents.*")):
+            size = path.stat().st_size
+            if self.uploaded.get(path.name) != size:
+                copy_file(path, f"{self.upload_to}/{path.name}")
+                self.uploaded[path.name] = size
+        if not final and any(size > self.ROLL_BYTES for size in self.uploaded.values()):
+            self.writer.close()  # flushed and uploaded above
+            for name in self.uploaded:
+                (Path(self.local) / name).unlink(missing_ok=True)
+            self.uploaded = {}
+            self.writer = SummaryWriter(log_dir=self.local)
 
     def _log_images(self, step: int, nimg: int) -> None:
         grids = self.stage.tick_images(step)
@@ -113,3 +136,8 @@ class StageLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            if self.upload_to:
+                self._upload_changed(final=True)
+        if self.local is not None:
+            shutil.rmtree(self.local, ignore_errors=True)
+            self.local = None
