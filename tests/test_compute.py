@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from hdebm_ray.config import ConfigError, compute_support, load_config
-from hdebm_ray.config.schema import ComputeSection
+from hdebm_ray.config.runtime import ComputeSection
 from hdebm_ray.contracts import WorkerContext
 from hdebm_ray.core.compute import Autocast, Compute
 from hdebm_ray.core.langevin import hill_coefficients, sample_langevin

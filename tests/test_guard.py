@@ -14,14 +14,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from hdebm_ray.config import load_config
 from hdebm_ray.io.checkpoint import load_meta
-from hdebm_ray.training.guard import GuardLog, GuardStop, StepGuard, backed_off
+from hdebm_ray.training.guard import GuardLog, GuardStop, backed_off
 from hdebm_ray.training.runner import run_in_process
+from hdebm_ray.training.step_guard import StepGuard
 
 CPU = torch.device("cpu")
 
 
 def test_step_guard_names_the_first_violation_and_lets_healthy_steps_through():
-    cfg = load_config("toy2d", overrides=["guard.check_every=3", "guard.max_energy_gap=10"])
+    cfg = load_config("toy2d", overrides=["guard.check_every=3", "guard.max_energy_gap=10", "guard.patience=1"])
     guard = StepGuard(cfg, CPU)
     healthy = {"Loss/energy": torch.tensor(0.5), "Energy/abs_gap": torch.tensor(9.0), "Opt/lr_energy": 1e-3}
     for step in range(3):

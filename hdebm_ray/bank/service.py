@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..io.checkpoint import checkpoint_steps
 from .store import LeaseTable, SlotStore, SnapshotError, draw_free, list_snapshots, prune_snapshots
 
 
@@ -33,6 +34,10 @@ class BankSpec:
     def arguments(self) -> dict:
         """``BankService``'s keyword arguments for this store."""
         return dataclasses.asdict(self)
+
+    def nbytes(self) -> int:
+        """Bytes of the store's float32 fields (what restoring or snapshotting it holds, plus one batch)."""
+        return self.size * sum(4 * int(np.prod(shape)) for shape in self.shapes.values())
 
 
 class Bank:
@@ -365,7 +370,10 @@ class BankService:
             raise RuntimeError("this bank has no snapshot directory")
         path = self.core.store.snapshot(self.snapshot_dir, step)
         steps = sorted(list_snapshots(self.snapshot_dir))
-        prune_snapshots(self.snapshot_dir, set(steps[-self.keep :]))
+        # the newest few, and every one whose checkpoint is still there (waiting for the eval pool, which samples a
+        # baseline's buffer from it)
+        checkpoints = checkpoint_steps(self.snapshot_dir.rstrip("/").rsplit("/", 1)[0])
+        prune_snapshots(self.snapshot_dir, set(steps[-self.keep :]) | checkpoints)
         return path
 
     def restore(self, step: int | None = None, generation: str | None = None) -> int | None:

@@ -12,6 +12,7 @@ from ..config import ConfigError, load_config, parse_override
 from ..data.convert import check_not_inside, write_parquet_shards
 from ..data.datasets import build_dataset
 from ..evaluation.enfe import measure_enfe
+from ..evaluation.features import FILE_KEYS, eval_files
 from ..evaluation.fid import FeatureSpaces, evaluate_checkpoint
 from ..evaluation.ood import ood_auroc
 from ..evaluation.results import evaluated, record, scores_text
@@ -40,10 +41,24 @@ def results_location(ckpt: str) -> str:
     return str(path / "eval")
 
 
+def evaluation_config(base, overrides: list[str], origin: str, trusted_files: dict | None = None):
+    """A checkpoint's config with ``--set`` over it, where the keys that name a file to load (``FILE_KEYS``) come
+    from ``--set`` or ``trusted_files`` (``eval --run``: the run's own config.yaml): a checkpoint's own value (it may
+    come from elsewhere) is dropped, with a note."""
+    given = dict(parse_override(o) for o in overrides)
+    files = {key: given.pop(key, (trusted_files or {}).get(key, "")) for key in FILE_KEYS}
+    ignored = [f"{key} = {value!r}" for key, value in eval_files(base).items() if value and value != files[key]]
+    if ignored:
+        write(f"[eval] {origin}: not using {', '.join(ignored)} from the checkpoint's config (pass it with --set)")
+    return base.replace(**given, **files)
+
+
 def cmd_eval(args) -> int:
     """FID / KID of one checkpoint, or of every checkpoint of a run not evaluated yet (results kept per run)."""
 
     todo = checkpoints_to_evaluate(args)
+    run_config = Path(args.run or "") / "config.yaml"
+    trusted = eval_files(load_config(config_file=run_config)) if args.run and run_config.is_file() else None
     spaces = FeatureSpaces(default_device(args.device), progress=True)
     for ckpt in progress(todo, desc="eval", unit="checkpoints", enabled=len(todo) > 1):
         run_location = results_location(ckpt)
@@ -51,8 +66,7 @@ def cmd_eval(args) -> int:
         if not args.force and str(ckpt) in evaluated(run_location, args.protocol, weights):
             write(f"[eval] {ckpt}: already evaluated (see {run_location}/eval.jsonl; --force to redo)")
             continue
-        base = load_config_of(ckpt)
-        cfg = base.replace(**dict(parse_override(o) for o in args.set)) if args.set else base
+        cfg = evaluation_config(load_config_of(ckpt), args.set, ckpt, trusted)
         n = args.n or cfg.eval.num_samples
         result = evaluate_checkpoint(
             ckpt, spaces(cfg), n, seed=args.seed, progress=True, use_ema=args.ema, protocol=args.protocol

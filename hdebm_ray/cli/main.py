@@ -8,12 +8,13 @@ its data before Ray starts, so a bad key, value or path fails in a second with a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 
-from ..config import ConfigError, check_stage, load_config, preset_names, preset_summary
+from ..config import ConfigError, load_config, preset_names, preset_summary
 from ..config.show import add_config_parser
-from ..data.datasets import DatasetError, check_data_available
+from ..data.datasets import DatasetError
 from ..distributed.pbt import check_pbt
 from ..distributed.ray_compat import UntestedRayError
 from ..distributed.search_space import load_space
@@ -21,12 +22,15 @@ from ..distributed.sweep import SCHEDULERS, SEARCHERS, SweepOptions
 from ..evaluation.features import EvalError
 from ..evaluation.results import print_eval_table
 from ..io.checkpoint import CheckpointError
-from ..io.storage import check_not_in_job_working_dir, check_run_name, run_dir, write_text
-from ..stages import STAGES
+from ..io.ownership import RunInUse, RunLease
+from ..io.storage import RunStateError, check_run_name, run_dir, write_text
+from ..stages import PIPELINE, STAGES
 from ..training.guard import GuardStop
+from ..training.interrupts import RunStopped, StopRequest
 from ..training.pipeline import check_stages, init_checkpoint
 from .args import OneLineParser, at_least, checkpoint
 from .inference import add_inference_commands
+from .preflight import DependencyError, check_dependencies, preflight
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -53,25 +57,33 @@ def resolve(args) -> object:
 
 
 def prepare_run(cfg) -> None:
-    """Checks that need the filesystem, then the resolved config saved next to the run."""
-    check_not_in_job_working_dir(cfg)
-    check_data_available(cfg)
+    """The resolved config saved next to the run (by the run's owner: after ``owned_run``)."""
     write_text(f"{run_dir(cfg)}/config.yaml", cfg.to_yaml())
+
+
+@contextlib.contextmanager
+def owned_run(location: str, lease_s: float, what: str = "run"):
+    """This driver as the run's one owner for the block (``RunInUse`` if another live driver is), with SIGTERM turned
+    into a stop request its stages checkpoint on (``StopRequest``)."""
+    with RunLease(location, lease_s, what, exit_on_loss=True), StopRequest(location) as stop:
+        yield stop
 
 
 def cmd_pipeline(args) -> int:
     cfg = resolve(args)
     stages = args.stages.split(",") if args.stages else None
     check_stages(stages or [])
+    preflight(cfg, stages or PIPELINE)
     if args.dry_run:
         print(cfg.to_yaml(), end="")
         return 0
     from ..distributed.cluster import init_ray
     from ..distributed.driver import run_pipeline
 
-    prepare_run(cfg)
-    init_ray(cfg)
-    state = run_pipeline(cfg, stages)
+    with owned_run(run_dir(cfg), cfg.run.lease_s):
+        prepare_run(cfg)
+        init_ray(cfg)
+        state = run_pipeline(cfg, stages)
     print(f"\nResults in {run_dir(cfg)}")
     for stage, entry in state.items():
         print(f"  {stage:10s} checkpoint: {entry['checkpoint']}")
@@ -90,18 +102,19 @@ def resolve_init_from(cfg, stage: str, given: str | None) -> str | None:
 
 def cmd_train(args) -> int:
     cfg = resolve(args)
+    init_from = resolve_init_from(cfg, args.stage, args.init_from)
+    preflight(cfg, [args.stage], {args.stage: init_from})
     if args.dry_run:
         print(cfg.to_yaml(), end="")
         return 0
-    check_stage(cfg, args.stage)
-    init_from = resolve_init_from(cfg, args.stage, args.init_from)
     from ..distributed.cluster import init_ray
     from ..distributed.driver import fit_stage, running_eval_pool
 
-    prepare_run(cfg)
-    init_ray(cfg)
-    with running_eval_pool(cfg) as pool:
-        out = fit_stage(cfg, args.stage, init_from, eval_pool=pool)
+    with owned_run(run_dir(cfg), cfg.run.lease_s):
+        prepare_run(cfg)
+        init_ray(cfg)
+        with running_eval_pool(cfg) as pool:
+            out = fit_stage(cfg, args.stage, init_from, eval_pool=pool)
     if pool is not None:
         print_eval_table(run_dir(cfg))
     print(f"\n{args.stage} finished in {run_dir(cfg)}; checkpoint {out.checkpoint}")
@@ -134,20 +147,21 @@ def cmd_tune(args) -> int:
         resume=args.resume,
         pbt_interval=args.pbt_interval or 0,
     )
+    init_from = resolve_init_from(cfg, space.stage, args.init_from)
+    preflight(cfg, [space.stage], {space.stage: init_from}, concurrent_runs=opts.max_concurrent)
     if args.dry_run:
         print(f"sweep {opts.name}: stage {space.stage}, {space.metric} ({space.mode}), {opts.samples} sample(s)")
         for p in space.params:
             print(f"  {p.key}: {p.kind} {list(p.args)}")
         return 0
-    check_stage(cfg, space.stage)
-    init_from = resolve_init_from(cfg, space.stage, args.init_from)
     from ..distributed.cluster import init_ray
-    from ..distributed.sweep import run_sweep
+    from ..distributed.sweep import run_sweep, sweep_dir
 
-    prepare_run(cfg)
-    # each running trial: its workers and eval actors, and its driver function's own bundle
-    init_ray(cfg, concurrent_runs=opts.max_concurrent, extra_cpus=opts.max_concurrent * opts.trial_driver_cpus)
-    summary = run_sweep(cfg, space, init_from, opts)
+    with owned_run(sweep_dir(cfg, opts.name), cfg.run.lease_s, what="sweep"):
+        prepare_run(cfg)
+        # each running trial: its workers and eval actors, and its driver function's own bundle
+        init_ray(cfg, concurrent_runs=opts.max_concurrent, extra_cpus=opts.max_concurrent * opts.trial_driver_cpus)
+        summary = run_sweep(cfg, space, init_from, opts)
     if summary.get("interrupted"):
         print(f"\nsweep {opts.name} interrupted; its state is saved in")
         print(f"  {summary['sweep_dir']}: re-run the same command with --resume to finish it")
@@ -222,16 +236,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USER_ERRORS = (
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    EvalError,
+    FileNotFoundError,
+    UntestedRayError,
+    RunInUse,
+    RunStateError,
+    DependencyError,
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_dependencies()
         return args.fn(args)
-    except (CheckpointError, ConfigError, DatasetError, EvalError, FileNotFoundError, UntestedRayError) as e:
+    except USER_ERRORS as e:
         print(f"hdebm-ray: error: {e}", file=sys.stderr)
         return 2
     except GuardStop as e:  # diverged past guard.max_rollbacks: the message says where; the checkpoints stay
         print(f"hdebm-ray: stopped: {e}", file=sys.stderr)
         return 3
+    except RunStopped as e:  # SIGTERM: every rank checkpointed at its step; the same command resumes
+        print(f"hdebm-ray: stopped: {e}", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -14,17 +14,13 @@ import yaml
 from .baselines import IMAGE_AUGMENTS, VECTOR_AUGMENTS, ICDSection, MEBMSection, MJEMSection, ReplayEBMSection
 from .compute_support import problem as compute_problem
 from .renamed import current_key
+from .runtime import ComputeSection, EvalSection, GuardSection, RaySection, RunSection
 from .schema import (
     STAGE_NAMES,
-    ComputeSection,
     DataSection,
     DiffusionSection,
     DistillSection,
-    EvalSection,
-    GuardSection,
     NetworkSection,
-    RaySection,
-    RunSection,
     Stage1Section,
     Stage2Section,
 )
@@ -85,8 +81,29 @@ def _is_pow2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
 
+SECRET_QUERY = ("access_key", "secret_key", "secret", "session_token", "token", "password", "credential")
+
+
+def refuse_credentials(key: str, value: str) -> None:
+    """A URI with credentials in it (``s3://KEY:SECRET@bucket``, ``?secret_key=``) would be written into every
+    checkpoint's config.yaml and the job's logs: refused, without repeating it."""
+    if "://" not in value:
+        return
+    rest = value.split("://", 1)[1]
+    authority, _, query = rest.partition("?")
+    userinfo = "@" in authority.split("/", 1)[0]
+    secret = any(part.split("=", 1)[0].lower() in SECRET_QUERY for part in query.split("&") if part)
+    if userinfo or secret:
+        raise ConfigError(
+            f"config key '{key}' carries credentials in its URI; give them through the environment, a credentials "
+            "file or the node's role instead (they would be copied into every checkpoint's config.yaml)"
+        )
+
+
 def validate(cfg: Config) -> None:
     """Checks that relate several keys; single-key ranges are checked while building."""
+    refuse_credentials("run.storage_path", cfg.run.storage_path)
+    refuse_credentials("data.path", cfg.data.path)
     d, n = cfg.diffusion, cfg.ray.num_workers
     sha = cfg.eval.inception_sha256
     if sha and not (len(sha) == 64 and all(c in "0123456789abcdefABCDEF" for c in sha)):
@@ -98,12 +115,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'distill.n0_steps' = {n0} must be a power of two that divides diffusion.T_trunc = {d.T_trunc}"
         )
+    low = cfg.ray.elastic_min_workers
+    if low > n:
+        raise ConfigError(f"config key 'ray.elastic_min_workers' = {low} must be <= ray.num_workers = {n}")
+    group_sizes = range(low, n + 1) if low else (n,)  # an elastic group may restart at any size in between
     for section in STAGE_NAMES:
         sec = getattr(cfg, section)
-        if sec.batch_size % n != 0:
-            raise ConfigError(
-                f"config key '{section}.batch_size' = {sec.batch_size} must be divisible by ray.num_workers = {n}"
-            )
+        for size in group_sizes:
+            if sec.batch_size % size != 0:
+                key = "ray.num_workers" if size == n else f"{size} workers (ray.elastic_min_workers = {low})"
+                raise ConfigError(
+                    f"config key '{section}.batch_size' = {sec.batch_size} must be divisible by {key} = {size}"
+                    if size == n
+                    else f"config key '{section}.batch_size' = {sec.batch_size} must be divisible by {key}: the "
+                    "global batch is kept whatever the group's size"
+                )
         if sec.checkpoint_every % sec.report_every != 0:
             raise ConfigError(
                 f"config key '{section}.checkpoint_every' = {sec.checkpoint_every} must be a multiple of "

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..config.compute_support import COMPILE_MODES, problem
-from ..config.schema import ComputeSection
+from ..config.runtime import ComputeSection
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

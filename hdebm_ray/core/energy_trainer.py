@@ -122,6 +122,8 @@ class EnergyTrainer:
             "Energy/mad_dropped": dropped,
             "Opt/lr_energy": self.trained.lr,
             "Opt/grad_norm_energy": grad_norm,
+            # the chain ends' magnitude in data units: an exploding chain leaves the data's range whatever H's scale
+            "Langevin/sample_abs_max": x_neg.detach().abs().amax(),
             **extra_metrics,
         }
 

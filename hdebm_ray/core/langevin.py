@@ -12,6 +12,7 @@ bounds each sample's drift to an L2 norm (Hat EBM: 2.5); 0 turns it off. Sampler
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import nn
@@ -37,7 +38,9 @@ def hill_coefficients(step_size: float, temperature: float = 1.0) -> tuple[float
 
 
 class StepStats:
-    """Running diagnostics of a chain: mean per-sample drift norm and the fraction of clipped drifts.
+    """Running diagnostics of a chain: the mean per-sample drift norm before the clip, the fraction of clipped
+    drifts, and the RMS per element of the step actually taken (after the clip, in data units: what the divergence
+    guard bounds, whatever the energy's scale).
 
     Sums stay on the chain's device; nothing is read back until ``means()`` (the stage's metrics, which the loop
     reads once per report tick), so a chain step never waits for the host.
@@ -46,17 +49,23 @@ class StepStats:
     def __init__(self):
         self.drift_norm: torch.Tensor | float = 0.0
         self.clip_fraction: torch.Tensor | float = 0.0
+        self.step_rms: torch.Tensor | float = 0.0
         self.count = 0
 
-    def add(self, norms: torch.Tensor, clipped: torch.Tensor | None) -> None:
+    def add(self, norms: torch.Tensor, clipped: torch.Tensor | None, step_rms: torch.Tensor) -> None:
         self.drift_norm = self.drift_norm + norms.detach().mean()
         if clipped is not None:  # None: the chain does not clip
             self.clip_fraction = self.clip_fraction + clipped.float().mean()
+        self.step_rms = self.step_rms + step_rms.detach().mean()
         self.count += 1
 
     def means(self) -> dict[str, torch.Tensor | float]:
         n = max(self.count, 1)
-        return {"drift_norm": self.drift_norm / n, "clip_fraction": self.clip_fraction / n}
+        return {
+            "drift_norm": self.drift_norm / n,
+            "clip_fraction": self.clip_fraction / n,
+            "step_rms": self.step_rms / n,
+        }
 
 
 def langevin_update(
@@ -76,7 +85,8 @@ def langevin_update(
         scale = (drift_clip / norms.clamp_min(1e-12)).clamp(max=1.0)
         drift = drift * scale.reshape(-1, *([1] * (x.dim() - 1)))
     if stats is not None:
-        stats.add(norms, clipped)
+        taken = norms.clamp(max=drift_clip) if drift_clip > 0 else norms  # the drift after the clip
+        stats.add(norms, clipped, taken / math.sqrt(x[0].numel()))
     out = x - drift
     if noise_std > 0:
         out = out + noise_std * torch.randn_like(x)

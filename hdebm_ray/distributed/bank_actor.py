@@ -23,11 +23,15 @@ NAMESPACE = "hdebm"
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class BankActor(BankService):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, run: str = "", **kwargs):
         super().__init__(*args, **kwargs)
+        self.run = run  # the run it belongs to (``owner_check``)
         with warnings.catch_warnings():  # Ray 2.60's own property calls its deprecated actor_id
             warnings.simplefilter("ignore", DeprecationWarning)
             self.reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
+
+    def run_identity(self) -> str:
+        return self.run
 
     def stats(self) -> dict:
         return {**super().stats(), "reconstructed": float(self.reconstructed)}
@@ -45,37 +49,67 @@ def create_bank_actor(
     reinit_prob: float = 0.0,
     keep: int = 3,
     write_policy: str = "in_place",
+    run: str = "",
+    placement: dict | None = None,
 ):
-    """Create (or find) the named bank actor; owned by the calling driver, so it lives as long as the run."""
-    return BankActor.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote(
-        kind, size, shapes, snapshot_dir, seed, lease_timeout_s, reinit_prob, keep, write_policy
+    """Create (or find) the named bank actor, owned by the calling driver so it lives as long as the run, and check
+    that a found one belongs to ``run`` (the run's identity). ``placement``: actor options that put it on a node that
+    is not preemptible, and reserve the memory its store and a snapshot need (``cluster.stable_placement``)."""
+    actor = BankActor.options(name=name, namespace=NAMESPACE, get_if_exists=True, **(placement or {})).remote(
+        kind, size, shapes, snapshot_dir, seed, lease_timeout_s, reinit_prob, keep, write_policy, run=run
     )
+    owner_check(actor, name, run)
+    return actor
+
+
+def owner_check(actor, name: str, run: str, timeout_s: float = 120.0) -> None:
+    """A named actor found with ``get_if_exists`` proves it belongs to this run before it is used."""
+    try:
+        found = ray.get(actor.run_identity.remote(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise RuntimeError(f"the actor {name!r} did not start within {timeout_s:g} s (no node can hold it?)") from None
+    if found != run:
+        raise RuntimeError(
+            f"the actor {name!r} belongs to another run ({found or 'unnamed'}), not this one ({run}): was the run "
+            "folder copied? Delete the copy's run.json to give it its own identity"
+        )
 
 
 class ActorBankClient(BankClientBase):
     """A Train worker's handle on the bank actor; ``checkout`` and ``commit_async`` are asynchronous so their
     round trips overlap the step. A ``BankRestarted`` from the actor arrives wrapped by Ray; it is re-raised as
-    itself."""
+    itself. A call that gets no answer within ``timeout_s`` (``ray.bank_timeout_s``) finds the bank stuck: it is
+    restarted, which the workers treat as a dead bank (they resume from their checkpoint and its snapshot)."""
 
-    def __init__(self, name: str, owner: str):
-        self.actor, self.owner = ray.get_actor(name, namespace=NAMESPACE), owner
+    def __init__(self, name: str, owner: str, timeout_s: float | None = None):
+        self.actor, self.owner, self.name = ray.get_actor(name, namespace=NAMESPACE), owner, name
+        self.timeout_s = timeout_s
 
-    def _call(self, method: str, *args):
+    def _get(self, ref):
         try:
-            return ray.get(getattr(self.actor, method).remote(*args))
+            return ray.get(ref, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(self.actor, no_restart=False)  # Ray restarts it, empty, with a new generation
+            raise BankRestarted(
+                f"the bank actor {self.name!r} did not answer within ray.bank_timeout_s = {self.timeout_s:g} s; it "
+                "was restarted, and the workers resume from their latest checkpoint and its snapshot"
+            ) from None
         except ray.exceptions.RayTaskError as err:
             if isinstance(err.cause, BankRestarted):
                 raise err.cause from None
             raise
 
+    def _call(self, method: str, *args):
+        return self._get(getattr(self.actor, method).remote(*args))
+
     def checkout(self, n: int, step: int | None = None):
         return self.actor.checkout.remote(n, self.owner, step)
 
     def wait(self, handle):
-        return self.checked(ray.get(handle))
+        return self.checked(self._get(handle))
 
     def commit(self, lease_id: str, step: int, **fields) -> bool:
-        return ray.get(self.commit_async(lease_id, step, **fields))["ok"]
+        return self._get(self.commit_async(lease_id, step, **fields))["ok"]
 
     def commit_async(self, lease_id: str, step: int, **fields):
         return self.actor.commit.remote(lease_id, step, as_numpy(fields))  # arguments are serialised here

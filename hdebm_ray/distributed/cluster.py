@@ -106,3 +106,19 @@ def warn_if_pool_starves_workers(cfg: Config) -> None:
                 f"eval.actors / eval.cpus_per_actor / eval.gpus_per_actor or ray.num_workers.",
                 flush=True,
             )
+
+
+MARKET_TYPE = "ray.io/market-type"  # the node label Ray sets from RAY_NODE_MARKET_TYPE (KubeRay, our launcher configs)
+
+
+def stable_placement(memory_bytes: int = 0) -> dict:
+    """Actor options for what must outlive a preemption (the bank actor, the eval pool): nodes that are not spot,
+    where the cluster marks which are (some alive node carries ``ray.io/market-type``); and a reservation of
+    ``memory_bytes`` of Ray's logical memory, so the actor lands on a node that can hold its store."""
+    options: dict = {}
+    labelled = [n for n in ray.nodes() if n.get("Alive") and MARKET_TYPE in (n.get("Labels") or {})]
+    if any(n["Labels"][MARKET_TYPE] == "spot" for n in labelled):
+        options["label_selector"] = {MARKET_TYPE: "!spot"}
+    if memory_bytes:
+        options["memory"] = int(memory_bytes)
+    return options

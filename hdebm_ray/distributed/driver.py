@@ -14,7 +14,7 @@ import functools
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from ..config import Config
 from ..data.datasets import build_dataset
@@ -23,26 +23,33 @@ from ..evaluation.images import save_grid
 from ..evaluation.results import print_eval_table
 from ..evaluation.sampling import Sampler, default_device
 from ..io.checkpoint import load_meta
+from ..io.ownership import run_id, run_identity
 from ..io.storage import as_uri, local_dir, run_dir, staged_output
 from ..stages import stage_class
+from ..training.interrupts import STOP_FILE, RunStopped, stop_requested
 from ..training.pipeline import run_pipeline as run_stages
 from ..training.session import Chunk, StageJob, StageResult, fit_with_rollbacks
 from .bank_actor import create_bank_actor, kill_bank
-from .cluster import warn_if_pool_starves_workers
+from .cluster import stable_placement, warn_if_pool_starves_workers
 from .eval_pool import NotifyEvalPool, create_eval_pool, pool_name, shutdown_pool
 from .ray_data import check_stream_fits, data_error_in, trainer_data, uses_ray_data
 from .worker import WorkerJob, train_loop_per_worker
 
 
-def trainer_for(cfg: Config, work: WorkerJob, train_name: str, callbacks=()) -> TorchTrainer:
+def trainer_for(cfg: Config, work: WorkerJob, train_name: str, callbacks=(), keep_all: bool = False) -> TorchTrainer:
     """A TorchTrainer running ``work`` on ``cfg.ray.num_workers`` DDP workers (gloo on CPU, nccl on GPU), as the
-    Train run ``train_name`` of the run."""
+    Train run ``train_name`` of the run. ``keep_all``: Ray removes no checkpoint (the eval pool does, once scored).
+
+    Preemptions have their own budget (``ray.max_preemption_failures``); the collectives time out after
+    ``ray.collective_timeout_s``; with ``ray.elastic_min_workers`` the group restarts on fewer nodes."""
     r = cfg.ray
     resources = {"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}
+    workers = (r.elastic_min_workers, r.num_workers) if r.elastic_min_workers else r.num_workers
     return TorchTrainer(
         functools.partial(train_loop_per_worker, work),
+        torch_config=TorchConfig(timeout_s=int(r.collective_timeout_s)),
         scaling_config=ScalingConfig(
-            num_workers=r.num_workers,
+            num_workers=workers,
             use_gpu=r.use_gpu,
             resources_per_worker=resources,
             placement_strategy=r.placement_strategy,
@@ -50,8 +57,10 @@ def trainer_for(cfg: Config, work: WorkerJob, train_name: str, callbacks=()) -> 
         run_config=RunConfig(
             name=train_name,
             storage_path=run_dir(cfg),
-            checkpoint_config=CheckpointConfig(num_to_keep=r.checkpoints_to_keep),
-            failure_config=FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None if keep_all else r.checkpoints_to_keep),
+            failure_config=FailureConfig(
+                max_failures=r.max_failures, max_preemption_failures=r.max_preemption_failures
+            ),
             callbacks=list(callbacks),
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
@@ -60,12 +69,13 @@ def trainer_for(cfg: Config, work: WorkerJob, train_name: str, callbacks=()) -> 
 
 
 def bank_actor_name(cfg: Config, stage: str) -> str:
-    return f"bank-{cfg.run.name}-{stage}"
+    return f"bank-{run_id(run_dir(cfg))}-{stage}"
 
 
 def start_bank(cfg: Config, stage: str, train_name: str | None = None):
     """Create the stage's bank actor (or find the one a previous attempt left); None if the stage has none. Its
-    snapshots go beside the Train run's checkpoints (``<run>/<train_name or stage>/bank``)."""
+    snapshots go beside the Train run's checkpoints (``<run>/<train_name or stage>/bank``); it is placed off spot
+    nodes where the cluster says which, with memory for its store reserved."""
     spec = stage_class(stage).bank_spec(cfg)
     if spec is None:
         return None
@@ -75,6 +85,8 @@ def start_bank(cfg: Config, stage: str, train_name: str | None = None):
         snapshot_dir=f"{run_dir(cfg)}/{train_name or stage}/bank",
         seed=cfg.run.seed,
         keep=cfg.ray.checkpoints_to_keep + 1,
+        run=run_identity(run_dir(cfg)),
+        placement=stable_placement(int(1.3 * spec.nbytes())),
     )
 
 
@@ -115,6 +127,7 @@ def fit_stage(
             resume_from=chunk.resume_from if chunk is not None else None,
             stop_at_step=chunk.stop_at_step if chunk is not None else None,
             rollbacks=rollbacks,
+            stop_file=f"{location}/{STOP_FILE}",
         )
         return _fit_attempt(attempt_cfg, job, train_name, callbacks, tuple(report_hooks), pool)
 
@@ -123,7 +136,13 @@ def fit_stage(
     result = fit_with_rollbacks(cfg, stage, init_from, stage_dir, guard_dir, attempt, resumes_at)
     if result.checkpoint is None:
         raise RuntimeError(f"stage {stage!r} finished without registering a checkpoint")
-    return StageResult.of(as_uri(result.checkpoint.path, location), dict(result.metrics or {}))
+    out = StageResult.of(as_uri(result.checkpoint.path, location), dict(result.metrics or {}))
+    if (reason := stop_requested(f"{location}/{STOP_FILE}")) is not None and not load_meta(out.checkpoint)["done"]:
+        raise RunStopped(
+            f"stage {stage} stopped on {reason} after a checkpoint at step {out.step} ({out.checkpoint}); the same "
+            "command resumes the run from there"
+        )
+    return out
 
 
 def _fit_attempt(cfg: Config, job: StageJob, train_name: str, callbacks, report_hooks, pool):
@@ -134,7 +153,7 @@ def _fit_attempt(cfg: Config, job: StageJob, train_name: str, callbacks, report_
     work = WorkerJob(job, bank_actor=name, eval_pool=pool, report_hooks=report_hooks)
     try:
         try:
-            return trainer_for(cfg, work, train_name, callbacks).fit()
+            return trainer_for(cfg, work, train_name, callbacks, keep_all=pool is not None).fit()
         except Exception as e:  # a bad file met by a worker or a Ray Data task: the user's, named in one line
             if (message := data_error_in(e)) is not None:
                 raise DatasetError(message) from None
@@ -158,12 +177,16 @@ def running_eval_pool(cfg: Config, **testing):
     warn_if_pool_starves_workers(cfg)
     try:
         yield pool
-        pending = ray.get(pool.status.remote())
+        wait_s = cfg.eval.drain_timeout_s
+        pending = ray.get(pool.status.remote(), timeout=60)
         if pending["queued"] or pending["running"]:
-            print(f"[eval] waiting for {pending['queued'] + pending['running']} evaluation(s)", flush=True)
-        summary = ray.get(pool.drain.remote())
+            n = pending["queued"] + pending["running"]
+            print(f"[eval] waiting for {n} evaluation(s), at most eval.drain_timeout_s = {wait_s:g} s", flush=True)
+        summary = ray.get(pool.drain.remote(wait_s), timeout=wait_s + 60)
         for failure in summary["failures"]:
             print(f"[eval] not scored: {failure['checkpoint']}", flush=True)
+        for ckpt in summary["left"]:
+            print(f"[eval] not scored in time: {ckpt} (hdebm-ray eval --run scores it later)", flush=True)
     finally:
         shutdown_pool(pool)
 
@@ -180,7 +203,7 @@ def write_sample_grid(cfg: Config, checkpoint: str, out: str, n: int = 64) -> st
             save_grid(sampler.sample(n), local_out / name, sampler.cfg, caption=sampler.caption())
         return path
 
-    return ray.get(grid.remote(checkpoint, out))
+    return ray.get(grid.remote(checkpoint, out), timeout=cfg.eval.timeout_s)
 
 
 def run_pipeline(cfg: Config, stages: list[str] | None = None) -> dict:
@@ -190,6 +213,8 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None) -> dict:
     with running_eval_pool(cfg) as pool:
 
         def fit(stage_cfg: Config, stage: str, init_from: str | None) -> StageResult:
+            if (reason := stop_requested(f"{location}/{STOP_FILE}")) is not None:
+                raise RunStopped(f"stopped on {reason} before stage {stage}; the same command resumes the run")
             return fit_stage(stage_cfg, stage, init_from, eval_pool=pool)
 
         def grid(stage: str, result: StageResult) -> dict:

@@ -1,13 +1,19 @@
 """Evaluation while training runs: a pool of eval actors fed by a Ray Train callback (the Ray side of ``fid.py``).
 
-- The driver creates one ``EvalPool`` actor per run (``eval-<run.name>`` in namespace ``hdebm``) with
-  ``eval.actors`` ``EvalActor`` s, each holding its own CPU/GPU share and its feature extractor.
+- The driver creates one ``EvalPool`` actor per run (``eval-<run id>`` in namespace ``hdebm``, proving it belongs to
+  the run before use) with ``eval.actors`` ``EvalActor`` s, each holding its own CPU/GPU share and its feature
+  extractor. The pool itself is placed off spot nodes where the cluster says which.
 - ``NotifyEvalPool.after_report`` runs in the Train controller: for every registered checkpoint of a stage in
   ``eval.stages`` it calls ``pool.submit`` fire-and-forget, so training never waits for evaluation.
 - The pool scores each checkpoint exactly once: it skips what ``<run>/eval.jsonl`` already holds and what is
   queued or running, and only the pool writes results. An eval actor that dies is restarted by Ray and the pool
-  hands the checkpoint to it again; a pool started over an existing run first picks up the checkpoints that
-  have no result yet (e.g. after the driver crashed).
+  hands the checkpoint to it again; one that runs past ``eval.timeout_s`` is restarted and the checkpoint tried once
+  more, then reported as not scored. A pool started over an existing run first picks up the checkpoints that have
+  no result yet (e.g. after the driver crashed).
+- Ray keeps every checkpoint of a scored stage; the pool removes the ones beyond ``ray.checkpoints_to_keep`` once
+  they are scored (or given up), so none is rotated out before its turn.
+- The evaluation settings that name files (a TorchScript feature net, Inception's weights) are the run's own, never
+  a checkpoint's: loading a file a checkpoint names could run its code.
 - Rank 0 of the trainer polls ``pool.latest`` without blocking (``LatestEval``) and adds the newest
   ``Eval/fid`` and the step it belongs to into its reports, where Tune sees them.
 """
@@ -19,21 +25,43 @@ import collections
 import os
 import time
 import traceback
+from dataclasses import dataclass
 
 import ray
 from ray.train import UserCallback
 
 from ..config import Config
+from ..evaluation.features import eval_files
 from ..evaluation.fid import FeatureSpaces, evaluate_checkpoint
 from ..evaluation.results import evaluated, read_results, record, scores_text, start_note
 from ..evaluation.sampling import default_device
-from ..io.checkpoint import load_config_of, run_checkpoints
+from ..io import storage
+from ..io.checkpoint import load_config_of, load_meta, run_checkpoints
+from ..io.ownership import run_id, run_identity
 from ..io.storage import as_uri, local_dir
-from .bank_actor import NAMESPACE
+from .bank_actor import NAMESPACE, owner_check
+from .cluster import stable_placement
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """What a run's eval pool works with."""
+
+    run_location: str
+    run: str  # the run's identity (``driver.run_identity``)
+    num_actors: int
+    actor_resources: dict
+    stages: tuple[str, ...]
+    eval_files: dict  # FILE_KEYS from the run's config
+    num_samples: int = 0  # 0: each checkpoint's eval.num_samples
+    seed: int = 0
+    keep: int = 2  # checkpoints kept per stage once scored (ray.checkpoints_to_keep)
+    timeout_s: float = 7200.0  # eval.timeout_s
+    hold_until: str | None = None  # testing aid: evaluations wait until this file exists
 
 
 def pool_name(cfg: Config) -> str:
-    return f"eval-{cfg.run.name}"
+    return f"eval-{run_id(storage.run_dir(cfg))}"
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=2)  # 2: pid() answers during an evaluation
@@ -41,19 +69,17 @@ class EvalActor:
     """Samples a checkpoint with its stage's sampler and scores it; keeps one feature extractor per dataset."""
 
     def __init__(self, hold_until: str | None = None):
-
         self.spaces = FeatureSpaces(default_device())
         self.hold_until = hold_until  # testing aid: evaluations wait until this file exists
 
     def pid(self) -> int:
         return os.getpid()
 
-    def evaluate(self, checkpoint: str, num_samples: int, seed: int) -> dict:
-
+    def evaluate(self, checkpoint: str, num_samples: int, seed: int, eval_files: dict) -> dict:
         while self.hold_until and not os.path.exists(self.hold_until):
             time.sleep(0.05)
         with local_dir(checkpoint) as d:
-            cfg = load_config_of(d)
+            cfg = load_config_of(d).replace(**eval_files)
             result = evaluate_checkpoint(
                 d, self.spaces(cfg), num_samples or cfg.eval.num_samples, seed, origin=checkpoint
             )
@@ -64,34 +90,27 @@ class EvalActor:
 class EvalPool:
     """The queue of checkpoints to score, the eval actors working it, and where results are written."""
 
-    def __init__(
-        self,
-        run_location: str,
-        num_actors: int,
-        actor_resources: dict,
-        stages: tuple[str, ...],
-        num_samples: int = 0,
-        seed: int = 0,
-        hold_until: str | None = None,
-        max_attempts: int = 3,
-    ):
-
-        self.run_location, self.num_samples, self.seed = run_location, num_samples, seed
-        self.max_attempts = max_attempts
-        self.actor_resources, self.hold_until = actor_resources, hold_until
-        self.actors = [EvalActor.options(**actor_resources).remote(hold_until) for _ in range(max(1, num_actors))]
-        self.done = evaluated(run_location)
+    def __init__(self, spec: PoolSpec, max_attempts: int = 3):
+        self.spec, self.max_attempts = spec, max_attempts
+        self.actors = [self._new_actor() for _ in range(max(1, spec.num_actors))]
+        self.done = evaluated(spec.run_location)
         # Checkpoints of this run without a result (a previous driver died before they were scored).
-        self.queue = collections.deque(c for c in run_checkpoints(run_location, stages) if c not in self.done)
+        self.queue = collections.deque(c for c in run_checkpoints(spec.run_location, spec.stages) if c not in self.done)
         self.running: set[str] = set()
         self.results: list[dict] = []
         self.failures: list[dict] = []
         self.actor_deaths = 0
         self.latest_by_stage: dict[str, dict] = {}
-        for result in read_results(run_location):  # a resumed run reports its newest known FID from the start
+        for result in read_results(spec.run_location):  # a resumed run reports its newest known FID from the start
             self._note_latest(result)
         self.wake: asyncio.Event | None = None
         self.workers: list[asyncio.Task] = []
+
+    def _new_actor(self):
+        return EvalActor.options(**self.spec.actor_resources).remote(self.spec.hold_until)
+
+    def run_identity(self) -> str:
+        return self.spec.run
 
     def _start(self) -> None:
         if self.wake is None:  # the event loop exists once the first call runs
@@ -123,34 +142,57 @@ class EvalPool:
                 self.wake.set()  # drain() waits on this too
 
     async def _score(self, index: int, ckpt: str) -> dict | None:
-        """Actor ``index``'s result for ``ckpt``, again on the restarted actor if it dies; None (a failure noted)
-        if it cannot be scored."""
+        """Actor ``index``'s result for ``ckpt``: again on the restarted actor if it dies, once more if it runs past
+        ``eval.timeout_s``; None (a failure noted, one line) if it cannot be scored."""
+        s, timeouts = self.spec, 0
         for attempt in range(1, self.max_attempts + 1):
             try:
-                return await self.actors[index].evaluate.remote(ckpt, self.num_samples, self.seed)
+                call = self.actors[index].evaluate.remote(ckpt, s.num_samples, s.seed, s.eval_files)
+                return await asyncio.wait_for(asyncio.wrap_future(call.future()), timeout=s.timeout_s)
+            except TimeoutError:
+                timeouts += 1
+                print(f"[eval] scoring {ckpt} ran past eval.timeout_s = {s.timeout_s:g} s: its actor is restarted")
+                ray.kill(self.actors[index], no_restart=False)
+                await self._until_alive(index)
+                if timeouts == 2:
+                    self._failed(ckpt, f"timed out twice (eval.timeout_s = {s.timeout_s:g} s)")
+                    return None
             except ray.exceptions.RayActorError as err:  # the actor died mid-evaluation: Ray restarts it
                 self.actor_deaths += 1
                 print(f"[eval] actor {index} died scoring {ckpt} (attempt {attempt}): {err}", flush=True)
                 await self._until_alive(index)
-            except Exception:  # noqa: BLE001 - e.g. a checkpoint removed by retention before its turn
-                error = traceback.format_exc(limit=3)
-                print(f"[eval] could not score {ckpt}:\n{error}", flush=True)
-                self.failures.append({"checkpoint": ckpt, "error": error})
+            except Exception:  # noqa: BLE001 - e.g. a checkpoint removed before its turn
+                self._failed(ckpt, traceback.format_exc(limit=3))
                 return None
-        self.failures.append({"checkpoint": ckpt, "error": f"eval actor died {self.max_attempts} times"})
+        self._failed(ckpt, f"eval actor died {self.max_attempts} times")
         return None
+
+    def _failed(self, ckpt: str, error: str) -> None:
+        print(f"[eval] not scored: {ckpt}: {error.strip().splitlines()[-1]}", flush=True)
+        self.failures.append({"checkpoint": ckpt, "error": error})
+        self.done.add(ckpt)  # given up: retention may remove it now
 
     async def _evaluate(self, index: int, ckpt: str) -> None:
         result = await self._score(index, ckpt)
-        if result is None:
-            return
-        result["evaluated_at"] = time.time()
-        async with self.record_lock:  # one writer of eval.jsonl at a time
-            await asyncio.to_thread(record, self.run_location, result)
-        self.done.add(ckpt)
-        self.results.append(result)
-        self._note_latest(result)
-        print(f"[eval] {result['stage']} step {result['step']}: {scores_text(result)}{start_note(result)}", flush=True)
+        if result is not None:
+            result["evaluated_at"] = time.time()
+            async with self.record_lock:  # one writer of eval.jsonl at a time
+                await asyncio.to_thread(record, self.spec.run_location, result)
+            self.done.add(ckpt)
+            self.results.append(result)
+            self._note_latest(result)
+            line = f"{scores_text(result)}{start_note(result)}"
+            print(f"[eval] {result['stage']} step {result['step']}: {line}", flush=True)
+        await asyncio.to_thread(self._prune, ckpt)
+
+    def _prune(self, ckpt: str) -> None:
+        """Remove the scored checkpoints of ``ckpt``'s stage beyond the newest ``keep`` (never one still waiting)."""
+        stage_dir = ckpt.rstrip("/").rsplit("/", 1)[0]
+        run_location, stage = stage_dir.rsplit("/", 1)
+        found = sorted(run_checkpoints(run_location, [stage]), key=lambda c: load_meta(c)["step"])
+        for old in found[: max(0, len(found) - self.spec.keep)]:
+            if old in self.done and old not in self.running and old not in self.queue:
+                storage.remove_tree(old)
 
     def _note_latest(self, result: dict) -> None:
         if result["step"] >= self.latest_by_stage.get(result["stage"], {}).get("step", -1):
@@ -166,7 +208,7 @@ class EvalPool:
             except ray.exceptions.ActorUnavailableError:  # restarting
                 await asyncio.sleep(0.5)
             except ray.exceptions.RayActorError:  # dead and not restartable: a new one takes its place
-                self.actors[index] = EvalActor.options(**self.actor_resources).remote(self.hold_until)
+                self.actors[index] = self._new_actor()
 
     async def latest(self, stage: str) -> dict | None:
         """The newest-step result of a stage so far (None before the first)."""
@@ -187,28 +229,45 @@ class EvalPool:
         return list(self.actors)
 
     async def drain(self, timeout_s: float | None = None) -> dict:
-        """Wait until nothing is queued or running; returns this pool's results and failures."""
+        """Wait until nothing is queued or running (at most ``timeout_s``); returns this pool's results, failures
+        and what is still queued or running."""
         self._start()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while self.queue or self.running:
             if deadline is not None and time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.1)
-        return {"results": list(self.results), "failures": list(self.failures), **(await self.status())}
+        left = sorted(self.queue) + sorted(self.running)
+        return {"results": list(self.results), "failures": list(self.failures), "left": left, **(await self.status())}
 
 
 def create_eval_pool(cfg: Config, run_location: str, name: str | None = None, **testing):
-    """The run's pool (or the one a previous attempt left alive); None when ``eval.actors`` is 0."""
+    """The run's pool (or the one a previous attempt left alive), checked to be this run's; None when
+    ``eval.actors`` is 0."""
     e = cfg.eval
     if e.actors == 0:
         return None
     # "DEFAULT": outside the caller's placement group. A Tune trial's driver runs in a 0.1-CPU bundle that captures
     # what it starts, where an eval actor's CPU would never fit; the eval actors reserve their own beside the trial.
     resources = {"num_cpus": e.cpus_per_actor, "num_gpus": e.gpus_per_actor, "scheduling_strategy": "DEFAULT"}
-    options = {"name": name or pool_name(cfg), "namespace": NAMESPACE, "get_if_exists": True}
-    return EvalPool.options(**options, scheduling_strategy="DEFAULT").remote(
-        run_location, e.actors, resources, tuple(e.stages), e.num_samples, cfg.run.seed, **testing
+    spec = PoolSpec(
+        run_location,
+        run_identity(run_location),
+        e.actors,
+        resources,
+        tuple(e.stages),
+        eval_files(cfg),
+        e.num_samples,
+        cfg.run.seed,
+        keep=cfg.ray.checkpoints_to_keep,
+        timeout_s=e.timeout_s,
+        **testing,
     )
+    name = name or pool_name(cfg)
+    options = {"name": name, "namespace": NAMESPACE, "get_if_exists": True, **stable_placement()}
+    pool = EvalPool.options(**options, scheduling_strategy="DEFAULT").remote(spec)
+    owner_check(pool, name, spec.run)
+    return pool
 
 
 def shutdown_pool(pool) -> None:

@@ -69,23 +69,23 @@ def make_trainable(base: Config, stage: str, init_from: str | None, sweep_locati
             out = fit_stage(cfg, stage, init_from, callbacks=[TuneReportCallback()], eval_pool=pool)
             wait_for_forwarded_reports()
             if pool is not None and stage in cfg.eval.stages:
-                report_final_score(pool, stage, out)
+                report_final_score(pool, stage, out, cfg.eval.drain_timeout_s)
 
     return train_trial
 
 
-def report_final_score(pool, stage: str, out: dict) -> None:
+def report_final_score(pool, stage: str, out, wait_s: float) -> None:
     """Report the stage's last metrics once more, with the final checkpoint's FID in ``Eval/fid``.
 
     The final checkpoint is scored after the stage's last report, so without this a trial's last ``Eval/fid``
     belongs to an earlier checkpoint (or is NaN in a short trial), and Tune ranks trials by their last report.
-    Waits for the trial's pool to finish; a final checkpoint the pool could not score adds nothing.
+    Waits for the trial's pool to finish (at most ``wait_s``); a final checkpoint the pool could not score adds nothing.
     """
     import ray
     from ray import tune
 
-    ray.get(pool.drain.remote())
-    latest = ray.get(pool.latest.remote(stage))
+    ray.get(pool.drain.remote(wait_s), timeout=wait_s + 60)
+    latest = ray.get(pool.latest.remote(stage), timeout=60)
     if latest is None or latest["step"] != out.step:
         return
     tune.report({**out.last_report, "Eval/fid": float(latest["fid"]), "Eval/fid_step": float(latest["step"])})

@@ -7,18 +7,22 @@ A restarted or re-run worker resumes from ``ray.train.get_checkpoint()``; a new 
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
 
 import ray.train
 import ray.train.torch
+from ray.train.collective import broadcast_from_rank_zero
 
 from ..contracts import WorkerContext
 from ..io.checkpoint import save_checkpoint
 from ..io.storage import as_uri
+from ..training.interrupts import Interruption, stop_requested
 from ..training.session import CheckpointDraft, StageJob, run_attempt
 from .bank_actor import ActorBankClient
+from .cluster import PREEMPTION_WATCHER
 from .eval_pool import LatestEval
 from .ray_compat import quiet_train_report_log
 from .ray_data import WorkerStreams, uses_ray_data
@@ -52,10 +56,10 @@ class RayPort:
         if uses_ray_data(job.cfg):
             self.streams = ctx.batches = WorkerStreams(job.cfg, ctx.device)
         if self.work.bank_actor:
-            ctx.bank = ActorBankClient(self.work.bank_actor, owner=f"rank{rank}")
+            ctx.bank = ActorBankClient(self.work.bank_actor, owner=f"rank{rank}", timeout_s=job.cfg.ray.bank_timeout_s)
         if self.work.eval_pool and rank == 0:
             self.latest_eval = LatestEval(self.work.eval_pool, job.stage)
-        self.stage_dir = job.stage_dir
+        self.rank = rank
         return ctx
 
     def resume_candidate(self, job: StageJob) -> str | None:
@@ -86,6 +90,22 @@ class RayPort:
     def after_report(self, rank: int, step: int) -> None:
         for hook in self.work.report_hooks:
             hook(rank=rank, step=step)
+
+    def interruption(self, job: StageJob, step: int) -> Interruption | None:
+        """Rank 0's view of the stop request, broadcast (one barrier); then Ray's preemption notice (another), where
+        Ray watches for them (not on an embedded local Ray: one machine has no node to lose)."""
+        reason = broadcast_from_rank_zero(stop_requested(job.stop_file) if self.rank == 0 else None)
+        if reason:
+            return Interruption("stop", reason)
+        if os.environ.get(PREEMPTION_WATCHER, "1") == "0":
+            return None
+        notice = ray.train.get_preemption_info()
+        if notice is None:
+            return None
+        deadline = notice.deadline_ms / 1000 if notice.deadline_ms else None
+        return Interruption(
+            "preemption", f"preemption notice for node(s) {', '.join(notice.preempted_node_ids)}", deadline
+        )
 
 
 def train_loop_per_worker(work: WorkerJob) -> None:

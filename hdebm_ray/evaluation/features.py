@@ -5,9 +5,11 @@ Every extractor is a pair (``fn``, ``resize``) in clean-fid's own contract: ``re
 
 - ``inception``: clean-fid's TorchScript InceptionV3, ``mode="clean"`` (PIL bicubic to 299×299) — the FID of the
   papers; its ``fn.features_and_probs`` also gives the softmax over the 1008 classes, for the Inception Score. Its
-  weights (``eval.inception_path``) are downloaded on first use to ``/tmp/inception-2015-12-05.pt``; offline
-  machines must have the file already. Its SHA-256 is checked before every use: against
-  ``eval.inception_sha256``, else against the hash pinned beside the file when it was first used.
+  weights (``eval.inception_path``) are downloaded on first use into a per-user cache
+  (``~/.cache/hdebm_ray/inception``, mode 700: a file others can replace would be TorchScript code we run), to a
+  temporary file with a timeout, moved into place when complete; offline machines must have the file already. Its
+  SHA-256 is checked before every use: against ``eval.inception_sha256``, else against the hash pinned beside the
+  file when it was first used (neither clean-fid nor NVlabs publishes one).
 - ``classifier``: a small CNN trained once on the dataset's labels and cached; its penultimate layer (128-d). For
   CPU datasets such as ``digits`` where Inception is meaningless and unavailable. **Not Inception-FID**: numbers
   compare only with each other.
@@ -30,9 +32,20 @@ from ..config import Config
 from ..data.datasets import build_dataset, data_fingerprint, iter_batches
 from ..progress import progress as show_progress
 
-INCEPTION_PATH = Path("/tmp/inception-2015-12-05.pt")
+INCEPTION_PATH = Path.home() / ".cache" / "hdebm_ray" / "inception" / "inception-2015-12-05.pt"
+DOWNLOAD_TIMEOUT_S = 120.0  # per read of the download: a stalled connection fails instead of hanging
 CLASSIFIER_MAX_IMAGES = 50_000  # the feature classifier's training set, drawn at random beyond that
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+
+
+# The evaluation keys that name a file to load: taken from the user's command or run config, never from a checkpoint's
+# (a checkpoint from elsewhere could name a TorchScript file, and loading it runs its code).
+FILE_KEYS = ("eval.torchscript_path", "eval.inception_path", "eval.inception_sha256")
+
+
+def eval_files(cfg: Config) -> dict:
+    """``FILE_KEYS`` as ``cfg`` sets them."""
+    return {key: getattr(cfg.eval, key.split(".", 1)[1]) for key in FILE_KEYS}
 
 
 class EvalError(RuntimeError):
@@ -57,6 +70,8 @@ def inception_extractor(cfg: Config, device: torch.device):
         if path != INCEPTION_PATH:
             raise EvalError(f"eval.inception_path = '{path}': no such file (clean-fid's {INCEPTION_URL})")
         download_inception()
+    elif path == INCEPTION_PATH:
+        private_folder(path.parent)
     verify_sha256(path, cfg.eval.inception_sha256)
     from cleanfid.inception_torchscript import InceptionV3W
 
@@ -80,14 +95,34 @@ def inception_extractor(cfg: Config, device: torch.device):
     return fn, clean_resize()
 
 
-def download_inception() -> None:
-    """clean-fid's own download to ``INCEPTION_PATH``; an offline machine gets a message saying what to copy."""
-    from cleanfid.downloads_helper import check_download_inception
+def private_folder(folder: Path) -> Path:
+    """``folder``, created mode 700 if missing; ``EvalError`` if others can write to it or it is another user's
+    (whoever can replace a file there chooses the code ``torch.jit.load`` runs)."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = folder.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise EvalError(
+            f"the Inception weights folder '{folder}' is writable by others or not yours (mode {st.st_mode & 0o777:o}):"
+            f" chmod 700 it, or set eval.inception_path to a file in a folder only you can write"
+        )
+    return folder
 
+
+def download_inception() -> None:
+    """The weights into the per-user cache: to a temporary file (a read timeout of ``DOWNLOAD_TIMEOUT_S``), moved
+    into place once complete; an offline machine gets a message saying what to copy where."""
+    import shutil
+    import tempfile
+    import urllib.request
+
+    folder = private_folder(INCEPTION_PATH.parent)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".inception-", suffix=".tmp")
     try:
-        check_download_inception(str(INCEPTION_PATH.parent))
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(INCEPTION_URL, timeout=DOWNLOAD_TIMEOUT_S) as src:
+            shutil.copyfileobj(src, out)
+        os.replace(tmp, INCEPTION_PATH)
     except Exception as err:
-        INCEPTION_PATH.unlink(missing_ok=True)  # no half-downloaded file left to be taken for the weights
+        Path(tmp).unlink(missing_ok=True)  # no half-downloaded file left to be taken for the weights
         raise EvalError(
             f"eval.features = 'inception' needs clean-fid's InceptionV3 weights at {INCEPTION_PATH}, which are "
             f"missing and could not be downloaded ({type(err).__name__}: {err}). On an offline machine copy "

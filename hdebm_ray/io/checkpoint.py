@@ -169,6 +169,18 @@ def newest_checkpoint(stage_dir: str) -> str | None:
     return max(found, key=lambda c: load_meta(c)["step"]) if found else None
 
 
+def checkpoint_steps(stage_dir: str) -> set[int]:
+    """The steps of the checkpoint folders in a stage's folder, from their names (``checkpoint_<step>[_<ms>]``;
+    complete or not): one listing, no file read."""
+    steps = set()
+    for folder, _ in storage.list_dirs(stage_dir):
+        name = folder.rsplit("/", 1)[-1]
+        digits = name.removeprefix("checkpoint_").split("_", 1)[0]
+        if name.startswith("checkpoint_") and digits.isdigit():
+            steps.add(int(digits))
+    return steps
+
+
 def checkpoint_or_newest(location: str) -> str:
     """``location`` if it is a checkpoint, else the newest complete checkpoint of the stage folder it names (what
     ``sample --checkpoint runs/x/stage2`` means); ``CheckpointError`` saying which when it is neither."""

@@ -12,6 +12,7 @@ restored by a worker that may land on node B. ``check_shared_storage`` refuses a
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -109,6 +110,23 @@ def atomic_output(location: str):
         with contextlib.suppress(OSError):
             fs.delete_file(tmp)
         raise
+
+
+class RunStateError(RuntimeError):
+    """A run-state file that cannot be read (``pipeline.json``, ``guard.json``, ``divergence.json``, ``run.json``,
+    ``owner.json``): the message names it and says what to do."""
+
+
+def read_json(location: str, what: str, fix: str) -> dict:
+    """A run-state JSON object; ``RunStateError`` naming the file, ``what`` it is and ``fix`` when it is unreadable
+    (truncated by a crash, edited by hand)."""
+    try:
+        data = json.loads(read_text(location))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunStateError(f"{what} '{location}' cannot be read ({str(e).splitlines()[0]}): {fix}") from None
 
 
 def write_text(location: str, text: str) -> None:

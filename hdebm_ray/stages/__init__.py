@@ -15,7 +15,7 @@ from .hdebm_stage2 import Stage2
 from .icd import ICDStage
 from .mjem import MJEMStage
 from .replay_ebm import ReplayEBMStage
-from .reported import DATA, EVAL, LOOP
+from .reported import DATA, EVAL, LOOP, OBSERVED
 
 STAGE_CLASSES: tuple[type[StageBase], ...] = (
     DiffusionStage,
@@ -58,4 +58,4 @@ def reported_metrics(stage: str, streams: tuple[str, ...] | None = None) -> set[
     cls = stage_class(stage)
     streams = cls.data_streams if streams is None else streams
     data = DATA | {f"Data/{s}_{what}" for s in streams for what in ("batches", "epochs")}
-    return set(cls.reports) | LOOP | EVAL | data
+    return set(cls.reports) | LOOP | EVAL | data | (OBSERVED if cls.backoff is not None else set())

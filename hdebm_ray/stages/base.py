@@ -71,6 +71,19 @@ class StageBase:
         return cfg, None
 
     @classmethod
+    def memory_bytes(cls, cfg: Config) -> int:
+        """Bytes a worker holds for the stage's networks (``trained`` / ``frozen`` parameter counts): float32 weights,
+        gradients, Adam's two moments and an EMA of each trained one, the frozen ones once; activations not
+        counted. What ``--dry-run`` sets against a worker's memory."""
+        trained, frozen = cls.parameter_counts(cfg)
+        return 4 * (5 * trained + frozen)
+
+    @classmethod
+    def parameter_counts(cls, cfg: Config) -> tuple[int, int]:
+        """(trained, frozen) parameters of the stage's networks, counted on the meta device (nothing allocated)."""
+        return 0, 0
+
+    @classmethod
     def section(cls, cfg: Config):
         return getattr(cfg, cls.name)
 
@@ -120,6 +133,12 @@ class StageBase:
         """Sample grids for TensorBoard at a checkpoint tick (rank 0); ``{tag: images}``. A stage that has any
         also gets a grid of dataset images, once."""
         return {}
+
+
+def parameters_of(*builders) -> int:
+    """Parameters of the networks the ``builders`` make, built on the meta device: no memory, however large."""
+    with torch.device("meta"):
+        return sum(p.numel() for build in builders for p in build().parameters())
 
 
 class SamplerBase:

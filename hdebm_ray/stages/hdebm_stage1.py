@@ -21,8 +21,8 @@ from ..core.losses import generator_loss
 from ..core.optim import TrainedModule
 from ..core.ranks import barrier, status
 from ..core.transfer import HostStaging
-from ..networks import latent_shape, sample_shape
-from .base import Backoff, StageBase
+from ..networks import build_denoiser, build_energy, build_generator, latent_shape, sample_shape
+from .base import Backoff, StageBase, parameters_of
 from .ebm_common import energy_trainer, fixed_sample_grids, restore_snapshot, toy2d_tick_metrics
 from .hdebm_common import HatSampler, fast_hat, hat_generator, latents
 from .reported import ENERGY, STORE
@@ -59,6 +59,11 @@ class Stage1(StageBase):
     reports = frozenset(STORE | ENERGY | {"Bank/written_fraction", "Langevin/residual_norm", "Loss/generator"})
     reports |= {"Opt/grad_norm_generator", "Opt/lr_generator", "Timing/bank_commit_s", "Timing/bank_wait_s"}
     backoff = Backoff(step_sizes=("langevin.step_size",), lrs=("lr_energy", "lr_generator"))
+
+    @classmethod
+    def parameter_counts(cls, cfg: Config) -> tuple[int, int]:
+        trained = parameters_of(lambda: build_energy(cfg), lambda: build_generator(cfg))
+        return trained, parameters_of(lambda: build_denoiser(cfg))
 
     @classmethod
     def bank_spec(cls, cfg: Config) -> BankSpec:

@@ -13,8 +13,8 @@ from ..config import Config
 from ..contracts import WorkerContext
 from ..core.langevin import StepStats, sample_joint
 from ..io.checkpoint import ema_weights, load_config_of, load_meta, load_states
-from ..networks import sample_shape
-from .base import Backoff, StageBase
+from ..networks import build_denoiser, build_energy, build_generator, sample_shape
+from .base import Backoff, StageBase, parameters_of
 from .ebm_common import energy_trainer, fixed_sample_grids, toy2d_tick_metrics
 from .hdebm_common import HatSampler, fast_hat, hat_generator, latents
 from .reported import ENERGY
@@ -84,6 +84,11 @@ class Stage2(StageBase):
     backoff = Backoff(
         step_sizes=("langevin.y_step_size", "langevin.z1_step_size", "langevin.z2_step_size"), lrs=("lr",)
     )
+
+    @classmethod
+    def parameter_counts(cls, cfg: Config) -> tuple[int, int]:
+        frozen = parameters_of(lambda: build_generator(cfg), lambda: build_denoiser(cfg))
+        return parameters_of(lambda: build_energy(cfg)), frozen
 
     @classmethod
     def prepare_config(cls, cfg: Config, init_dir: str | None) -> tuple[Config, str | None]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 LOOP = {"Timing/sec_per_step", "Timing/train_step_s", "Timing/images_per_sec", "step", "nimg"}
 # Every stage with eval actors on (``eval.stages``), the newest known score.
 EVAL = {"Eval/fid", "Eval/fid_step"}
+# The divergence guard in observe mode (guard.mode: observe), on a guarded stage.
+OBSERVED = {"Guard/observed_violations"}
 # Streamed through Ray Data: per stream (``Data/<stream>_batches`` / ``_epochs``) and the skipped images.
 DATA = {"Data/skipped_images"}
 # Every energy-based stage: the EBM update, Langevin, the guard, toy2d's quality metrics.
@@ -19,6 +21,8 @@ ENERGY = {
     "Energy/sample",
     "Langevin/clip_fraction",
     "Langevin/drift_norm",
+    "Langevin/sample_abs_max",
+    "Langevin/step_rms",
     "Loss/energy",
     "Opt/grad_norm_energy",
     "Opt/lr_energy",

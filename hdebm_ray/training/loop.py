@@ -11,22 +11,45 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 from ..contracts import Stage
 from ..core.ranks import check_replicas_agree
+from .guard import Divergence
+from .interrupts import Interruption, Stopped
 
 ReportFn = Callable[[int, dict[str, float], bool], None]
 
 
-def run_loop(stage: Stage, start_step: int, report: ReportFn, guard=None, stop_at: int | None = None):
+class Interrupts(Protocol):
+    """Where a stop or a preemption notice comes from (``session.py`` adapts a port to it)."""
+
+    every: int  # steps between checks (0: never)
+
+    def check(self, done: int) -> Interruption | None:
+        """Every rank, after the same steps: a reason to checkpoint now, else None."""
+
+    def hold(self, interruption: Interruption) -> None:
+        """After a preemption checkpoint: wait for the node to go (returns if it stays)."""
+
+
+def run_loop(
+    stage: Stage,
+    start_step: int,
+    report: ReportFn,
+    guard=None,
+    stop_at: int | None = None,
+    interrupts: Interrupts | None = None,
+) -> Divergence | Stopped | None:
     """Train from ``start_step`` to ``stage.total_steps``; metrics are averaged over each report tick.
 
-    With ``guard`` (a ``guard.StepGuard``) every step's metrics are checked, and the loop returns the first
-    ``guard.Divergence`` any rank saw, before the report (and checkpoint) that would follow it; else None.
-    ``stop_at``: stop after this step instead, with a report and checkpoint there (a PBT chunk's end); the
-    schedules still run towards ``total_steps``.
+    With ``guard`` (a ``step_guard.StepGuard``) every step's metrics are checked, and the loop returns the first
+    ``guard.Divergence`` any rank saw, before the report (and checkpoint) that would follow it. ``stop_at``: stop
+    after this step instead, with a report and checkpoint there (a PBT chunk's end); the schedules still run towards
+    ``total_steps``. ``interrupts``: checked every ``interrupts.every`` steps; on an interruption the stage reports
+    with a checkpoint at that step, then holds (a preemption) or returns ``Stopped`` (a stop). Else None at the end.
     """
     end = stage.total_steps if stop_at is None else min(stop_at, stage.total_steps)
     stage.on_start(start_step)
@@ -48,7 +71,11 @@ def run_loop(stage: Stage, start_step: int, report: ReportFn, guard=None, stop_a
         step_s += time.perf_counter() - t0
         count += 1
         done = step + 1
-        tick = done % stage.report_every == 0 or done == end
+        interruption = None
+        if interrupts is not None and interrupts.every and done % interrupts.every == 0 and done < end:
+            interruption = interrupts.check(done)
+        tick = done % stage.report_every == 0 or done == end or interruption is not None
+        # no checkpoint after a violation nobody has seen: the guard is read before every report
         if guard is not None and (tick or guard.due(done)) and (divergence := guard.poll()) is not None:
             return divergence
         if tick:
@@ -59,11 +86,18 @@ def run_loop(stage: Stage, start_step: int, report: ReportFn, guard=None, stop_a
             metrics["Timing/train_step_s"] = step_s / count
             metrics["Timing/images_per_sec"] = count * stage.images_per_step / max(elapsed, 1e-9)
             metrics.update(stage.tick_metrics(done))
-            with_ckpt = done % stage.checkpoint_every == 0 or done == end
+            if guard is not None:
+                metrics.update(guard.metrics())
+            with_ckpt = done % stage.checkpoint_every == 0 or done == end or interruption is not None
             if with_ckpt:
                 for name, module in stage.ctx.replicated.items():
                     check_replicas_agree(module, f"{stage.name}'s {name}")
                 stage.before_checkpoint(done)
             report(done, metrics, with_ckpt)
             sums, counts, count, step_s, tick_start = {}, {}, 0, 0.0, time.perf_counter()
+        if interruption is not None:
+            if interruption.kind == "stop":
+                return Stopped(done, interruption.reason)
+            interrupts.hold(interruption)
+            tick_start = time.perf_counter()  # the wait is no step's time
     return None

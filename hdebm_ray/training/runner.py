@@ -16,6 +16,7 @@ from ..contracts import WorkerContext
 from ..io.checkpoint import latest_checkpoint, save_checkpoint_atomically
 from ..io.storage import run_dir
 from ..stages import stage_class
+from .interrupts import Interruption, RunStopped, Stopped, StopRequest, stop_requested
 from .session import CheckpointDraft, StageJob, StageResult, fit_with_rollbacks, run_attempt
 
 
@@ -65,6 +66,10 @@ class InProcessPort:
     def after_report(self, rank: int, step: int) -> None:
         pass
 
+    def interruption(self, job: StageJob, step: int) -> Interruption | None:
+        reason = stop_requested(job.stop_file)  # SIGTERM to this process (``StopRequest``)
+        return Interruption("stop", reason) if reason else None
+
 
 def run_in_process(
     cfg: Config,
@@ -81,12 +86,23 @@ def run_in_process(
     port = InProcessPort(torch.device(device))
     init = str(init_dir) if init_dir is not None else None
 
+    outcome = {}
+
     def attempt(attempt_cfg: Config, rollbacks: tuple[dict, ...]):
-        job = StageJob(attempt_cfg, stage_name, str(out), str(out), log_dir, init_from=init, rollbacks=rollbacks)
-        stage, _ = run_attempt(job, port)
+        job = StageJob(
+            attempt_cfg, stage_name, str(out), str(out), log_dir, init_from=init, rollbacks=rollbacks, stop_file=stop
+        )
+        stage, outcome["end"] = run_attempt(job, port)
         return stage
 
-    stage = fit_with_rollbacks(cfg, stage_name, init, str(out), str(out), attempt)
+    with StopRequest(str(out)) as request:
+        stop = request.path
+        stage = fit_with_rollbacks(cfg, stage_name, init, str(out), str(out), attempt)
+        if isinstance(outcome.get("end"), Stopped):
+            raise RunStopped(
+                f"stage {stage_name} stopped at step {outcome['end'].step} on {request.reason} after a checkpoint in "
+                f"{out}; the same call resumes it"
+            )
     return stage, latest_checkpoint(out)
 
 

@@ -31,18 +31,11 @@ from ..io import storage
 from ..io.checkpoint import CheckpointError, checkpoint_meta, load_meta, restore, run_checkpoints
 from ..stages import build_stage, stage_class
 from ..stages.base import StageBase
-from .guard import (
-    DIVERGENCE_FILE,
-    Divergence,
-    GuardLog,
-    backed_off,
-    roll_back,
-    step_guard,
-    take_divergence,
-    write_divergence,
-)
+from .guard import DIVERGENCE_FILE, Divergence, GuardLog, backed_off, roll_back, take_divergence, write_divergence
+from .interrupts import Interruption, Stopped, hold_for
 from .loop import run_loop
 from .stage_log import StageLogger
+from .step_guard import step_guard
 
 
 @dataclass(frozen=True)
@@ -58,6 +51,7 @@ class StageJob:
     resume_from: str | None = None  # where to start when the stage run has no checkpoint of its own (PBT)
     stop_at_step: int | None = None  # end the run there (a PBT chunk), with a checkpoint
     rollbacks: tuple[dict, ...] = ()  # the guard's, so far (``GuardLog.rollbacks``)
+    stop_file: str | None = None  # <run>/stop.json: a stop request, seen by every rank (``interrupts.py``)
 
 
 @dataclass(frozen=True)
@@ -122,6 +116,30 @@ class StagePort(Protocol):
     def after_report(self, rank: int, step: int) -> None:
         """Called on every rank after each report (tests inject faults here)."""
 
+    def interruption(self, job: StageJob, step: int) -> Interruption | None:
+        """Every rank, every ``run.interrupt_check_every`` steps, all at the same step: a preemption notice or a
+        stop request every rank agrees on, else None."""
+
+
+class PortInterrupts:
+    """``loop.Interrupts`` from a port: its checks every ``run.interrupt_check_every`` steps, a preemption held until
+    its deadline plus ``ray.preemption_grace_s``."""
+
+    def __init__(self, port: StagePort, job: StageJob, chief: bool):
+        self.port, self.job, self.chief = port, job, chief
+        self.every = job.cfg.run.interrupt_check_every
+        self.seen: set[float | None] = set()  # deadlines already checkpointed for: one checkpoint per notice
+
+    def check(self, done: int) -> Interruption | None:
+        found = self.port.interruption(self.job, done)
+        if found is None or (found.kind == "preemption" and found.deadline_s in self.seen):
+            return None
+        self.seen.add(found.deadline_s)
+        return found
+
+    def hold(self, interruption: Interruption) -> None:
+        hold_for(interruption, self.job.cfg.ray.preemption_grace_s, self.chief)
+
 
 def restore_newest_usable(stage: StageBase, candidate: str, stage_dir: str, device, chief: bool) -> tuple[dict, str]:
     """Restore ``candidate``; if it is incomplete or corrupt, the newest usable older one of the stage run. The
@@ -161,9 +179,10 @@ def _local_init(init_from: str | None):
             yield d
 
 
-def run_attempt(job: StageJob, port: StagePort) -> tuple[StageBase, Divergence | None]:
-    """One attempt at the stage on this rank: to its end (or ``job.stop_at_step``), or to the report tick where the
-    guard saw a divergence (left in ``job.guard_dir`` by rank 0 for the rollback loop)."""
+def run_attempt(job: StageJob, port: StagePort) -> tuple[StageBase, Divergence | Stopped | None]:
+    """One attempt at the stage on this rank: to its end (or ``job.stop_at_step``), to the report tick where the
+    guard saw a divergence (left in ``job.guard_dir`` by rank 0 for the rollback loop), or to a stop request (after
+    a checkpoint at that step)."""
     cfg = job.cfg
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     ctx = port.context(job)
@@ -177,7 +196,7 @@ def run_attempt(job: StageJob, port: StagePort) -> tuple[StageBase, Divergence |
             status(f"[{stage.name}] resumed from {path} at step {start}")
     rollbacks = list(job.rollbacks)
     seed_steps(cfg.run.seed, ctx.rank, start, attempt=len(rollbacks))
-    guard = step_guard(cfg, stage.name, ctx.device, len(rollbacks))
+    guard = step_guard(cfg, type(stage), ctx.device, len(rollbacks), chief=ctx.is_chief)
     guard_metrics = GuardLog(rollbacks, cfg.guard.backoff).metrics() if guard is not None else {}
     logger = StageLogger(stage, job.log_dir, enabled=ctx.is_chief)
 
@@ -194,18 +213,21 @@ def run_attempt(job: StageJob, port: StagePort) -> tuple[StageBase, Divergence |
 
     end = min(job.stop_at_step or stage.total_steps, stage.total_steps)
     try:
-        divergence = run_loop(stage, start, report, guard, end)
-        if divergence is not None:  # every rank stops here; the rollback loop backs off and starts the next attempt
+        outcome = run_loop(stage, start, report, guard, end, PortInterrupts(port, job, ctx.is_chief))
+        if isinstance(outcome, Divergence):  # every rank stops here; the rollback loop backs off and starts again
             if ctx.is_chief:
-                write_divergence(job.guard_dir, divergence)
-                status(f"[{stage.name}] diverged at {divergence.describe()}")
+                write_divergence(job.guard_dir, outcome)
+                status(f"[{stage.name}] diverged at {outcome.describe()}")
+        elif isinstance(outcome, Stopped):
+            if ctx.is_chief:
+                status(f"[{stage.name}] stopped at step {outcome.step} on {outcome.reason}, after a checkpoint")
         elif start >= end:
             # Nothing left to train (a re-run of a finished stage, a Tune trial restarted after its run ended): report
             # once anyway, so the caller sees the final metrics, and register the product if the run has none yet.
             report(start, last_metrics, not port.has_own_checkpoint())
     finally:
         logger.close()
-    return stage, divergence
+    return stage, outcome
 
 
 def fit_with_rollbacks(

@@ -1,0 +1,173 @@
+"""Every check a run makes before it starts, in one place: ``--dry-run`` runs exactly these and stops, the real run
+runs them and goes on. Each failure is one line naming the key, flag, file or value.
+
+- the installed libraries that load files we are handed (torch, Pillow) are at least the versions without open
+  advisories (``check_dependencies``);
+- the storage path is a folder (or can be made one) and, inside a submitted job, absolute;
+- the data are there and the first image decodes (``data.verify: all``: every one);
+- each stage's own checks against the data (``config.check_stage``), and the checkpoint it starts from: complete,
+  of the stage it needs, its weights the shapes this config's networks have;
+- what the run holds at once fits where it runs: CPUs and GPUs against the machine (an embedded Ray) or the cluster
+  (connected to for the check), the bank or replay buffer against the memory of one node, and the networks with
+  their optimiser state against one worker's memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as installed
+
+import torch
+
+from ..config import Config, ConfigError, check_stage
+from ..data.datasets import check_data_available
+from ..io import storage
+from ..io.checkpoint import CheckpointError, load_meta, state_files
+from ..io.storage import check_not_in_job_working_dir
+from ..networks import build_denoiser, build_energy, build_generator
+from ..stages import stage_class
+
+# The lowest versions without a known advisory on what we do with them: torch.load(weights_only=True) of files we
+# are handed (CVE-2025-32434, fixed in 2.6; CVE-2026-24747, fixed in 2.10), Pillow decoding images we are handed
+# (PYSEC-2026-2253 .. 2257, fixed in 12.3).
+FLOORS = {"torch": ("2.10.0", "weights_only loading below it can run code"), "pillow": ("12.3.0", "image decoding")}
+
+
+class DependencyError(RuntimeError):
+    """An installed library below the version hdebm-ray needs for safety: one line saying which and why."""
+
+
+def _release(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:3] if part.isdigit())
+
+
+def check_dependencies() -> None:
+    for package, (floor, why) in FLOORS.items():
+        try:
+            have = installed(package)
+        except PackageNotFoundError:
+            continue  # not installed: whatever imports it fails with its own message
+        if _release(have) < _release(floor):
+            raise DependencyError(
+                f"{package} {have} is installed; hdebm-ray needs {package} >= {floor} ({why}): "
+                f"pip install '{package}>={floor}'"
+            )
+
+
+def preflight(
+    cfg: Config, stages: list[str], init_from: dict[str, str | None] | None = None, concurrent_runs: int = 1
+) -> None:
+    """Every check of a run of ``stages`` (``init_from``: the checkpoint each starts from, where given)."""
+    check_storage_folder(cfg)
+    check_not_in_job_working_dir(cfg)
+    check_data_available(cfg)
+    for stage in stages:
+        check_stage(cfg, stage)
+        start = (init_from or {}).get(stage)
+        if start is not None:
+            check_start(cfg, stage, start)
+    check_resources(cfg, stages, concurrent_runs)
+
+
+def check_storage_folder(cfg: Config) -> None:
+    """``run.storage_path`` and the run's folder must be folders (or not exist yet), not files."""
+    location = storage.run_dir(cfg)
+    for path in (location.rsplit("/", 1)[0], location):
+        fs, local = storage.fs_and_path(path)
+        kind = fs.get_file_info(local).type
+        if kind == storage.pafs.FileType.File:
+            raise ConfigError(f"config key 'run.storage_path': '{path}' is a file, not a folder for the run's files")
+
+
+def check_start(cfg: Config, stage: str, start: str) -> None:
+    """The checkpoint ``stage`` starts from: complete, of the stage it needs, with weights that fit this config."""
+    wanted = stage_class(stage).starts_from
+    meta = load_meta(start)
+    if wanted is not None and meta.get("stage") != wanted:
+        raise CheckpointError(
+            f"--init-from '{start}' is a {meta.get('stage')!r} checkpoint; stage {stage!r} starts from a {wanted!r} one"
+        )
+    check_weights_fit(start, cfg)
+
+
+# The HDEBM networks a checkpoint a stage starts from carries, and how this config builds each.
+NETWORKS = {"denoiser": build_denoiser, "energy": build_energy, "generator": build_generator}
+
+
+def check_weights_fit(checkpoint: str, cfg: Config) -> None:
+    """``CheckpointError`` naming the first parameter whose name or shape differs between the checkpoint's networks
+    and the ones ``cfg`` builds (on the meta device: nothing allocated; the files memory-mapped, not read)."""
+    with storage.local_dir(checkpoint) as d:
+        files = state_files(d)
+        for name, build in NETWORKS.items():
+            if name not in files:
+                continue
+            with torch.device("meta"):
+                want = {k: tuple(v.shape) for k, v in build(cfg).state_dict().items()}
+            have = {k: tuple(v.shape) for k, v in torch.load(files[name], mmap=True, weights_only=True).items()}
+            missing = [f"has no '{k}'" for k in want if k not in have]
+            extra = [f"has '{k}', which this config's network lacks" for k in have if k not in want]
+            shapes = [
+                f"'{k}' is {list(have[k])}, this config's {list(want[k])}"
+                for k in want
+                if have.get(k, want[k]) != want[k]
+            ]
+            problem = (missing + extra + shapes or [None])[0]
+            if problem:
+                raise CheckpointError(
+                    f"checkpoint '{checkpoint}': its {name}.pt does not fit this config's network.* ({problem})"
+                )
+
+
+def machine_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+        return kib * 1024
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def check_resources(cfg: Config, stages: list[str], concurrent_runs: int = 1) -> None:
+    """What the run holds at once against where it runs: on an embedded Ray, this machine; on a cluster, the cluster
+    as it is now (an autoscaler may add nodes: GPUs it does not have yet are only checked per node type)."""
+    r, e = cfg.ray, cfg.eval
+    cores = os.cpu_count() or 1
+    cpus = concurrent_runs * (r.num_workers * r.cpus_per_worker + e.actors * e.cpus_per_actor)
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    local = address in ("", "local")
+    if local:
+        # an embedded Ray oversubscribes this machine's cores a little (eval actors beside the workers), not more
+        limit = max(4 * cores, cores + 16)
+        if cpus > limit:
+            raise ConfigError(
+                f"the run needs {cpus:g} CPUs at once (ray.num_workers x ray.cpus_per_worker + eval.actors x "
+                f"eval.cpus_per_actor) and this machine has {cores}: lower them, or run on a cluster (ray.address)"
+            )
+        gpus = (r.num_workers if r.use_gpu else 0) + e.actors * e.gpus_per_actor
+        if gpus:
+            have = torch.cuda.device_count()
+            if gpus > have:
+                raise ConfigError(
+                    f"the run needs {gpus:g} GPUs (ray.use_gpu / eval.gpus_per_actor) and this machine has {have}"
+                )
+    memory = machine_memory_bytes() if local else 0
+    for stage in stages:
+        cls = stage_class(stage)
+        spec = cls.bank_spec(cfg)
+        if spec is not None and memory and spec.nbytes() > 0.8 * memory:
+            raise ConfigError(
+                f"stage {stage}'s {'bank' if spec.kind == 'bank' else 'replay buffer'} of {spec.size} slots takes "
+                f"{spec.nbytes() / 2**30:.3g} GiB, more than this machine's memory ({memory / 2**30:.3g} GiB) can "
+                f"hold: lower {stage}.{'bank_size' if spec.kind == 'bank' else 'buffer_size'}"
+            )
+        need = cls.memory_bytes(cfg)
+        if memory and need * (1 if r.use_gpu else r.num_workers) > 0.8 * memory:
+            raise ConfigError(
+                f"stage {stage}'s networks with their gradients and optimiser state take {need / 2**30:.3g} GiB per "
+                f"worker, more than this machine's memory ({memory / 2**30:.3g} GiB) can hold: shrink network.*"
+            )
+    if not math.isfinite(cpus):
+        raise ConfigError("the run's resources are not finite")
