@@ -145,3 +145,33 @@ class RecordNode:
 
         with open(os.path.join(self.folder, f"rank{rank}"), "w") as f:
             f.write(ray.get_runtime_context().get_node_id())
+
+
+def distilled_digits(root: Path) -> str:
+    """A tiny distilled digits denoiser (TINY, in process), for tests of Stage 1 on Ray; its checkpoint dir."""
+    from hdebm_ray.config import load_config
+    from hdebm_ray.training.runner import run_in_process
+
+    cfg = load_config("digits", overrides=small_digits_overrides(str(root), "base") + TINY)
+    _, ck = run_in_process(cfg, "diffusion", root / "d")
+    return str(run_in_process(cfg, "distill", root / "k", init_dir=ck)[1])
+
+
+def wait_for(predicate, what: str, timeout_s: float = 240.0, poll_s: float = 0.1):
+    """``predicate()``'s first truthy value, polled; AssertionError naming ``what`` after ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def cli_command(*args: str, overrides=(), address: str | None = None) -> list[str]:
+    """``python -m hdebm_ray <args> --set <override>...`` (and ``--address``)."""
+    import sys
+
+    cmd = [sys.executable, "-m", "hdebm_ray", *args] + [a for o in overrides for a in ("--set", o)]
+    return cmd + (["--address", address] if address else [])

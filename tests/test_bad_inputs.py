@@ -6,8 +6,14 @@ through would go on to connect to ``ray.address``, set here to a closed port so 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
+import socket
+import time
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -15,6 +21,7 @@ from hdebm_ray.cli import main as cli
 from hdebm_ray.config import load_config
 from hdebm_ray.data.convert import write_parquet_shards
 from hdebm_ray.data.datasets import build_dataset
+from hdebm_ray.io.checkpoint import load_config_of
 from hdebm_ray.training.runner import run_in_process
 
 NOWHERE = [
@@ -53,10 +60,52 @@ def files(tmp_path_factory):
         "no_metric": "stage: stage1\nparams:\n  stage1.lr_energy: {choice: [1.0e-4]}\n",
         "yaml": "stage: [\n",
         "section": "stage: stage1\nmetric: m\nparams:\n  stage1.langevin: {choice: [1]}\n",
+        "odd": "stage: stage1\nmetric: Energy/abs_gap\nparams:\n  stage1.batch_size: {choice: [63, 64]}\n",
     }
     for name, text in spaces.items():
         (root / f"space_{name}.yaml").write_text(text)
-    return {"root": root, "good": good, "truncated": truncated, "pickled": pickled}
+    # checkpoints: of a stage nobody knows, weights that do not fit their own config, an unreadable meta.json
+    unknown = shutil.copytree(good, root / "unknown_stage")
+    (unknown / "meta.json").write_text((unknown / "meta.json").read_text().replace('"mebm"', '"stage9"'))
+    misfit = shutil.copytree(good, root / "misfit")
+    (misfit / "config.yaml").write_text(load_config_of(good).replace(**{"network.energy.width": 7}).to_yaml())
+    bad_meta = shutil.copytree(good, root / "bad_meta")
+    (bad_meta / "meta.json").write_text('{"step": 2,')
+    diff_cfg = load_config("toy2d", overrides=["diffusion.steps=1", "diffusion.report_every=1"])
+    _, diffusion = run_in_process(diff_cfg.replace(**{"diffusion.checkpoint_every": 1}), "diffusion", root / "diff")
+    # data: an image column of numbers
+    (root / "numbers").mkdir()
+    pq.write_table(pa.table({"image": pa.array([1, 2, 3])}), root / "numbers" / "part-0.parquet")
+    (root / "afile").write_text("x")
+    (root / "taken.png").write_bytes(b"mine")
+    (root / "dump.yaml").write_text(load_config("toy2d").to_yaml())
+    # run-state files a crash or a hand truncated, a run another live driver owns, a run whose checkpoint's
+    # weights this config cannot load
+    runs = root / "runs"
+    for run, name, text in [
+        ("st", "pipeline.json", '{"diffusion": '),
+        ("rj", "run.json", '{"run_id": '),
+        ("ow", "owner.json", '{"tok'),
+        ("gd", "mebm/guard.json", '{"roll'),
+        ("dv", "mebm/divergence.json", '{"st'),
+    ]:
+        (runs / run / name).parent.mkdir(parents=True, exist_ok=True)
+        (runs / run / name).write_text(text)
+    now = time.time()
+    owner = {"token": "t", "host": socket.gethostname(), "pid": os.getpid(), "job_id": "", "started_at": now}
+    (runs / "live").mkdir()
+    (runs / "live" / "owner.json").write_text(json.dumps({**owner, "heartbeat_at": now + 3600}))
+    shutil.copytree(good, runs / "resumed" / "mebm" / good.name)
+    return {
+        "root": root,
+        "good": good,
+        "truncated": truncated,
+        "pickled": pickled,
+        "unknown": unknown,
+        "misfit": misfit,
+        "bad_meta": bad_meta,
+        "diffusion": diffusion,
+    }
 
 
 def P(*args):  # a pipeline run on digits that must not start
@@ -213,6 +262,44 @@ CASES = [
     ("space no metric", ["tune", "--preset", "digits", "--space", "{root}/space_no_metric.yaml"], "metric"),
     ("space yaml", ["tune", "--preset", "digits", "--space", "{root}/space_yaml.yaml"], "YAML"),
     ("space section", ["tune", "--preset", "digits", "--space", "{root}/space_section.yaml"], "stage1.langevin"),
+    ("space batch not divisible", ["tune", "--preset", "digits", "--space", "{root}/space_odd.yaml"], "batch_size"),
+    # -- sizes and resources no run can hold (refused by --dry-run too; resources against this machine: an embedded Ray)
+    ("steps 1e30", P("--dry-run", *S("ray.address=", "stage1.steps=1000000000000000000000000000000")), "stage1.steps"),
+    (
+        "step size 1e300",
+        P("--dry-run", *S("ray.address=", "stage1.langevin.step_size=1e300")),
+        "stage1.langevin.step_size",
+    ),
+    ("timeout 1e300", P("--dry-run", *S("ray.address=", "eval.timeout_s=1e300")), "eval.timeout_s"),
+    ("bank of 1e12", P("--dry-run", *S("ray.address=", "stage1.bank_size=1000000000")), "stage1.bank_size"),
+    ("buffer of 1e9", T("mebm", "--dry-run", *S("ray.address=", "mebm.buffer_size=1000000000")), "mebm.buffer_size"),
+    ("1e9 CPUs", P("--dry-run", *S("ray.address=", "ray.cpus_per_worker=1e9")), "ray.cpus_per_worker"),
+    ("1e5 eval actors", P("--dry-run", *S("ray.address=", "eval.actors=100000")), "eval.actors"),
+    ("UNet of 1e8 channels", P("--dry-run", *S("ray.address=", "network.unet.channels=100000000")), "network.*"),
+    ("100 GPUs per eval actor", P("--dry-run", *S("ray.address=", "eval.gpus_per_actor=100")), "eval.gpus_per_actor"),
+    # -- what the real run refuses, refused by --dry-run first
+    ("dry run without a parent", T("stage1", "--dry-run", *S("run.name=fresh")), "--init-from"),
+    ("dry run image augment", T("mebm", "--dry-run", *S("mebm.augment=[jitter]")), "mebm.augment"),
+    ("preset over a full config", P("--dry-run", "--config", "{root}/dump.yaml"), "--preset digits"),
+    ("storage path is a file", P("--dry-run", *S("run.storage_path={root}/afile")), "run.storage_path"),
+    ("resume misfit weights", T("mebm", "--dry-run", *S("run.name=resumed")), "energy.pt"),
+    # -- run-state files: truncated, or owned by a live driver
+    ("pipeline.json truncated", P("--dry-run", *S("run.name=st")), "pipeline.json"),
+    ("run.json truncated", P("--dry-run", *S("run.name=rj")), "run.json"),
+    ("owner.json truncated", P("--dry-run", *S("run.name=ow")), "owner.json"),
+    ("guard.json truncated", T("mebm", "--dry-run", *S("run.name=gd")), "guard.json"),
+    ("divergence.json truncated", T("mebm", "--dry-run", *S("run.name=dv")), "divergence.json"),
+    ("run in use", P("--dry-run", *S("run.name=live")), "in use by another driver"),
+    # -- outputs and checkpoints
+    ("sample out is a folder", ["sample", "--checkpoint", "{good}", "--out", "{root}/empty"], "--out"),
+    ("sample out under a file", ["sample", "--checkpoint", "{good}", "--out", "{root}/afile/x.png"], "afile"),
+    ("sample out extension", ["sample", "--checkpoint", "{good}", "--out", "{root}/x.xyz"], ".xyz"),
+    ("sample out exists", ["sample", "--checkpoint", "{good}", "--out", "{root}/taken.png"], "--overwrite"),
+    ("checkpoint of unknown stage", ["sample", "--checkpoint", "{unknown}", "--out", "{root}/x.png"], "stage9"),
+    ("weights misfit their config", ["sample", "--checkpoint", "{misfit}", "--out", "{root}/x.png"], "misfit"),
+    ("meta.json truncated", ["sample", "--checkpoint", "{bad_meta}", "--out", "{root}/x.png"], "meta.json"),
+    ("enfe steps not dividing", ["enfe", "--checkpoint", "{diffusion}", "--diffusion-steps-timed", "7"], "timed 7"),
+    ("image column of numbers", T("mebm", *S("data.dataset=parquet", "data.path={root}/numbers")), "int64"),
 ]
 
 
@@ -228,7 +315,7 @@ def test_a_bad_input_is_one_line_naming_it_before_any_work(files, argv, culprit,
     assert code == 2 and "Traceback" not in err, err
     assert len(lines) == 1 and "error" in lines[0], err
     assert culprit.format(**{k: str(v) for k, v in files.items()}) in lines[0], lines[0]
-    assert not (files["root"] / "x.png").exists()
+    assert not (files["root"] / "x.png").exists() and (files["root"] / "taken.png").read_bytes() == b"mine"
 
 
 def test_the_corpus_covers_every_family_with_at_least_sixty_cases():

@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from hdebm_ray.config import load_config
 from hdebm_ray.io.checkpoint import load_meta
+from hdebm_ray.io.storage import RunStateError
 from hdebm_ray.training.guard import GuardLog, GuardStop, backed_off
 from hdebm_ray.training.runner import run_in_process
 from hdebm_ray.training.step_guard import StepGuard
@@ -67,7 +68,7 @@ def test_rollbacks_back_off_the_stage_keys_and_stop_past_the_limit(tmp_path):
     with pytest.raises(GuardStop, match=r"stage2 diverged at step 10: Loss/energy = nan .*after 2 rollback"):
         log.record(cfg, "stage2", div, 8)
     (tmp_path / "guard.json").write_text("{not json")
-    with pytest.raises(GuardStop, match="guard.json' is not JSON"):
+    with pytest.raises(RunStateError, match="guard.json' is not JSON"):
         GuardLog.read(cfg, str(tmp_path))
 
 
@@ -87,7 +88,14 @@ def test_injected_nan_rolls_back_to_the_last_checkpoint_with_its_buffer_and_fini
     meta = load_meta(last)
     assert meta["step"] == 12 and meta["done"]
     (rollback,) = meta["guard"]["rollbacks"]
-    assert rollback == {"step": 6, "metric": "Loss/energy", "value": "nan", "rule": "not finite", "to": 4}
+    assert rollback == {
+        "step": 6,
+        "metric": "Loss/energy",
+        "value": "nan",
+        "rule": "not finite",
+        "seen_after": 6,
+        "to": 4,
+    }
     assert json.loads((tmp_path / "run" / "guard.json").read_text())["scale"] == 0.5
     # the attempt after the rollback ran backed off, from the buffer of step 4 (never the poisoned one)
     assert stage.cfg.mebm.lr == cfg.mebm.lr / 2 and stage.cfg.mebm.langevin.step_size == cfg.mebm.langevin.step_size / 2

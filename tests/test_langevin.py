@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
 from hdebm_ray.core.diffusion import CosineSchedule
 from hdebm_ray.core.hat import HatGenerator
-from hdebm_ray.core.langevin import hill_coefficients, langevin_update, sample_joint, sample_langevin, sample_residual
+from hdebm_ray.core.langevin import (
+    StepStats,
+    hill_coefficients,
+    langevin_update,
+    sample_joint,
+    sample_langevin,
+    sample_residual,
+)
 
 N_CHAINS = 20000
 
@@ -61,6 +69,21 @@ def test_drift_clip_bounds_every_sample_step():
     assert small.any() and (~small).any()
     assert torch.allclose(steps[small], grad.flatten(1).norm(dim=1)[small], rtol=1e-5)  # unclipped: unchanged
     assert torch.allclose(steps[~small], torch.full_like(steps[~small], 0.5), rtol=1e-5)
+
+
+def test_step_rms_is_the_step_taken_clipped_and_capped_at_a_clamped_chains_range():
+    """What the guard bounds: the per-element RMS of the drift after the clip (whatever the energy's scale), and for
+    a chain clamped to [-1, 1] never more than the range's width (it cannot move further)."""
+    torch.manual_seed(3)
+    x = torch.rand(8, 3, 4, 4) * 2 - 1
+    huge = lambda y: 1e6 * y.sum(dim=(1, 2, 3))  # noqa: E731 - a gradient of 1e6 in every element
+    clipped, clamped, free = StepStats(), StepStats(), StepStats()
+    sample_langevin(huge, x, 1, 1.0, 0.0, drift_clip=0.5, stats=clipped)
+    sample_langevin(huge, x, 1, 1.0, 0.0, stats=clamped, bounds=(-1.0, 1.0))
+    sample_langevin(huge, x, 1, 1.0, 0.0, stats=free)
+    assert float(clipped.means()["step_rms"]) == pytest.approx(0.5 / math.sqrt(48), rel=1e-5)
+    assert float(clamped.means()["step_rms"]) == pytest.approx(2.0)
+    assert float(free.means()["step_rms"]) == pytest.approx(1e6)
 
 
 def test_residual_sampler_moves_y_only_and_starts_at_zero():

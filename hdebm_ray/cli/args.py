@@ -77,3 +77,23 @@ def existing_dir(text: str) -> str:
     if not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"'{text}' is not a directory")
     return text
+
+
+# What ``save_grid`` can write (Pillow picks the format from the extension).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def image_out(text: str) -> str:
+    """An argparse type: an image file to write: a known extension, not a folder, and no file where a folder on its
+    path must be (whether it exists already is the command's question: ``--overwrite``)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"'{text}' is a folder; name the image file to write, e.g. {text}/samples.png")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"'{text}' has no image extension; use one of {', '.join(IMAGE_SUFFIXES)}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise argparse.ArgumentTypeError(f"'{text}': '{parent}' is a file, not a folder")
+            break
+    return text

@@ -19,7 +19,7 @@ from ..evaluation.results import evaluated, record, scores_text
 from ..evaluation.sampling import Sampler, default_device, save_grid
 from ..io.checkpoint import load_config_of, load_meta, run_checkpoints
 from ..progress import progress, write
-from .args import at_least, device, existing_dir, local_checkpoint
+from .args import at_least, device, existing_dir, image_out, local_checkpoint
 
 
 def checkpoints_to_evaluate(args) -> list[str]:
@@ -99,6 +99,8 @@ def cmd_dataset_convert(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"--out '{args.out}' exists: pass --overwrite to replace it")
     device = default_device(args.device)
     sampler = Sampler(args.checkpoint, device=device, use_ema=args.ema, protocol=args.protocol)
     out = save_grid(sampler.sample(args.n, seed=args.seed), args.out, sampler.cfg, caption=sampler.caption())
@@ -184,7 +186,8 @@ def add_inference_commands(sub) -> None:
     p = sub.add_parser("sample", help="draw samples from a checkpoint with its stage's sampler")
     p.add_argument("--checkpoint", type=local_checkpoint, required=True, help="a checkpoint directory (checkpoint_*)")
     p.add_argument("--n", type=at_least(1), default=64)
-    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--out", type=image_out, required=True, help="image file to write (.png, .jpg, .webp, .bmp)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--seed", type=int, default=0)
     add_sampler_args(p)
     p.add_argument("--device", type=device, help="cpu, cuda, ... (default: cuda if available)")

@@ -18,7 +18,7 @@ from ..data.datasets import DatasetError
 from ..distributed.pbt import check_pbt
 from ..distributed.ray_compat import UntestedRayError
 from ..distributed.search_space import load_space
-from ..distributed.sweep import SCHEDULERS, SEARCHERS, SweepOptions
+from ..distributed.sweep import SCHEDULERS, SEARCHERS, SweepOptions, sweep_dir
 from ..evaluation.features import EvalError
 from ..evaluation.results import print_eval_table
 from ..io.checkpoint import CheckpointError
@@ -63,10 +63,11 @@ def prepare_run(cfg) -> None:
 
 @contextlib.contextmanager
 def owned_run(location: str, lease_s: float, what: str = "run"):
-    """This driver as the run's one owner for the block (``RunInUse`` if another live driver is), with SIGTERM turned
-    into a stop request its stages checkpoint on (``StopRequest``)."""
-    with RunLease(location, lease_s, what, exit_on_loss=True), StopRequest(location) as stop:
-        yield stop
+    """This driver as the run's one owner for the block (``RunInUse`` if another live driver is). The block calls
+    the yielded ``stop_on_sigterm()`` once Ray is up (Ray's own handler would end the driver at once): from then on
+    SIGTERM is a stop request its stages checkpoint on (``StopRequest``)."""
+    with RunLease(location, lease_s, what, exit_on_loss=True), contextlib.ExitStack() as stack:
+        yield lambda: stack.enter_context(StopRequest(location))
 
 
 def cmd_pipeline(args) -> int:
@@ -80,9 +81,10 @@ def cmd_pipeline(args) -> int:
     from ..distributed.cluster import init_ray
     from ..distributed.driver import run_pipeline
 
-    with owned_run(run_dir(cfg), cfg.run.lease_s):
+    with owned_run(run_dir(cfg), cfg.run.lease_s) as stop_on_sigterm:
         prepare_run(cfg)
         init_ray(cfg)
+        stop_on_sigterm()
         state = run_pipeline(cfg, stages)
     print(f"\nResults in {run_dir(cfg)}")
     for stage, entry in state.items():
@@ -110,9 +112,10 @@ def cmd_train(args) -> int:
     from ..distributed.cluster import init_ray
     from ..distributed.driver import fit_stage, running_eval_pool
 
-    with owned_run(run_dir(cfg), cfg.run.lease_s):
+    with owned_run(run_dir(cfg), cfg.run.lease_s) as stop_on_sigterm:
         prepare_run(cfg)
         init_ray(cfg)
+        stop_on_sigterm()
         with running_eval_pool(cfg) as pool:
             out = fit_stage(cfg, args.stage, init_from, eval_pool=pool)
     if pool is not None:
@@ -148,16 +151,17 @@ def cmd_tune(args) -> int:
         pbt_interval=args.pbt_interval or 0,
     )
     init_from = resolve_init_from(cfg, space.stage, args.init_from)
-    preflight(cfg, [space.stage], {space.stage: init_from}, concurrent_runs=opts.max_concurrent)
+    location = sweep_dir(cfg, opts.name)
+    preflight(cfg, [space.stage], {space.stage: init_from}, opts.max_concurrent, run_location=location)
     if args.dry_run:
         print(f"sweep {opts.name}: stage {space.stage}, {space.metric} ({space.mode}), {opts.samples} sample(s)")
         for p in space.params:
             print(f"  {p.key}: {p.kind} {list(p.args)}")
         return 0
     from ..distributed.cluster import init_ray
-    from ..distributed.sweep import run_sweep, sweep_dir
+    from ..distributed.sweep import run_sweep
 
-    with owned_run(sweep_dir(cfg, opts.name), cfg.run.lease_s, what="sweep"):
+    with owned_run(location, cfg.run.lease_s, what="sweep"):
         prepare_run(cfg)
         # each running trial: its workers and eval actors, and its driver function's own bundle
         init_ray(cfg, concurrent_runs=opts.max_concurrent, extra_cpus=opts.max_concurrent * opts.trial_driver_cpus)
@@ -242,6 +246,7 @@ USER_ERRORS = (
     DatasetError,
     EvalError,
     FileNotFoundError,
+    FileExistsError,
     UntestedRayError,
     RunInUse,
     RunStateError,

@@ -7,6 +7,8 @@ runs them and goes on. Each failure is one line naming the key, flag, file or va
 - the data are there and the first image decodes (``data.verify: all``: every one);
 - each stage's own checks against the data (``config.check_stage``), and the checkpoint it starts from: complete,
   of the stage it needs, its weights the shapes this config's networks have;
+- the run's own files (``check_run_state``): no live driver owns it, its run-state files are readable, and the
+  checkpoint each stage resumes from holds weights this config's networks can load;
 - what the run holds at once fits where it runs: CPUs and GPUs against the machine (an embedded Ray) or the cluster
   (connected to for the check), the bank or replay buffer against the memory of one node, and the networks with
   their optimiser state against one worker's memory.
@@ -14,7 +16,6 @@ runs them and goes on. Each failure is one line naming the key, flag, file or va
 
 from __future__ import annotations
 
-import math
 import os
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as installed
@@ -24,10 +25,12 @@ import torch
 from ..config import Config, ConfigError, check_stage
 from ..data.datasets import check_data_available
 from ..io import storage
-from ..io.checkpoint import CheckpointError, load_meta, state_files
+from ..io.checkpoint import CheckpointError, load_meta, newest_checkpoint, state_files
+from ..io.ownership import RunLease, run_id
 from ..io.storage import check_not_in_job_working_dir
-from ..networks import build_denoiser, build_energy, build_generator
 from ..stages import stage_class
+from ..training.guard import GuardLog, take_divergence
+from ..training.pipeline import read_state
 
 # The lowest versions without a known advisory on what we do with them: torch.load(weights_only=True) of files we
 # are handed (CVE-2025-32434, fixed in 2.6; CVE-2026-24747, fixed in 2.10), Pillow decoding images we are handed
@@ -57,11 +60,17 @@ def check_dependencies() -> None:
 
 
 def preflight(
-    cfg: Config, stages: list[str], init_from: dict[str, str | None] | None = None, concurrent_runs: int = 1
+    cfg: Config,
+    stages: list[str],
+    init_from: dict[str, str | None] | None = None,
+    concurrent_runs: int = 1,
+    run_location: str | None = None,
 ) -> None:
-    """Every check of a run of ``stages`` (``init_from``: the checkpoint each starts from, where given)."""
+    """Every check of a run of ``stages`` (``init_from``: the checkpoint each starts from, where given;
+    ``run_location``: the folder the run owns, default the config's run folder)."""
     check_storage_folder(cfg)
     check_not_in_job_working_dir(cfg)
+    check_run_state(cfg, stages, run_location or storage.run_dir(cfg))
     check_data_available(cfg)
     for stage in stages:
         check_stage(cfg, stage)
@@ -69,6 +78,21 @@ def preflight(
         if start is not None:
             check_start(cfg, stage, start)
     check_resources(cfg, stages, concurrent_runs)
+
+
+def check_run_state(cfg: Config, stages: list[str], location: str) -> None:
+    """The run's own files as the real run reads them, unchanged: not owned by a live driver, its identity, the
+    pipeline record, each stage's guard log and pending divergence readable, and the checkpoint each stage resumes
+    from holding weights this config's networks can load."""
+    RunLease(location, cfg.run.lease_s).refuse_if_held()
+    run_id(location, create=False)
+    read_state(location)
+    for stage in stages:
+        stage_dir = f"{location}/{stage}"
+        GuardLog.read(cfg, stage_dir)
+        take_divergence(stage_dir, remove=False)
+        if (newest := newest_checkpoint(stage_dir)) is not None:
+            check_weights_fit(newest, cfg, stage_class(stage).networks(cfg), "resumes")
 
 
 def check_storage_folder(cfg: Config) -> None:
@@ -89,23 +113,21 @@ def check_start(cfg: Config, stage: str, start: str) -> None:
         raise CheckpointError(
             f"--init-from '{start}' is a {meta.get('stage')!r} checkpoint; stage {stage!r} starts from a {wanted!r} one"
         )
-    check_weights_fit(start, cfg)
+    if wanted is not None:
+        check_weights_fit(start, cfg, stage_class(wanted).networks(cfg), "starts from")
 
 
-# The HDEBM networks a checkpoint a stage starts from carries, and how this config builds each.
-NETWORKS = {"denoiser": build_denoiser, "energy": build_energy, "generator": build_generator}
-
-
-def check_weights_fit(checkpoint: str, cfg: Config) -> None:
+def check_weights_fit(checkpoint: str, cfg: Config, networks: dict, verb: str) -> None:
     """``CheckpointError`` naming the first parameter whose name or shape differs between the checkpoint's networks
-    and the ones ``cfg`` builds (on the meta device: nothing allocated; the files memory-mapped, not read)."""
+    and the ones ``cfg`` builds (``networks``: its stage's ``networks(cfg)``; on the meta device: nothing allocated;
+    the files memory-mapped, not read)."""
     with storage.local_dir(checkpoint) as d:
         files = state_files(d)
-        for name, build in NETWORKS.items():
+        for name, (build, _) in networks.items():
             if name not in files:
                 continue
             with torch.device("meta"):
-                want = {k: tuple(v.shape) for k, v in build(cfg).state_dict().items()}
+                want = {k: tuple(v.shape) for k, v in build().state_dict().items()}
             have = {k: tuple(v.shape) for k, v in torch.load(files[name], mmap=True, weights_only=True).items()}
             missing = [f"has no '{k}'" for k in want if k not in have]
             extra = [f"has '{k}', which this config's network lacks" for k in have if k not in want]
@@ -117,7 +139,8 @@ def check_weights_fit(checkpoint: str, cfg: Config) -> None:
             problem = (missing + extra + shapes or [None])[0]
             if problem:
                 raise CheckpointError(
-                    f"checkpoint '{checkpoint}': its {name}.pt does not fit this config's network.* ({problem})"
+                    f"the run {verb} checkpoint '{checkpoint}', whose {name}.pt does not fit this config's network.* "
+                    f"({problem})"
                 )
 
 
@@ -131,8 +154,8 @@ def machine_memory_bytes() -> int:
 
 
 def check_resources(cfg: Config, stages: list[str], concurrent_runs: int = 1) -> None:
-    """What the run holds at once against where it runs: on an embedded Ray, this machine; on a cluster, the cluster
-    as it is now (an autoscaler may add nodes: GPUs it does not have yet are only checked per node type)."""
+    """What the run holds at once against where it runs: on an embedded Ray, this machine (refused); on a cluster,
+    the cluster as it is now, connected to here (what no alive node holds is a warning: an autoscaler may add it)."""
     r, e = cfg.ray, cfg.eval
     cores = os.cpu_count() or 1
     cpus = concurrent_runs * (r.num_workers * r.cpus_per_worker + e.actors * e.cpus_per_actor)
@@ -169,5 +192,8 @@ def check_resources(cfg: Config, stages: list[str], concurrent_runs: int = 1) ->
                 f"stage {stage}'s networks with their gradients and optimiser state take {need / 2**30:.3g} GiB per "
                 f"worker, more than this machine's memory ({memory / 2**30:.3g} GiB) can hold: shrink network.*"
             )
-    if not math.isfinite(cpus):
-        raise ConfigError("the run's resources are not finite")
+    if not local:  # the cluster as it is now: connected to here, and the run goes on with this connection
+        from ..distributed.cluster import check_cluster_fits, init_ray
+
+        init_ray(cfg, concurrent_runs)
+        check_cluster_fits(cfg, stages)

@@ -82,13 +82,27 @@ def load_config(
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
-        tree = _merge(tree, parse_tree(path.read_text(), f"config file '{path}'"))
+        given = parse_tree(path.read_text(), f"config file '{path}'")
+        if preset and set(_leaf_keys(tree)) <= set(_leaf_keys(given)):
+            raise ConfigError(
+                f"config file '{path}' sets every key (a full config, like a checkpoint's or a sweep's config.yaml), "
+                f"so --preset {preset} would change nothing: drop --preset, or keep only the keys you change in it"
+            )
+        tree = _merge(tree, given)
     # Build once before overrides so a bad key in the files is reported against the file, not an override.
     build(Config, tree, "")
     for text in overrides:
         key, value = parse_override(text)
         set_dotted(tree, current_key(key, "--set"), value)
     return from_dict(tree)
+
+
+def _leaf_keys(tree: dict, prefix: str = "") -> typing.Iterator[str]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
 
 
 def parse_tree(text: str, origin: str) -> dict:

@@ -16,7 +16,7 @@ class RunSection:
     name: str = knob("hdebm", doc="run name; re-running with the same name resumes")
     storage_path: str = knob("runs", doc="local dir, NFS mount or s3:// / gs:// URI for checkpoints and logs")
     shared_storage: bool = knob(False, doc="assert that a local storage_path is mounted on every node")
-    seed: int = knob(0, lo=0, doc="base seed of the weights, data order, toy2d points and chain starts")
+    seed: int = knob(0, lo=0, hi=2**63 - 1, doc="base seed of the weights, data order, toy2d points and chain starts")
     lease_s: float = knob(
         60.0,
         lo=5.0,
@@ -145,10 +145,11 @@ class GuardSection:
         3, lo=1, doc="consecutive steps a bound must be exceeded before it counts (non-finite values count at once)"
     )
     max_step_rms: float = knob(
-        1.0,
+        2.0,
         lo=0.0,
-        doc="bound on Langevin/step_rms, a chain step's RMS per element after the drift clip (data units, the data "
-        "spans [-1, 1]); 0 = none",
+        doc="bound on Langevin/step_rms, a chain step's RMS per element after the drift clip (data units; the data "
+        "spans [-1, 1], and a clamped chain's step is capped at that width, 2, so only an unclamped chain crossing "
+        "the whole data range in one step trips it); 0 = none",
     )
     max_sample_abs: float = knob(
         100.0, lo=0.0, doc="bound on Langevin/sample_abs_max, the largest |x| of the chain ends (data units); 0 = none"

@@ -179,7 +179,7 @@ def markdown_table() -> str:
         "layers: these defaults < `--preset NAME` (hdebm_ray/presets/) < `--config FILE` < repeated "
         "`--set dotted.key=value`. `hdebm-ray config show [--preset NAME] [KEY-PREFIX]` prints the same keys with "
         "the values a preset resolves them to. Lists are written `[a, b]` in YAML or `a,b` after `--set`; a "
-        "list's range applies to each element.",
+        "list's range applies to each element; a number whose range shows no upper bound is at most 1e9.",
     ]
     for section, rows in by_section.items():
         out += ["", f"## `{section}`", "", docs[section], "", "| key | default | range | description |"]

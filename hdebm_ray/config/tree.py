@@ -80,8 +80,15 @@ def coerce(key: str, value: Any, typ: Any, meta: dict) -> Any:
     raise TypeError(f"unsupported config type {typ} for {key}")
 
 
+# The upper bound of every number whose key declares none: no run counts, holds, scales or waits for more (steps,
+# slots, channels, samples, step sizes, seconds); beyond it a value is a typo, and would otherwise pass --dry-run.
+CEILING = 1e9
+
+
 def check_range(key: str, value: Any, meta: dict) -> None:
     choices, lo, hi = meta.get("choices"), meta.get("lo"), meta.get("hi")
+    if hi is None and choices is None:
+        hi = CEILING
     if choices is not None and value not in choices:
         allowed = ", ".join(repr(c) for c in choices)
         raise ConfigError(f"config key '{key}' = {value!r} is not allowed; choose one of {allowed}")
@@ -94,7 +101,7 @@ def check_range(key: str, value: Any, meta: dict) -> None:
             if lo is not None:
                 parts.append(f"{'>' if lo_open else '>='} {lo}")
             if hi is not None:
-                parts.append(f"<= {hi}")
+                parts.append(f"<= {hi:g}")
             raise ConfigError(f"config key '{key}' = {value!r} is out of range: must be {' and '.join(parts)}")
 
 

@@ -39,8 +39,8 @@ def hill_coefficients(step_size: float, temperature: float = 1.0) -> tuple[float
 
 class StepStats:
     """Running diagnostics of a chain: the mean per-sample drift norm before the clip, the fraction of clipped
-    drifts, and the RMS per element of the step actually taken (after the clip, in data units: what the divergence
-    guard bounds, whatever the energy's scale).
+    drifts, and the RMS per element of the drift actually taken (after the clip, and capped at the data range's
+    width for a clamped chain; in data units: what the divergence guard bounds, whatever the energy's scale).
 
     Sums stay on the chain's device; nothing is read back until ``means()`` (the stage's metrics, which the loop
     reads once per report tick), so a chain step never waits for the host.
@@ -69,10 +69,19 @@ class StepStats:
 
 
 def langevin_update(
-    x, grad, drift_coef: float, noise_std: float, drift_clip: float = 0.0, stats=None, grad_clamp: float = 0.0
+    x,
+    grad,
+    drift_coef: float,
+    noise_std: float,
+    drift_clip: float = 0.0,
+    stats=None,
+    grad_clamp: float = 0.0,
+    range_width: float = 0.0,
 ):
     """One step x − clip(c·grad) + s·ξ; the clip bounds each sample's drift to L2 norm ``drift_clip``;
-    ``grad_clamp`` first clamps each gradient element to [−grad_clamp, grad_clamp] (M-EBM's code: 1)."""
+    ``grad_clamp`` first clamps each gradient element to [−grad_clamp, grad_clamp] (M-EBM's code: 1).
+    ``range_width``: the chain is clamped to a range this wide after the step, so no element moves further; the
+    step ``stats`` record is capped there (0: an unclamped chain)."""
     if grad_clamp > 0:
         grad = grad.clamp(-grad_clamp, grad_clamp)
     drift = drift_coef * grad
@@ -85,8 +94,12 @@ def langevin_update(
         scale = (drift_clip / norms.clamp_min(1e-12)).clamp(max=1.0)
         drift = drift * scale.reshape(-1, *([1] * (x.dim() - 1)))
     if stats is not None:
-        taken = norms.clamp(max=drift_clip) if drift_clip > 0 else norms  # the drift after the clip
-        stats.add(norms, clipped, taken / math.sqrt(x[0].numel()))
+        if range_width > 0:
+            taken_rms = drift.abs().clamp(max=range_width).flatten(1).square().mean(1).sqrt()
+        else:
+            taken = norms.clamp(max=drift_clip) if drift_clip > 0 else norms  # the drift after the clip
+            taken_rms = taken / math.sqrt(x[0].numel())
+        stats.add(norms, clipped, taken_rms)
     out = x - drift
     if noise_std > 0:
         out = out + noise_std * torch.randn_like(x)
@@ -115,7 +128,8 @@ def sample_langevin(
     x = x0.detach()
     for _ in range(steps):
         grad = energy_grad(energy_fn, x)
-        x = langevin_update(x, grad, drift_coef, noise_std, drift_clip, stats, grad_clamp).detach()
+        width = bounds[1] - bounds[0] if bounds is not None else 0.0
+        x = langevin_update(x, grad, drift_coef, noise_std, drift_clip, stats, grad_clamp, width).detach()
         if bounds is not None:
             x = x.clamp(*bounds)
     return x

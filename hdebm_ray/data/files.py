@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
@@ -70,6 +71,15 @@ def decode_uint8(data: bytes, resolution: int, channels: int, where: str) -> tor
             return pil_to_uint8(img, resolution, channels)
     except (OSError, ValueError, TypeError, Image.DecompressionBombError) as e:  # truncated / not an image / not bytes
         raise BadImageError(f"cannot decode the image in {where}: {e}") from None
+
+
+def encoded_image_type(t: pa.DataType) -> bool:
+    """Whether a parquet column of type ``t`` holds what ``image_bytes`` reads."""
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return True
+    if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:
+        return encoded_image_type(t.field("bytes").type)
+    return False
 
 
 def image_bytes(cell) -> bytes:
@@ -232,9 +242,16 @@ class ParquetImages(BadImagePolicy, Dataset):
         for shard in self.shards:
             with reading_shard(shard), self.fs.open_input_file(shard) as f:
                 meta = pq.ParquetFile(f).metadata
-                names = meta.schema.to_arrow_schema().names
+                schema = meta.schema.to_arrow_schema()
+                names = schema.names
             if "image" not in names:
                 raise DatasetError(f"parquet shard '{shard}' has no 'image' column (has {names})")
+            if not encoded_image_type(schema.field("image").type):
+                raise DatasetError(
+                    f"parquet shard '{shard}': its 'image' column is {schema.field('image').type}, not encoded image "
+                    "bytes (binary, or a struct with a binary 'bytes' field): write shards with `hdebm-ray dataset "
+                    "convert`"
+                )
             if self.columns is not None and ("label" in names) != ("label" in self.columns):
                 raise DatasetError(
                     f"parquet shard '{shard}' {'has' if 'label' in names else 'lacks'} a 'label' column, unlike "

@@ -90,10 +90,12 @@ class ActorBankClient(BankClientBase):
             return ray.get(ref, timeout=self.timeout_s)
         except ray.exceptions.GetTimeoutError:
             ray.kill(self.actor, no_restart=False)  # Ray restarts it, empty, with a new generation
-            raise BankRestarted(
+            message = (
                 f"the bank actor {self.name!r} did not answer within ray.bank_timeout_s = {self.timeout_s:g} s; it "
                 "was restarted, and the workers resume from their latest checkpoint and its snapshot"
-            ) from None
+            )
+            print(f"[bank] {message}", flush=True)  # Ray Train logs the worker's error only as a traceback
+            raise BankRestarted(message) from None
         except ray.exceptions.RayTaskError as err:
             if isinstance(err.cause, BankRestarted):
                 raise err.cause from None

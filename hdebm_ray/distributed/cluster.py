@@ -11,6 +11,7 @@ import ray
 
 from ..config import Config, ConfigError
 from ..io import storage
+from ..stages import stage_class
 from .bank_actor import NAMESPACE
 from .ray_compat import check_ray_version
 from .ray_data import uses_ray_data
@@ -104,6 +105,28 @@ def warn_if_pool_starves_workers(cfg: Config) -> None:
                 f"[eval] warning: the workers and {e.actors} eval actor(s) need {need:g} {res} but the cluster has "
                 f"{total.get(res, 0.0):g}; without an autoscaler the workers will wait for the eval actors. Lower "
                 f"eval.actors / eval.cpus_per_actor / eval.gpus_per_actor or ray.num_workers.",
+                flush=True,
+            )
+
+
+def check_cluster_fits(cfg: Config, stages: list[str]) -> None:
+    """On a cluster: a worker, an eval actor and each stage's bank must each fit one node. Nodes an autoscaler has
+    not started yet are unknown here, so what no alive node holds is one warning line per kind, not an error."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    biggest = {res: max((n.get(res, 0.0) for n in nodes), default=0.0) for res in ("CPU", "GPU", "memory")}
+    r, e = cfg.ray, cfg.eval
+    wants = [("a Train worker", {"CPU": r.cpus_per_worker, "GPU": 1.0 if r.use_gpu else 0.0})]
+    if e.actors:
+        wants.append(("an eval actor", {"CPU": e.cpus_per_actor, "GPU": e.gpus_per_actor}))
+    for stage in stages:
+        if (spec := stage_class(stage).bank_spec(cfg)) is not None:
+            wants.append((f"stage {stage}'s {spec.kind}", {"memory": 1.3 * spec.nbytes()}))
+    for what, need in wants:
+        short = [f"{v:g} {k}" for k, v in need.items() if v > biggest[k] + 1e-9]
+        if short:
+            print(
+                f"[cluster] warning: {what} needs {', '.join(short)}, more than any node of the cluster has now; "
+                "it waits until an autoscaler adds a node that does",
                 flush=True,
             )
 

@@ -16,14 +16,14 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data.datasets import build_dataset
 from ..data.files import DatasetError
 from ..evaluation.images import save_grid
 from ..evaluation.results import print_eval_table
 from ..evaluation.sampling import Sampler, default_device
 from ..io.checkpoint import load_meta
-from ..io.ownership import run_id, run_identity
+from ..io.ownership import StorageNotShared, run_id, run_identity
 from ..io.storage import as_uri, local_dir, run_dir, staged_output
 from ..stages import stage_class
 from ..training.interrupts import STOP_FILE, RunStopped, stop_requested
@@ -150,13 +150,16 @@ def _fit_attempt(cfg: Config, job: StageJob, train_name: str, callbacks, report_
     where the guard stopped it."""
     bank = start_bank(cfg, job.stage, train_name if train_name != job.stage else None)
     name = bank_actor_name(cfg, job.stage) if bank is not None else None
-    work = WorkerJob(job, bank_actor=name, eval_pool=pool, report_hooks=report_hooks)
+    run = run_identity(run_dir(cfg))
+    work = WorkerJob(job, bank_actor=name, eval_pool=pool, report_hooks=report_hooks, run=run)
     try:
         try:
             return trainer_for(cfg, work, train_name, callbacks, keep_all=pool is not None).fit()
         except Exception as e:  # a bad file met by a worker or a Ray Data task: the user's, named in one line
             if (message := data_error_in(e)) is not None:
                 raise DatasetError(message) from None
+            if (message := data_error_in(e, StorageNotShared)) is not None:
+                raise ConfigError(message) from None
             raise
     finally:
         if bank is not None:
@@ -184,7 +187,7 @@ def running_eval_pool(cfg: Config, **testing):
             print(f"[eval] waiting for {n} evaluation(s), at most eval.drain_timeout_s = {wait_s:g} s", flush=True)
         summary = ray.get(pool.drain.remote(wait_s), timeout=wait_s + 60)
         for failure in summary["failures"]:
-            print(f"[eval] not scored: {failure['checkpoint']}", flush=True)
+            print(f"[eval] not scored: {failure['checkpoint']}: {failure['reason']}", flush=True)
         for ckpt in summary["left"]:
             print(f"[eval] not scored in time: {ckpt} (hdebm-ray eval --run scores it later)", flush=True)
     finally:

@@ -152,8 +152,7 @@ class EvalPool:
             except TimeoutError:
                 timeouts += 1
                 print(f"[eval] scoring {ckpt} ran past eval.timeout_s = {s.timeout_s:g} s: its actor is restarted")
-                ray.kill(self.actors[index], no_restart=False)
-                await self._until_alive(index)
+                await self._restart(index)
                 if timeouts == 2:
                     self._failed(ckpt, f"timed out twice (eval.timeout_s = {s.timeout_s:g} s)")
                     return None
@@ -168,8 +167,8 @@ class EvalPool:
         return None
 
     def _failed(self, ckpt: str, error: str) -> None:
-        print(f"[eval] not scored: {ckpt}: {error.strip().splitlines()[-1]}", flush=True)
-        self.failures.append({"checkpoint": ckpt, "error": error})
+        """Give ``ckpt`` up; the driver names it, with the reason's last line, when the pool drains."""
+        self.failures.append({"checkpoint": ckpt, "error": error, "reason": error.strip().splitlines()[-1]})
         self.done.add(ckpt)  # given up: retention may remove it now
 
     async def _evaluate(self, index: int, ckpt: str) -> None:
@@ -198,13 +197,24 @@ class EvalPool:
         if result["step"] >= self.latest_by_stage.get(result["stage"], {}).get("step", -1):
             self.latest_by_stage[result["stage"]] = result
 
-    async def _until_alive(self, index: int, timeout_s: float = 300.0) -> None:
-        """Wait for Ray to restart actor ``index``; replace it if it is gone for good."""
+    async def _restart(self, index: int) -> None:
+        """Kill stuck actor ``index`` and wait for its successor: until it dies, the old process still answers."""
+        try:
+            stuck = await asyncio.wait_for(asyncio.wrap_future(self.actors[index].pid.remote().future()), 30)
+        except Exception:  # noqa: BLE001 - not answering at all: any process that answers next is a new one
+            stuck = None
+        ray.kill(self.actors[index], no_restart=False)
+        await self._until_alive(index, not_pid=stuck)
+
+    async def _until_alive(self, index: int, timeout_s: float = 300.0, not_pid: int | None = None) -> None:
+        """Wait for Ray to restart actor ``index`` (a process other than ``not_pid``); replace it if it is gone for
+        good."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                await self.actors[index].pid.remote()
-                return
+                if await self.actors[index].pid.remote() != not_pid or not_pid is None:
+                    return
+                await asyncio.sleep(0.2)
             except ray.exceptions.ActorUnavailableError:  # restarting
                 await asyncio.sleep(0.5)
             except ray.exceptions.RayActorError:  # dead and not restartable: a new one takes its place

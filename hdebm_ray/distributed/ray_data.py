@@ -181,20 +181,20 @@ def preprocess_limits(cfg: Config, streams: int = 1):
     return ExecutionResources(cpu=d.preprocess_cpus / streams, object_store_memory=int(mb * 2**20))
 
 
-def data_error_in(error: BaseException) -> str | None:
-    """The message of a ``DatasetError`` behind a failed training run (raised in a worker, a Ray Data task or the
-    controller, and wrapped by Ray on the way), or None."""
+def data_error_in(error: BaseException, kind: type[BaseException] = DatasetError) -> str | None:
+    """The message of a ``kind`` error (a ``DatasetError``) behind a failed training run (raised in a worker, a Ray
+    Data task or the controller, and wrapped by Ray on the way), or None."""
     seen, todo = set(), [error]
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, DatasetError):
+        if isinstance(e, kind):
             return str(e)
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
         todo += list(getattr(e, "worker_failures", {}).values())
-    match = re.search(r"DatasetError: (.+)", str(error))  # a failure Ray kept only as text
+    match = re.search(rf"{kind.__name__}: (.+)", str(error))  # a failure Ray kept only as text
     return match.group(1).strip() if match else None
 
 

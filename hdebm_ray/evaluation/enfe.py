@@ -62,6 +62,11 @@ def measure_enfe(
         raise ConfigError(f"--reference {reference} has samples of shape {sample_shape(diffusion.cfg)}, not {shape}")
     schedule, denoiser, steps = diffusion.schedule, diffusion.denoiser, diffusion.schedule.T
     timed = diffusion_steps_timed or steps
+    if steps % timed:
+        raise ConfigError(
+            f"--diffusion-steps-timed {timed} must divide the reference diffusion's {steps} steps (e.g. "
+            f"{', '.join(str(d) for d in range(1, min(steps, 100) + 1) if steps % d == 0 and d > 9)})"
+        )
 
     def diffusion_batch(n_steps: int):
         with torch.no_grad():

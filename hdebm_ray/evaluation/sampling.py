@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..io.checkpoint import ema_weights, load_config_of, load_meta, load_states
+from ..io.checkpoint import CheckpointError, ema_weights, load_config_of, load_meta, load_states, weights_mismatch
 from ..stages import sampler_class
 from .images import save_grid  # noqa: F401 - sampling's public API: sample, then save
 
@@ -43,11 +43,14 @@ class Sampler:
         try:
             cls = sampler_class(self.stage)
         except ValueError as e:
-            raise ValueError(f"checkpoint '{ckpt_dir}': {e}") from None
+            raise CheckpointError(f"checkpoint '{ckpt_dir}': {e}") from None
         states = load_states(ckpt_dir, list(cls.components), map_location=self.device)
         self.weights = self._load_ema(ckpt_dir, states, use_ema, cls.ema_components)
         location = str(origin or ckpt_dir)
-        self.impl = cls(self.cfg, states, self.device, location, int(meta["step"]), protocol)
+        try:
+            self.impl = cls(self.cfg, states, self.device, location, int(meta["step"]), protocol)
+        except RuntimeError as e:
+            raise weights_mismatch(origin or ckpt_dir, e) from None
         if not self.impl.uses_weights:
             self.weights = "none"
         self.start_name = cls.start_name

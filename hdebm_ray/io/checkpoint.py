@@ -50,7 +50,9 @@ def incomplete(directory: str | Path) -> str | None:
         meta = load_meta(directory)
     except FileNotFoundError:
         return f"it has no {META_FILE}"
-    except (ValueError, OSError) as e:
+    except CheckpointError:
+        return f"its {META_FILE} cannot be read"
+    except OSError as e:
         return f"its {META_FILE} cannot be read ({e})"
     fs, base = storage.fs_and_path(str(directory))
     for name, size in (meta.get("files") or {}).items():
@@ -67,7 +69,16 @@ def load_meta(directory: str | Path) -> dict[str, Any]:
     path = f"{directory}/{META_FILE}"
     if not storage.exists(path):
         raise FileNotFoundError(f"'{directory}' is not a checkpoint directory (no {META_FILE})")
-    return json.loads(storage.read_text(path))
+    try:
+        meta = json.loads(storage.read_text(path))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"checkpoint '{directory}' has an unreadable {META_FILE} ({str(e).splitlines()[0]}): move the checkpoint "
+            "aside to resume from the one before it"
+        ) from None
+    return meta
 
 
 def load_config_of(directory: str | Path) -> Config:
@@ -147,9 +158,25 @@ def checkpoint_meta(
     }
 
 
+def weights_mismatch(ckpt_dir, err: RuntimeError) -> RuntimeError:
+    """torch's multi-line "Error(s) in loading state_dict" as a ``CheckpointError`` naming the checkpoint and the first
+    mismatch; any other error as it is."""
+    text = str(err)
+    if "in loading state_dict" not in text:
+        return err
+    detail = next((ln.strip() for ln in text.splitlines()[1:] if ln.strip()), text.splitlines()[0])
+    return CheckpointError(
+        f"checkpoint '{ckpt_dir}': its weights do not fit the networks its config builds ({detail.rstrip('.')}); "
+        "was network.* changed, or config.yaml replaced?"
+    )
+
+
 def restore(stage, ckpt_dir, device) -> dict:
     """Load a checkpoint into a stage; returns its metadata (``meta["step"]`` is where to continue)."""
-    stage.load_state_dict(load_states(ckpt_dir, map_location=device))
+    try:
+        stage.load_state_dict(load_states(ckpt_dir, map_location=device))
+    except RuntimeError as e:
+        raise weights_mismatch(ckpt_dir, e) from None
     meta = load_meta(ckpt_dir)
     stage.load_summary(meta.get("summary", {}))
     return meta

@@ -41,10 +41,13 @@ class LeaseLost(RuntimeError):
     """This driver's lease on its run was taken over (it was presumed dead): it must stop writing."""
 
 
-def run_id(run_location: str) -> str:
-    """The run's id from ``<run>/run.json``, created with a fresh one if the run has none yet."""
+def run_id(run_location: str, create: bool = True) -> str | None:
+    """The run's id from ``<run>/run.json``, created with a fresh one if the run has none yet (None instead when
+    not ``create``: a dry run's check)."""
     path = f"{run_location}/{RUN_FILE}"
     if not storage.exists(path):
+        if not create:
+            return None
         identity = {"run_id": uuid.uuid4().hex[:16], "created_at": time.time(), "location": run_location}
         storage.create_exclusive(path, json.dumps(identity, indent=2))  # two creators: one id wins, both read it
     fix = "it names this run's actors; restore it from a backup, or delete it to give the run a new identity"
@@ -52,6 +55,28 @@ def run_id(run_location: str) -> str:
     if not isinstance(ident.get("run_id"), str) or not ident["run_id"]:
         raise RunStateError(f"the run identity file '{path}' has no run_id: {fix}")
     return ident["run_id"]
+
+
+class StorageNotShared(RuntimeError):
+    """A process on another node cannot see the run's folder: ``run.storage_path`` is node-local."""
+
+
+def check_run_visible(run_location: str, identity: str) -> None:
+    """``StorageNotShared`` where this process (a worker, possibly on a node an autoscaler added after the driver's
+    checks) does not see the run the driver created at ``run_location`` (``identity``: ``run_identity``'s)."""
+    path = f"{run_location}/{RUN_FILE}"
+    seen = None
+    if storage.exists(path):
+        try:
+            seen = f"{read_json(path, 'the run identity file', '').get('run_id')}@{run_location}"
+        except RunStateError:
+            seen = None
+    if seen != identity:
+        raise StorageNotShared(
+            f"run.storage_path: a worker on node {socket.gethostname()} does not see this run's {RUN_FILE} at "
+            f"'{path}' (the driver created it): the path is node-local. Use an s3:// or gs:// URI or a folder every "
+            "node mounts (NFS, Lustre, fuse)"
+        )
 
 
 def run_identity(run_location: str) -> str:
@@ -120,7 +145,9 @@ class RunLease:
         except (KeyError, TypeError):
             raise RunStateError(f"the {self.what}'s owner file '{self.path}' is not an owner record: {fix}") from None
 
-    def acquire(self) -> RunLease:
+    def refuse_if_held(self) -> Holder | None:
+        """``RunInUse`` if a live driver holds the lease (nothing written: a dry run's check); else the dead holder,
+        if any."""
         now = time.time()
         held = self.current()
         if held is not None and held.alive(now, self.lease_s):
@@ -128,6 +155,11 @@ class RunLease:
                 f"{self.what} {self.location} is in use by another driver ({held.describe(now)}, last heartbeat "
                 f"{now - held.heartbeat_at:.0f} s ago); wait for it or stop it, or use another run.name"
             )
+        return held
+
+    def acquire(self) -> RunLease:
+        now = time.time()
+        held = self.refuse_if_held()
         me = Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), _job_id(), now, now)
         text = json.dumps(asdict(me), indent=2)
         if held is None:

@@ -10,10 +10,12 @@ bank or replay buffer, which keys the divergence guard backs off, and how it pre
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from ..bank.service import BankSpec
 from ..config import Config
@@ -79,9 +81,17 @@ class StageBase:
         return 4 * (5 * trained + frozen)
 
     @classmethod
+    def networks(cls, cfg: Config) -> dict[str, tuple[Callable[[], nn.Module], bool]]:
+        """{checkpoint file name: (how ``cfg`` builds that network, whether the stage trains it)}: what its
+        checkpoints carry, for counting (``parameter_counts``) and for checking a checkpoint's weights against a
+        config before anything loads (``--dry-run``)."""
+        return {}
+
+    @classmethod
     def parameter_counts(cls, cfg: Config) -> tuple[int, int]:
         """(trained, frozen) parameters of the stage's networks, counted on the meta device (nothing allocated)."""
-        return 0, 0
+        nets = cls.networks(cfg).values()
+        return parameters_of(*(b for b, trained in nets if trained)), parameters_of(*(b for b, t in nets if not t))
 
     @classmethod
     def section(cls, cfg: Config):

@@ -13,7 +13,7 @@ from ..contracts import WorkerContext
 from ..core.diffusion import CosineSchedule, ddim_sample, diffusion_loss, noise_to_truncation
 from ..core.optim import TrainedModule
 from ..networks import build_denoiser
-from .base import SamplerBase, StageBase, parameters_of
+from .base import SamplerBase, StageBase
 
 
 class TruncatedDiffusionSampler(SamplerBase):
@@ -52,8 +52,8 @@ class DiffusionStage(StageBase):
     reports = frozenset({"Loss/diffusion", "Opt/grad_norm", "Opt/lr"})
 
     @classmethod
-    def parameter_counts(cls, cfg: Config) -> tuple[int, int]:
-        return parameters_of(lambda: build_denoiser(cfg)), 0
+    def networks(cls, cfg: Config):
+        return {"denoiser": (lambda: build_denoiser(cfg), True)}
 
     def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
         super().__init__(cfg, ctx, init_dir)

@@ -21,7 +21,7 @@ from ..core.ranks import mean_over_ranks
 from ..data.datasets import batch_stream, training_dataset
 from ..io.checkpoint import load_states
 from ..networks import build_denoiser
-from .base import StageBase, parameters_of
+from .base import StageBase
 from .diffusion_stage import TruncatedDiffusionSampler
 
 
@@ -54,9 +54,9 @@ class DistillStage(StageBase):
     reports |= {"Distill/sampler_gap_mse", "Distill/step_gap_mse", "Distill/student_steps"}
 
     @classmethod
-    def parameter_counts(cls, cfg: Config) -> tuple[int, int]:
-        n = parameters_of(lambda: build_denoiser(cfg))
-        return n, n  # the student trains, the teacher is fixed
+    def networks(cls, cfg: Config):
+        # the student trains, the teacher is fixed
+        return {"denoiser": (lambda: build_denoiser(cfg), True), "teacher": (lambda: build_denoiser(cfg), False)}
 
     def __init__(self, cfg: Config, ctx: WorkerContext, init_dir=None):
         super().__init__(cfg, ctx, init_dir)

@@ -22,7 +22,7 @@ from ..core.optim import TrainedModule
 from ..core.ranks import barrier, status
 from ..core.transfer import HostStaging
 from ..networks import build_denoiser, build_energy, build_generator, latent_shape, sample_shape
-from .base import Backoff, StageBase, parameters_of
+from .base import Backoff, StageBase
 from .ebm_common import energy_trainer, fixed_sample_grids, restore_snapshot, toy2d_tick_metrics
 from .hdebm_common import HatSampler, fast_hat, hat_generator, latents
 from .reported import ENERGY, STORE
@@ -61,9 +61,12 @@ class Stage1(StageBase):
     backoff = Backoff(step_sizes=("langevin.step_size",), lrs=("lr_energy", "lr_generator"))
 
     @classmethod
-    def parameter_counts(cls, cfg: Config) -> tuple[int, int]:
-        trained = parameters_of(lambda: build_energy(cfg), lambda: build_generator(cfg))
-        return trained, parameters_of(lambda: build_denoiser(cfg))
+    def networks(cls, cfg: Config):
+        return {
+            "energy": (lambda: build_energy(cfg), True),
+            "generator": (lambda: build_generator(cfg), True),
+            "denoiser": (lambda: build_denoiser(cfg), False),
+        }
 
     @classmethod
     def bank_spec(cls, cfg: Config) -> BankSpec:

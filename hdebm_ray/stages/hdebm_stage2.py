@@ -14,7 +14,7 @@ from ..contracts import WorkerContext
 from ..core.langevin import StepStats, sample_joint
 from ..io.checkpoint import ema_weights, load_config_of, load_meta, load_states
 from ..networks import build_denoiser, build_energy, build_generator, sample_shape
-from .base import Backoff, StageBase, parameters_of
+from .base import Backoff, StageBase
 from .ebm_common import energy_trainer, fixed_sample_grids, toy2d_tick_metrics
 from .hdebm_common import HatSampler, fast_hat, hat_generator, latents
 from .reported import ENERGY
@@ -86,9 +86,12 @@ class Stage2(StageBase):
     )
 
     @classmethod
-    def parameter_counts(cls, cfg: Config) -> tuple[int, int]:
-        frozen = parameters_of(lambda: build_generator(cfg), lambda: build_denoiser(cfg))
-        return parameters_of(lambda: build_energy(cfg)), frozen
+    def networks(cls, cfg: Config):
+        return {
+            "energy": (lambda: build_energy(cfg), True),
+            "generator": (lambda: build_generator(cfg), False),
+            "denoiser": (lambda: build_denoiser(cfg), False),
+        }
 
     @classmethod
     def prepare_config(cls, cfg: Config, init_dir: str | None) -> tuple[Config, str | None]:

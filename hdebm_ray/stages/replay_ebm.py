@@ -25,7 +25,7 @@ from ..data.augment import AugmentOptions, augment
 from ..data.datasets import build_dataset, cache_root, data_fingerprint
 from ..io import storage
 from ..networks import build_energy, sample_shape
-from .base import Backoff, SamplerBase, StageBase, parameters_of
+from .base import Backoff, SamplerBase, StageBase
 from .ebm_common import energy_trainer, fixed_sample_grids, restore_snapshot, toy2d_tick_metrics
 from .reported import REPLAY
 
@@ -171,10 +171,10 @@ class ReplayEBMStage(StageBase):
     backoff = Backoff(step_sizes=("langevin.step_size",), lrs=("lr",))
 
     @classmethod
-    def parameter_counts(cls, cfg: Config) -> tuple[int, int]:
+    def networks(cls, cfg: Config):
         s = cls.section(cfg)
         classes = getattr(s, "num_classes", 0) or (10 if hasattr(s, "num_classes") else 0)  # M-JEM's head
-        return parameters_of(lambda: build_energy(cfg, classes, s.multiscale)), 0
+        return {"energy": (lambda: build_energy(cfg, classes, s.multiscale), True)}
 
     @classmethod
     def bank_spec(cls, cfg: Config) -> BankSpec:

@@ -36,6 +36,7 @@ class Divergence:
     metric: str
     value: float
     rule: str  # "not finite", or "> <bound> (guard.<key>)"
+    seen_after: int = 0  # the steps done when the guard's poll saw it (a report tick, or a guard.check_every step)
 
     def describe(self) -> str:
         return f"step {self.step + 1}: {self.metric} = {self.value:.4g} ({self.rule})"
@@ -73,8 +74,9 @@ class GuardLog:
             if not isinstance(rollbacks, list):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
-            raise GuardStop(
-                f"the guard log '{location}' is not JSON with a 'rollbacks' list: fix or remove it"
+            raise storage.RunStateError(
+                f"the guard log '{location}' is not JSON with a 'rollbacks' list: fix it, or remove it to resume with "
+                "the stage's configured step sizes and learning rates and no rollbacks counted"
             ) from None
         return GuardLog(rollbacks, cfg.guard.backoff)
 
@@ -89,7 +91,14 @@ class GuardLog:
             )
         value = div.value if math.isfinite(div.value) else str(div.value)  # JSON has no NaN / inf
         self.rollbacks.append(
-            {"step": div.step + 1, "metric": div.metric, "value": value, "rule": div.rule, "to": rolled_back_to}
+            {
+                "step": div.step + 1,
+                "metric": div.metric,
+                "value": value,
+                "rule": div.rule,
+                "seen_after": div.seen_after,
+                "to": rolled_back_to,
+            }
         )
         keys = ", ".join(backed_off_keys(cfg, stage))
         return (
@@ -103,18 +112,22 @@ def write_divergence(stage_dir: str, div: Divergence) -> None:
     storage.write_text(f"{stage_dir}/{DIVERGENCE_FILE}", json.dumps(dataclasses.asdict(div)))
 
 
-def take_divergence(stage_dir: str) -> Divergence | None:
-    """The divergence an attempt of the stage stopped on and nobody has rolled back yet (removed), else None."""
+def take_divergence(stage_dir: str, remove: bool = True) -> Divergence | None:
+    """The divergence an attempt of the stage stopped on and nobody has rolled back yet (removed unless ``remove``
+    is False: a dry run's check), else None."""
     location = f"{stage_dir}/{DIVERGENCE_FILE}"
     if not storage.exists(location):
         return None
     fix = "delete it: the stage then resumes from its newest checkpoint without a rollback"
     record = storage.read_json(location, "the divergence record", fix)
     try:
-        div = Divergence(**{k: record[k] for k in ("step", "metric", "value", "rule")})
+        div = Divergence(
+            **{k: record[k] for k in ("step", "metric", "value", "rule")}, seen_after=record.get("seen_after", 0)
+        )
     except KeyError as e:
         raise storage.RunStateError(f"the divergence record '{location}' has no {e}: {fix}") from None
-    storage.remove_file(location)
+    if remove:
+        storage.remove_file(location)
     return div
 
 

@@ -9,6 +9,7 @@ metrics, with_checkpoint)`` once per tick; the Ray worker (``distributed/worker.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -77,7 +78,7 @@ def run_loop(
         tick = done % stage.report_every == 0 or done == end or interruption is not None
         # no checkpoint after a violation nobody has seen: the guard is read before every report
         if guard is not None and (tick or guard.due(done)) and (divergence := guard.poll()) is not None:
-            return divergence
+            return dataclasses.replace(divergence, seen_after=done)
         if tick:
             metrics = {k: float(v) / counts[k] for k, v in sums.items()}  # the tick's one sync
             elapsed = time.perf_counter() - tick_start

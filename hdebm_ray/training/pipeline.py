@@ -26,7 +26,10 @@ FitFn = Callable[[Config, str, "str | None"], StageResult]
 def read_state(run_location: str) -> dict:
     """``<run>/pipeline.json``: each finished stage's checkpoint, step, summary and sample grid ({} if none)."""
     path = f"{run_location}/{STATE_FILE}"
-    return json.loads(storage.read_text(path)) if storage.exists(path) else {}
+    if not storage.exists(path):
+        return {}
+    fix = "move it aside: each stage then resumes from its own newest checkpoint (a finished one ends at once)"
+    return storage.read_json(path, "the pipeline record", fix)
 
 
 def write_state(run_location: str, state: dict) -> None:
