@@ -147,6 +147,34 @@ class RecordNode:
             f.write(ray.get_runtime_context().get_node_id())
 
 
+class RecordSteps:
+    """A report hook: each rank appends ``<pid> <step>`` to ``<folder>/rank<r>.steps`` (an attempt's workers are
+    new processes: the pids tell the attempts apart)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __call__(self, rank: int, step: int) -> None:
+        import os
+
+        with open(os.path.join(self.folder, f"rank{rank}.steps"), "a") as f:
+            f.write(f"{os.getpid()} {step}\n")
+
+
+class SlowAfter:
+    """A report hook: from report ``step`` on, each report waits ``seconds`` (a run long enough for a watcher that
+    polls every few seconds to see what the test does to it)."""
+
+    def __init__(self, step: int, seconds: float):
+        self.step, self.seconds = step, seconds
+
+    def __call__(self, rank: int, step: int) -> None:
+        import time
+
+        if step >= self.step:
+            time.sleep(self.seconds)
+
+
 def distilled_digits(root: Path) -> str:
     """A tiny distilled digits denoiser (TINY, in process), for tests of Stage 1 on Ray; its checkpoint dir."""
     from hdebm_ray.config import load_config

@@ -2,11 +2,14 @@
 a Stage 1 whose two Train workers land one on each node (``ray.placement_strategy: SPREAD``), reading parquet
 shards through a file:// URI with Ray Data and checkpointing (weights and bank snapshots) to storage both nodes
 see, survives losing the second node mid-run (restarted from its last checkpoint and that checkpoint's bank) and
-finishes."""
+finishes; and a preemption notice delivered the way Ray delivers it (a drain of a spot node with a deadline) costs
+no step and no failure budget."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +18,15 @@ import helpers
 import pytest
 import ray
 import torch
-from helpers import TINY, HoldAfter, RecordNode, newest_registered_step, small_digits_overrides
+from helpers import (
+    TINY,
+    HoldAfter,
+    RecordNode,
+    RecordSteps,
+    SlowAfter,
+    newest_registered_step,
+    small_digits_overrides,
+)
 
 from hdebm_ray.config import load_config
 from hdebm_ray.data.convert import write_parquet_shards
@@ -125,3 +136,88 @@ def test_stage1_on_two_nodes_streams_parquet_through_ray_data_and_survives_losin
     # Adam's step count carried on through the restart: one step per training step
     assert int(states["energy_opt"]["state"][0]["step"]) == 8
     assert all(v.isfinite().all() for v in states["energy"].values() if v.is_floating_point())
+
+
+def test_a_preemption_notice_checkpoints_at_the_current_step_and_resumes_there_off_the_failure_budget(
+    two_nodes, tmp_path
+):
+    """A spot node (labelled ray.io/market-type=spot, as cluster/ labels its spot groups) holds one of two workers;
+    mid-Stage-1 it is drained with a deadline, as the autoscaler does for a spot reclaim (`ray drain-node
+    --reason DRAIN_NODE_REASON_PREEMPTION`). The ranks see the notice at their next check, checkpoint at that step
+    (the bank's snapshot with it) and hold; at the deadline Ray Train restarts the group on the head (a drained
+    node takes no new workers), which resumes from exactly there, with
+    ray.max_failures = 0: the preemption did not spend the ordinary failure budget. The bank actor never sat on
+    the spot node."""
+    spot = two_nodes.add_node(num_cpus=3, labels={"ray.io/market-type": "spot"})
+    two_nodes.wait_for_nodes()
+    init = helpers.distilled_digits(tmp_path / "distilled")
+    overrides = small_digits_overrides(str(tmp_path / "runs"), "spot") + TINY
+    overrides += [
+        "stage1.steps=40",
+        "stage1.report_every=2",
+        "stage1.checkpoint_every=40",  # no checkpoint but the preemption's before the end
+        "run.interrupt_check_every=1",
+        "ray.num_workers=2",
+        "ray.placement_strategy=SPREAD",
+        "ray.max_failures=0",
+        "ray.preemption_grace_s=0",
+        "eval.actors=0",
+    ]
+    cfg = load_config("digits", overrides=overrides)
+    stage_dir = tmp_path / "runs" / "spot" / "stage1"
+    steps = tmp_path / "steps"
+    steps.mkdir()
+    seen = {}
+
+    def reported() -> int:
+        lines = (steps / "rank0.steps").read_text().split() if (steps / "rank0.steps").exists() else []
+        return max(map(int, lines[1::2]), default=0)
+
+    def preempt():
+        from ray.util.state import list_actors
+
+        try:
+            deadline = time.monotonic() + 300
+            while reported() < 6:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("no step 6")
+                time.sleep(0.05)
+            bank = list_actors(filters=[("class_name", "=", "BankActor"), ("state", "=", "ALIVE")])
+            seen["bank_nodes"] = {a.node_id for a in bank}
+            drain = [
+                str(Path(sys.executable).parent / "ray"), "drain-node", "--address", two_nodes.address,
+                "--node-id", spot.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+                "--reason-message", "spot instance reclaimed (test)", "--deadline-remaining-seconds", "15",
+            ]  # fmt: skip
+            seen["drain"] = subprocess.run(drain, capture_output=True, text=True, timeout=60)
+            while newest_registered_step(stage_dir) == 0:  # the preemption checkpoint, registered
+                if time.monotonic() > deadline:
+                    raise TimeoutError("no preemption checkpoint")
+                time.sleep(0.05)
+            seen["checkpointed"] = newest_registered_step(stage_dir)
+        except Exception as err:  # seen by the assertions below, not lost in the thread
+            seen["error"] = err
+
+    preempter = threading.Thread(target=preempt)
+    preempter.start()
+    try:
+        # Ray Train's watcher polls the drain state every 5 s: the steps after 6 are slowed so the run outlasts it
+        out = fit_stage(cfg, "stage1", init, report_hooks=[RecordSteps(str(steps)), SlowAfter(6, 1.0)])
+    finally:
+        preempter.join()
+        two_nodes.remove_node(spot, allow_graceful=False)  # the cloud takes the drained node
+    assert "error" not in seen, seen.get("error")
+    assert seen["drain"].returncode == 0, seen["drain"].stderr
+    head = two_nodes.head_node.node_id
+    assert seen["bank_nodes"] == {head}  # the bank actor is kept off the spot node
+    meta = load_meta(out.checkpoint)
+    assert meta["done"] and meta["step"] == 40
+    at = seen["checkpointed"]
+    assert 6 <= at < 40 and meta["resumed_from_step"] == at  # resumed from the preemption checkpoint
+    lines = [line.split() for line in (steps / "rank0.steps").read_text().splitlines()]
+    first_pid = lines[0][0]
+    before = [int(s) for pid, s in lines if pid == first_pid]
+    assert max(before) == at  # every step trained before the preemption is in its checkpoint: none lost
+    assert min(int(s) for pid, s in lines if pid != first_pid) == (at // 2 + 1) * 2  # the next report tick after
+    assert meta["summary"]["bank_restores"] == [{"checkpoint_step": at, "bank_step": at}]
+    assert meta["summary"]["bank_audit"] == {"step": 40, "problems": []}

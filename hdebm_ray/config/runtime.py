@@ -60,11 +60,11 @@ class RaySection:
         "-1 = unlimited: each costs at most the steps since the preemption checkpoint",
     )
     preemption_grace_s: float = knob(
-        60.0,
+        10.0,
         lo=0.0,
         hi=3600.0,
-        doc="after a preemption checkpoint the ranks wait for the node to go until its deadline plus this; still "
-        "there, they train on",
+        doc="Ray Train's FailureConfig.preemption_grace_s: after a preemption notice the group (checkpointed at the "
+        "current step, holding) is restarted once the node has gone or this long after the notice's deadline",
     )
     elastic_min_workers: int = knob(
         0,

@@ -59,7 +59,9 @@ def trainer_for(cfg: Config, work: WorkerJob, train_name: str, callbacks=(), kee
             storage_path=run_dir(cfg),
             checkpoint_config=CheckpointConfig(num_to_keep=None if keep_all else r.checkpoints_to_keep),
             failure_config=FailureConfig(
-                max_failures=r.max_failures, max_preemption_failures=r.max_preemption_failures
+                max_failures=r.max_failures,
+                max_preemption_failures=r.max_preemption_failures,
+                preemption_grace_s=r.preemption_grace_s,
             ),
             callbacks=list(callbacks),
             logging_config=LoggingConfig(log_level="WARNING"),

@@ -3,8 +3,9 @@
 
 Every ``run.interrupt_check_every`` steps each rank asks its port (``session.StagePort.interruption``) whether to
 stop: a check every rank makes at the same step, so they agree. On a **preemption** the stage checkpoints (weights,
-optimisers, the bank or buffer snapshot) and waits for the node to go, until the notice's deadline plus
-``ray.preemption_grace_s``: the restart then resumes from exactly that step, and a node that stays is trained on. On
+optimisers, the bank or buffer snapshot) and waits: Ray Train restarts the group once the node has gone or at the
+notice's deadline plus ``ray.preemption_grace_s`` (a drained node takes no new workers), charging the preemption
+budget, and the restart resumes from exactly that step. On
 a **stop** the stage checkpoints and ends; the driver reports ``RunStopped`` and the same command resumes the run.
 
 The stop request is a file in the run's folder (``stop.json``), written by the driver's SIGTERM handler, so that
@@ -49,10 +50,16 @@ class RunStopped(RuntimeError):
     """The run stopped on request after checkpointing: one line saying where, and that the same command resumes."""
 
 
+# How long past the controller's own limit (the deadline plus ray.preemption_grace_s) a rank that checkpointed for
+# a preemption still waits: Ray Train restarts the group at that limit, and a rank must not train steps meanwhile
+# that the restart would throw away.
+HOLD_MARGIN_S = 60.0
+
+
 def hold_for(interruption: Interruption, grace_s: float, chief: bool, poll_s: float = 0.5) -> None:
-    """After a preemption checkpoint: wait until the notice's deadline plus ``grace_s`` (the node going ends this
-    process first), then go on training."""
-    until = (interruption.deadline_s or time.time()) + grace_s
+    """After a preemption checkpoint: wait for Ray Train to restart the group (at the notice's deadline plus
+    ``grace_s``, or when the node goes); if nothing has happened ``HOLD_MARGIN_S`` after that, go on training."""
+    until = (interruption.deadline_s or time.time()) + grace_s + HOLD_MARGIN_S
     if chief:
         status(f"[preemption] {interruption.reason}: checkpointed; waiting up to {max(0.0, until - time.time()):.0f} s")
     while time.time() < until:
