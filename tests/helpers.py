@@ -161,6 +161,22 @@ class RecordSteps:
             f.write(f"{os.getpid()} {step}\n")
 
 
+class RecordWorldSize:
+    """A report hook: rank 0 appends ``<step> <world size>`` to ``<folder>/world``."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __call__(self, rank: int, step: int) -> None:
+        import os
+
+        import ray
+
+        if rank == 0:
+            with open(os.path.join(self.folder, "world"), "a") as f:
+                f.write(f"{step} {ray.train.get_context().get_world_size()}\n")
+
+
 class SlowAfter:
     """A report hook: from report ``step`` on, each report waits ``seconds`` (a run long enough for a watcher that
     polls every few seconds to see what the test does to it)."""

@@ -23,6 +23,7 @@ from helpers import (
     HoldAfter,
     RecordNode,
     RecordSteps,
+    RecordWorldSize,
     SlowAfter,
     newest_registered_step,
     small_digits_overrides,
@@ -148,6 +149,8 @@ def test_a_preemption_notice_checkpoints_at_the_current_step_and_resumes_there_o
     node takes no new workers), which resumes from exactly there, with
     ray.max_failures = 0: the preemption did not spend the ordinary failure budget. The bank actor never sat on
     the spot node."""
+    for node in list(two_nodes.worker_nodes):  # left by an earlier test of the module: the head and one node only
+        two_nodes.remove_node(node)
     spot = two_nodes.add_node(num_cpus=3, labels={"ray.io/market-type": "spot"})
     two_nodes.wait_for_nodes()
     init = helpers.distilled_digits(tmp_path / "distilled")
@@ -221,3 +224,51 @@ def test_a_preemption_notice_checkpoints_at_the_current_step_and_resumes_there_o
     assert min(int(s) for pid, s in lines if pid != first_pid) == (at // 2 + 1) * 2  # the next report tick after
     assert meta["summary"]["bank_restores"] == [{"checkpoint_step": at, "bank_step": at}]
     assert meta["summary"]["bank_audit"] == {"step": 40, "problems": []}
+
+
+def test_an_elastic_group_goes_on_with_the_workers_left_and_keeps_the_global_batch(two_nodes, tmp_path):
+    """ray.elastic_min_workers = 1 of 2 workers (2 CPUs each: one fits the head, one a second node). The second
+    node is lost mid-run; the group restarts with the one worker that fits, from the last checkpoint, and trains
+    the same global batch (that worker takes all of it) to the end."""
+    for node in list(two_nodes.worker_nodes):  # left by an earlier test of the module: the head and one node only
+        two_nodes.remove_node(node)
+    extra = two_nodes.add_node(num_cpus=2)
+    two_nodes.wait_for_nodes()
+    init = helpers.distilled_digits(tmp_path / "distilled")
+    overrides = small_digits_overrides(str(tmp_path / "runs"), "elastic") + TINY
+    overrides += [
+        "stage1.steps=16",
+        "stage1.report_every=2",
+        "stage1.checkpoint_every=4",
+        "ray.num_workers=2",
+        "ray.cpus_per_worker=2",
+        "ray.elastic_min_workers=1",
+        "ray.max_failures=1",
+        "eval.actors=0",
+    ]
+    cfg = load_config("digits", overrides=overrides)
+    stage_dir = tmp_path / "runs" / "elastic" / "stage1"
+    record = tmp_path / "record"
+    record.mkdir()
+    released = tmp_path / "released"
+
+    def lose_the_node():
+        deadline = time.monotonic() + 300
+        while newest_registered_step(stage_dir) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        two_nodes.remove_node(extra, allow_graceful=True)  # without notice (no drain): a real failure
+        released.touch()
+
+    loser = threading.Thread(target=lose_the_node)
+    loser.start()
+    try:
+        hooks = [RecordWorldSize(str(record)), HoldAfter(4, str(released))]
+        out = fit_stage(cfg, "stage1", init, report_hooks=hooks)
+    finally:
+        loser.join()
+    meta = load_meta(out.checkpoint)
+    assert meta["done"] and meta["step"] == 16
+    sizes = [tuple(map(int, line.split())) for line in (record / "world").read_text().splitlines()]
+    assert sizes[0][1] == 2 and sizes[-1] == (16, 1), sizes  # two workers, then the one left
+    assert meta["nimg"] == 16 * cfg.stage1.batch_size  # the global batch kept with one worker
+    assert meta["summary"]["bank_audit"] == {"step": 16, "problems": []}
