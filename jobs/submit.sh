@@ -12,6 +12,10 @@
 #                    RAY_AUTH_TOKEN holding the cluster's token (cluster/local start prints them)
 #   SUBMISSION_ID    optional job id (to `ray job stop` / `ray job logs` it later)
 #   SUBMIT_ARGS      extra `ray job submit` flags, e.g. "--no-wait" or "--entrypoint-num-cpus 1"
+#
+# Re-submitting the same command resumes the run from its checkpoints. Ctrl-C only detaches from a running job:
+# while its driver lives a re-submission is refused in one line naming it; `ray job stop <id>` stops it, after a
+# checkpoint at the current step (SIGTERM; jobs/runtime_env.yaml gives it RAY_JOB_STOP_WAIT_TIME_S to finish).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 address="${RAY_ADDRESS:-http://127.0.0.1:8265}"

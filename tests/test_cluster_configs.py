@@ -170,3 +170,35 @@ def test_kuberay_clusters_require_the_token_and_a_network_policy_confines_their_
     same_cluster, operator = policy["spec"]["ingress"]
     assert same_cluster == {"from": [{"podSelector": {"matchLabels": {"app": "hdebm"}}}]}  # all ports, own pods
     assert operator["ports"] == [{"protocol": "TCP", "port": 8265}]  # the operator: the dashboard only
+
+
+@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.parent.name)
+def test_launcher_spot_workers_are_labelled_spot_and_the_head_is_not(path):
+    """The bank actor and the eval pool are placed off nodes labelled ray.io/market-type=spot (Ray sets the label
+    from RAY_NODE_MARKET_TYPE): the preemptible worker group must say so, the head must not."""
+    config = yaml.safe_load(path.read_text())
+    text = path.read_text()
+    assert "MarketType: spot" in text or "preemptible: true" in text
+    (worker,) = [c for c in config["worker_start_ray_commands"] if "ray start" in c]
+    (head,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    assert "RAY_NODE_MARKET_TYPE=spot " in worker and "RAY_NODE_MARKET_TYPE" not in head
+
+
+def test_kuberay_workers_are_labelled_spot_and_a_rayjob_may_be_resubmitted():
+    for path in KUBERAY:
+        doc = yaml.safe_load(path.read_text())
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        for group in spec["workerGroupSpecs"]:
+            (container,) = group["template"]["spec"]["containers"]
+            assert {"name": "RAY_NODE_MARKET_TYPE", "value": "spot"} in container["env"], path
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert all(e["name"] != "RAY_NODE_MARKET_TYPE" for e in head.get("env", [])), path
+        if doc["kind"] == "RayJob":
+            assert doc["spec"]["backoffLimit"] >= 1  # a lost cluster's job is submitted again and resumes
+
+
+def test_a_stopped_job_has_time_to_checkpoint():
+    env = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())["env_vars"]
+    assert float(env["RAY_JOB_STOP_WAIT_TIME_S"]) >= 300  # SIGTERM, then SIGKILL only after this
+    submit = (ROOT / "jobs" / "submit.sh").read_text()
+    assert "--submission-id" not in submit.split("SUBMISSION_ID:-}")[0].split("cmd=(")[-1]  # no fixed job id
