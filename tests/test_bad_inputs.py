@@ -21,7 +21,7 @@ from hdebm_ray.cli import main as cli
 from hdebm_ray.config import load_config
 from hdebm_ray.data.convert import write_parquet_shards
 from hdebm_ray.data.datasets import build_dataset
-from hdebm_ray.io.checkpoint import load_config_of
+from hdebm_ray.io.checkpoint import CheckpointError, load_config_of
 from hdebm_ray.training.runner import run_in_process
 
 NOWHERE = [
@@ -328,3 +328,19 @@ def test_eval_of_a_checkpoint_outside_a_run_writes_beside_it_never_above(files, 
     assert cli.main(argv + ["--set", "eval.features=raw", "--set", "eval.kid_subsets=2"]) == 0
     assert (loose / "eval" / "eval.jsonl").is_file() and (loose / "eval" / "tb" / "mebm").is_dir()
     assert sorted(p.name for p in (tmp_path / "loose").iterdir()) == ["ck"]  # nothing two levels up
+
+
+@pytest.mark.parametrize("stage", ["mebm", "mjem"])
+def test_the_resume_check_passes_what_a_run_of_the_stage_writes(stage, tmp_path):
+    """--dry-run's weight check on a run's own newest checkpoint, for stages whose network depends on the data
+    (M-JEM's classifier head: toy2d's 25 modes, not a default 10)."""
+    from hdebm_ray.cli.preflight import check_run_state
+
+    cfg = load_config("toy2d", overrides=[f"run.storage_path={tmp_path}", "run.name=r", f"{stage}.steps=2",
+                                           f"{stage}.report_every=1", f"{stage}.checkpoint_every=2",
+                                           f"{stage}.buffer_size=256", f"{stage}.batch_size=64"])  # fmt: skip
+    run_in_process(cfg, stage, tmp_path / "r" / stage)
+    check_run_state(cfg, [stage], str(tmp_path / "r"))  # raises on a misfit
+    misfit = cfg.replace(**{"network.energy.width": 7})
+    with pytest.raises(CheckpointError, match="does not fit this config's network"):
+        check_run_state(misfit, [stage], str(tmp_path / "r"))

@@ -55,7 +55,9 @@ def test_one_owner_per_run_and_runs_of_one_preset_side_by_side(ray_local, distil
         stage1_command(tmp_path, "other", distilled, *common), stdout=logs["C"], stderr=subprocess.STDOUT
     )
     # both run at once, each with its own actors, named after its run id
-    ids = {run: run_id(str(tmp_path / run)) for run in ("shared", "other")}
+    # each run created its own identity (nobody here creates one)
+    wait_for(lambda: (run_c / "run.json").is_file(), "driver C's run identity")
+    ids = {run: run_id(str(tmp_path / run), create=False) for run in ("shared", "other")}
     assert ids["shared"] != ids["other"]
     wanted = {
         f"bank-{ids['shared']}-stage1",
@@ -171,7 +173,8 @@ def test_a_hung_bank_call_and_a_hung_evaluation_end_within_their_deadlines_in_on
     assert time.monotonic() - started < 120
     meta = load_meta(out.checkpoint)
     assert meta["done"] and meta["summary"]["bank_restores"] == [{"checkpoint_step": 2, "bank_step": 2}]
-    said = capfd.readouterr().out + capfd.readouterr().err
+    captured = capfd.readouterr()
+    said = captured.out + captured.err
     assert "did not answer within ray.bank_timeout_s = 3 s" in said
 
     # the eval pool: every evaluation hangs; each is given up after eval.timeout_s, tried once more, then named

@@ -125,6 +125,11 @@ def test_storage_at_paper_scale_snapshots_without_a_copy_restores_in_place_and_u
     storage.write_text("s3x://runs/r/pipeline.json", "{}")
     assert storage.read_text("s3x://runs/r/pipeline.json") == "{}"
     assert not list((tmp_path / "bucket").rglob("*.tmp"))
+    # a write that fails half way leaves nothing at the key (closing an object-store stream completes the upload)
+    with pytest.raises(MemoryError), storage.atomic_output("s3x://runs/r/stage1/bank/half.arrow") as out:
+        out.write(b"half a snapshot")
+        raise MemoryError
+    assert not storage.exists("s3x://runs/r/stage1/bank/half.arrow")
     monkeypatch.undo()
 
     # restoring a 480 MiB bank peaks within 1.2x its size (a fresh process; its peak RSS before and after)

@@ -56,9 +56,9 @@ def resolve(args) -> object:
     return cfg
 
 
-def prepare_run(cfg) -> None:
-    """The resolved config saved next to the run (by the run's owner: after ``owned_run``)."""
-    write_text(f"{run_dir(cfg)}/config.yaml", cfg.to_yaml())
+def prepare_run(cfg, location: str | None = None) -> None:
+    """The resolved config saved in the folder this driver owns (after ``owned_run``): the run's, or a sweep's."""
+    write_text(f"{location or run_dir(cfg)}/config.yaml", cfg.to_yaml())
 
 
 @contextlib.contextmanager
@@ -162,7 +162,7 @@ def cmd_tune(args) -> int:
     from ..distributed.sweep import run_sweep
 
     with owned_run(location, cfg.run.lease_s, what="sweep"):
-        prepare_run(cfg)
+        prepare_run(cfg, location)  # never into run.name's folder: a run of that name may be going
         # each running trial: its workers and eval actors, and its driver function's own bundle
         init_ray(cfg, concurrent_runs=opts.max_concurrent, extra_cpus=opts.max_concurrent * opts.trial_driver_cpus)
         summary = run_sweep(cfg, space, init_from, opts)

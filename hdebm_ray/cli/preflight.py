@@ -91,8 +91,8 @@ def check_run_state(cfg: Config, stages: list[str], location: str) -> None:
         stage_dir = f"{location}/{stage}"
         GuardLog.read(cfg, stage_dir)
         take_divergence(stage_dir, remove=False)
-        if (newest := newest_checkpoint(stage_dir)) is not None:
-            check_weights_fit(newest, cfg, stage_class(stage).networks(cfg), "resumes")
+        if (newest := newest_checkpoint(stage_dir)) is not None:  # unreadable: the run falls back to an older one
+            check_weights_fit(newest, cfg, stage_class(stage).networks(cfg), "resumes", skip_unreadable=True)
 
 
 def check_storage_folder(cfg: Config) -> None:
@@ -117,7 +117,7 @@ def check_start(cfg: Config, stage: str, start: str) -> None:
         check_weights_fit(start, cfg, stage_class(wanted).networks(cfg), "starts from")
 
 
-def check_weights_fit(checkpoint: str, cfg: Config, networks: dict, verb: str) -> None:
+def check_weights_fit(checkpoint: str, cfg: Config, networks: dict, verb: str, skip_unreadable: bool = False) -> None:
     """``CheckpointError`` naming the first parameter whose name or shape differs between the checkpoint's networks
     and the ones ``cfg`` builds (``networks``: its stage's ``networks(cfg)``; on the meta device: nothing allocated;
     the files memory-mapped, not read)."""
@@ -128,7 +128,14 @@ def check_weights_fit(checkpoint: str, cfg: Config, networks: dict, verb: str) -
                 continue
             with torch.device("meta"):
                 want = {k: tuple(v.shape) for k, v in build().state_dict().items()}
-            have = {k: tuple(v.shape) for k, v in torch.load(files[name], mmap=True, weights_only=True).items()}
+            try:
+                have = {k: tuple(v.shape) for k, v in torch.load(files[name], mmap=True, weights_only=True).items()}
+            except Exception as e:  # noqa: BLE001 - truncated, refused by weights_only, not a state_dict
+                if skip_unreadable:
+                    return
+                raise CheckpointError(
+                    f"checkpoint '{checkpoint}': its {name}.pt cannot be read ({str(e).splitlines()[0]})"
+                ) from None
             missing = [f"has no '{k}'" for k in want if k not in have]
             extra = [f"has '{k}', which this config's network lacks" for k in have if k not in want]
             shapes = [

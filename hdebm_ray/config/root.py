@@ -200,12 +200,14 @@ def _validate_replay_ebms(cfg: Config) -> None:
             )
     if cfg.mjem.multiscale:
         raise ConfigError("config key 'mjem.multiscale' must be false: M-JEM's classifier has one trunk")
-    n = cfg.ray.num_workers
-    if cfg.mjem.classifier_batch_size % n != 0:
-        raise ConfigError(
-            f"config key 'mjem.classifier_batch_size' = {cfg.mjem.classifier_batch_size} must be divisible by "
-            f"ray.num_workers = {n}"
-        )
+    n, low = cfg.ray.num_workers, cfg.ray.elastic_min_workers
+    for size in range(low, n + 1) if low else (n,):  # an elastic group may restart at any size in between
+        if cfg.mjem.classifier_batch_size % size != 0:
+            group = "ray.num_workers" if size == n else f"{size} workers (ray.elastic_min_workers = {low})"
+            raise ConfigError(
+                f"config key 'mjem.classifier_batch_size' = {cfg.mjem.classifier_batch_size} must be divisible by "
+                f"{group} = {size}"
+            )
 
 
 def check_stage(cfg: Config, stage: str) -> None:

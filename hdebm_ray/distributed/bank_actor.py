@@ -17,6 +17,7 @@ import ray
 
 from ..bank.client import BankClientBase, as_numpy
 from ..bank.service import BankRestarted, BankService
+from ..io.storage import RunStateError
 
 NAMESPACE = "hdebm"
 
@@ -67,9 +68,12 @@ def owner_check(actor, name: str, run: str, timeout_s: float = 120.0) -> None:
     try:
         found = ray.get(actor.run_identity.remote(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
-        raise RuntimeError(f"the actor {name!r} did not start within {timeout_s:g} s (no node can hold it?)") from None
+        raise RunStateError(
+            f"the actor {name!r} did not start within {timeout_s:g} s: no node can hold it (its memory, or a node "
+            "not labelled ray.io/market-type=spot)?"
+        ) from None
     if found != run:
-        raise RuntimeError(
+        raise RunStateError(
             f"the actor {name!r} belongs to another run ({found or 'unnamed'}), not this one ({run}): was the run "
             "folder copied? Delete the copy's run.json to give it its own identity"
         )

@@ -138,7 +138,8 @@ def stable_placement(memory_bytes: int = 0) -> dict:
     """Actor options for what must outlive a preemption (the bank actor, the eval pool): nodes that are not spot,
     where the cluster marks which are (some alive node carries ``ray.io/market-type``); and a reservation of
     ``memory_bytes`` of Ray's logical memory, so the actor lands on a node that can hold its store."""
-    options: dict = {}
+    # outside any placement group: a Tune trial's driver runs in one whose bundle holds no memory reservation
+    options: dict = {"scheduling_strategy": "DEFAULT"}
     labelled = [n for n in ray.nodes() if n.get("Alive") and MARKET_TYPE in (n.get("Labels") or {})]
     if any(n["Labels"][MARKET_TYPE] == "spot" for n in labelled):
         options["label_selector"] = {MARKET_TYPE: "!spot"}

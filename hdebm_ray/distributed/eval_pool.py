@@ -149,7 +149,7 @@ class EvalPool:
             try:
                 call = self.actors[index].evaluate.remote(ckpt, s.num_samples, s.seed, s.eval_files)
                 return await asyncio.wait_for(asyncio.wrap_future(call.future()), timeout=s.timeout_s)
-            except TimeoutError:
+            except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11, two before
                 timeouts += 1
                 print(f"[eval] scoring {ckpt} ran past eval.timeout_s = {s.timeout_s:g} s: its actor is restarted")
                 await self._restart(index)
@@ -175,14 +175,22 @@ class EvalPool:
         result = await self._score(index, ckpt)
         if result is not None:
             result["evaluated_at"] = time.time()
-            async with self.record_lock:  # one writer of eval.jsonl at a time
-                await asyncio.to_thread(record, self.spec.run_location, result)
+            try:
+                async with self.record_lock:  # one writer of eval.jsonl at a time
+                    await asyncio.to_thread(record, self.spec.run_location, result)
+            except Exception as e:  # noqa: BLE001 - e.g. storage unreachable: this worker loop must live on
+                self._failed(ckpt, f"scored, but eval.jsonl could not be written: {e}")
+                return
             self.done.add(ckpt)
             self.results.append(result)
             self._note_latest(result)
             line = f"{scores_text(result)}{start_note(result)}"
             print(f"[eval] {result['stage']} step {result['step']}: {line}", flush=True)
-        await asyncio.to_thread(self._prune, ckpt)
+        try:
+            async with self.record_lock:  # one pruner at a time: two would race over one stage's folders
+                await asyncio.to_thread(self._prune, ckpt)
+        except Exception as e:  # noqa: BLE001 - a checkpoint left behind is no reason to stop scoring
+            print(f"[eval] could not prune old checkpoints beside {ckpt}: {e}", flush=True)
 
     def _prune(self, ckpt: str) -> None:
         """Remove the scored checkpoints of ``ckpt``'s stage beyond the newest ``keep`` (never one still waiting)."""
@@ -209,16 +217,22 @@ class EvalPool:
     async def _until_alive(self, index: int, timeout_s: float = 300.0, not_pid: int | None = None) -> None:
         """Wait for Ray to restart actor ``index`` (a process other than ``not_pid``); replace it if it is gone for
         good."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        deadline, died = time.monotonic() + timeout_s, 0
+        while (left := deadline - time.monotonic()) > 0:
             try:
-                if await self.actors[index].pid.remote() != not_pid or not_pid is None:
+                call = self.actors[index].pid.remote()
+                if await asyncio.wait_for(asyncio.wrap_future(call.future()), left) != not_pid or not_pid is None:
                     return
                 await asyncio.sleep(0.2)
+            except (TimeoutError, asyncio.TimeoutError):
+                return  # not back within the deadline: the next call on it fails, and is counted there
             except ray.exceptions.ActorUnavailableError:  # restarting
                 await asyncio.sleep(0.5)
-            except ray.exceptions.RayActorError:  # dead and not restartable: a new one takes its place
-                self.actors[index] = self._new_actor()
+            except ray.exceptions.RayActorError:  # a call on the process being replaced, or dead for good
+                died += 1
+                if died >= 3:  # three in a row, a second apart: not a restart; a new actor takes its place
+                    self.actors[index], died = self._new_actor(), 0
+                await asyncio.sleep(1.0)
 
     async def latest(self, stage: str) -> dict | None:
         """The newest-step result of a stage so far (None before the first)."""

@@ -11,6 +11,7 @@ accept it). Each trial gets its own bank actor, named by the trial's run name, k
 from __future__ import annotations
 
 import math
+import re
 import signal
 import threading
 from dataclasses import dataclass
@@ -202,7 +203,8 @@ def write_outputs(results, base: Config, space: SearchSpace, opts: SweepOptions)
     }
 
 
-def leftover_bank_actors(prefix: str = "bank-trial-") -> list[str]:
+def leftover_bank_actors() -> list[str]:
+    """Bank actors still alive in our namespace (``bank-<run id>-<stage>``): after a sweep, none should be."""
     import ray
 
     from .bank_actor import NAMESPACE
@@ -210,7 +212,7 @@ def leftover_bank_actors(prefix: str = "bank-trial-") -> list[str]:
     return [
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["name"].startswith(prefix) and a.get("namespace", NAMESPACE) == NAMESPACE
+        if re.fullmatch(r"bank-[0-9a-f]{16}-\w+", a["name"]) and a.get("namespace", NAMESPACE) == NAMESPACE
     ]
 
 

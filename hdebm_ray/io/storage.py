@@ -98,8 +98,13 @@ def atomic_output(location: str):
     fs, path = fs_and_path(location)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     if is_object_store(location):
-        with fs.open_output_stream(path) as out:
-            yield out
+        try:
+            with fs.open_output_stream(path) as out:
+                yield out
+        except BaseException:  # closing completed the upload: what it holds is partial, so it must not stay
+            with contextlib.suppress(OSError):
+                fs.delete_file(path)
+            raise
         return
     tmp = temporary_name(path)
     try:
@@ -142,12 +147,21 @@ def create_exclusive(location: str, text: str) -> bool:
     if not is_uri(location) or location.startswith("file://"):
         path = location.removeprefix("file://")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        tmp = temporary_name(path)
+        Path(tmp).write_text(text)
+        try:  # a hard link appears whole and fails if the name exists: a reader never sees it half written
+            os.link(tmp, path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        except OSError:  # a mount without hard links (some FUSE): an exclusive create, then the write
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+        finally:
+            os.unlink(tmp)
         return True
     if exists(location):
         return False

@@ -172,8 +172,7 @@ class ReplayEBMStage(StageBase):
 
     @classmethod
     def networks(cls, cfg: Config):
-        s = cls.section(cfg)
-        classes = getattr(s, "num_classes", 0) or (10 if hasattr(s, "num_classes") else 0)  # M-JEM's head
+        s, classes = cls.section(cfg), cls.sampler.num_classes(cfg)  # M-JEM's classifier head, 0 for the others
         return {"energy": (lambda: build_energy(cfg, classes, s.multiscale), True)}
 
     @classmethod

@@ -54,12 +54,14 @@ class RunStopped(RuntimeError):
 # a preemption still waits: Ray Train restarts the group at that limit, and a rank must not train steps meanwhile
 # that the restart would throw away.
 HOLD_MARGIN_S = 60.0
+NO_DEADLINE_S = 120.0  # Ray Train 2.60's DEFAULT_PREEMPTION_DEADLINE_S
 
 
 def hold_for(interruption: Interruption, grace_s: float, chief: bool, poll_s: float = 0.5) -> None:
     """After a preemption checkpoint: wait for Ray Train to restart the group (at the notice's deadline plus
     ``grace_s``, or when the node goes); if nothing has happened ``HOLD_MARGIN_S`` after that, go on training."""
-    until = (interruption.deadline_s or time.time()) + grace_s + HOLD_MARGIN_S
+    # a notice without a deadline: Ray Train gives the node NO_DEADLINE_S from when it saw it
+    until = (interruption.deadline_s or time.time() + NO_DEADLINE_S) + grace_s + HOLD_MARGIN_S
     if chief:
         status(f"[preemption] {interruption.reason}: checkpointed; waiting up to {max(0.0, until - time.time()):.0f} s")
     while time.time() < until:
