@@ -289,7 +289,7 @@ def create_eval_pool(cfg: Config, run_location: str, name: str | None = None, **
     )
     name = name or pool_name(cfg)
     options = {"name": name, "namespace": NAMESPACE, "get_if_exists": True, **stable_placement()}
-    pool = EvalPool.options(**options, scheduling_strategy="DEFAULT").remote(spec)
+    pool = EvalPool.options(**options).remote(spec)  # stable_placement: outside any placement group
     owner_check(pool, name, spec.run)
     return pool
 
