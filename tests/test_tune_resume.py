@@ -63,6 +63,7 @@ def test_pbt_clones_a_better_trial_into_a_worse_one_and_an_interrupted_sweep_res
 
     second = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600, env=os.environ)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"--config {tmp_path / 'pbt' / 'best_config.yaml'} --init-from {init}" in second.stdout  # how to train it
 
     starts = history(trials)
     original = {h["trial"]: h["from_params"][KEY] for h in starts if h["from_trial"] == h["trial"]}
@@ -98,5 +99,7 @@ def test_pbt_clones_a_better_trial_into_a_worse_one_and_an_interrupted_sweep_res
     best_config = tmp_path / "pbt" / "best_config.yaml"
     best = load_config(config_file=str(best_config))
     assert best.stage1.steps == 40 and best.run.name == "toy-best" and LO <= best.stage1.langevin.step_size <= HI
-    assert cli_main(["train", "--stage", "stage1", "--config", str(best_config), "--dry-run"]) == 0
+    # a real run of it would be refused without the sweep's starting checkpoint, and so is its dry run
+    assert cli_main(["train", "--stage", "stage1", "--config", str(best_config), "--dry-run"]) == 2
+    assert cli_main(["train", "--stage", "stage1", "--config", str(best_config), "--init-from", init, "--dry-run"]) == 0
     assert list((tmp_path / "pbt").glob("*/events.out.tfevents.*"))  # Tune's own TensorBoard output

@@ -172,7 +172,10 @@ def cmd_tune(args) -> int:
         return 130
     print(f"\nsweep {opts.name}: {summary['num_trials']} trial(s), {summary['num_errors']} error(s)")
     print(f"  best {space.metric} = {summary['best_metric']} with {summary['best_params']}")
-    print(f"  best config: {summary['best_config']}  (train --config / pipeline --config accept it)")
+    # the best config trains on from the sweep's own starting checkpoint: say so, or the command would be refused
+    start = f" --init-from {init_from}" if init_from else ""
+    print(f"  best config: {summary['best_config']}")
+    print(f"    train it:  hdebm-ray train --stage {space.stage} --config {summary['best_config']}{start}")
     print(f"  all trials:  {summary['trials_csv']}")
     return 0
 
