@@ -30,9 +30,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def session_processes(temp_dir: str) -> list[str]:
-    out = subprocess.run(["pgrep", "-af", temp_dir], capture_output=True, text=True).stdout
+def session_processes(pattern: str) -> list[str]:
+    """'pid command' of every process whose command line matches ``pattern`` (e.g. names a head's state folder)."""
+    out = subprocess.run(["pgrep", "-af", "--", pattern], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+def head_ports() -> dict:
+    """Every port a cluster/local head listens on, free: two heads on one machine share none."""
+    return {key: str(free_port()) for key in ("DASHBOARD_PORT", "GCS_PORT", "CLIENT_PORT", "AGENT_PORT")}
 
 
 AUTH = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
@@ -40,7 +46,7 @@ AUTH = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
 
 @pytest.fixture(scope="module")
 def local_head(tmp_path_factory):
-    temp_dir = f"/tmp/ray-hdebm-test-{uuid.uuid4().hex[:6]}"  # short: Ray's socket paths have a length limit
+    state = f"/tmp/hdebm-test-{uuid.uuid4().hex[:6]}"  # short: Ray's socket paths have a length limit
     env = {
         **os.environ,
         # the job's `python` must be this interpreter (the head starts job drivers with its own PATH)
@@ -48,9 +54,8 @@ def local_head(tmp_path_factory):
         # token auth, cluster/local's default; the token file is this test's (cluster/local creates it)
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(tmp_path_factory.mktemp("auth") / "token"),
-        "DASHBOARD_PORT": str(free_port()),
-        "GCS_PORT": str(free_port()),
-        "RAY_TEMP_DIR": temp_dir,
+        **head_ports(),
+        "HDEBM_LOCAL_STATE": state,
     }
     for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         env.pop(key, None)
@@ -69,10 +74,11 @@ def local_head(tmp_path_factory):
         stop = subprocess.run([str(ROOT / "cluster" / "local"), "stop"], env=env, capture_output=True, text=True)
         assert stop.returncode == 0, stop.stdout + stop.stderr
     for _ in range(50):
-        if not session_processes(temp_dir):
+        if not session_processes(state):
             break
         time.sleep(0.2)
-    assert session_processes(temp_dir) == [], "cluster/local stop left processes of its head running"
+    assert session_processes(state) == [], "cluster/local stop left processes of its head running"
+    assert session_processes(f"ray.util.client.server.*--address=127.0.0.1:{env['GCS_PORT']}") == []
 
 
 def job_client(env):
@@ -247,3 +253,56 @@ def test_long_job_stops_on_ray_job_stop_and_leaves_nothing_running(local_head, t
             break
         assert time.time() < deadline, (actors, groups)
         time.sleep(2)
+
+
+def test_a_second_users_head_starts_and_stops_beside_this_one_without_touching_it(local_head, tmp_path):
+    """cluster/local keeps each user's head in their own state folder (mode 700) and stops only the processes it
+    recorded at start, with their children: not a process that merely names its folder, not another user's head."""
+    local = str(ROOT / "cluster" / "local")
+    state_b = f"/tmp/hdebm-b-{uuid.uuid4().hex[:6]}"
+    env_b = {**local_head, **head_ports(), "HDEBM_LOCAL_STATE": state_b}
+    env_b["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "b" / "token")
+    env_b.pop("RAY_ADDRESS")
+    head_a = session_processes(local_head["HDEBM_LOCAL_STATE"])
+    assert head_a
+    run = lambda env, *args: subprocess.run([local, *args], env=env, capture_output=True, text=True, timeout=300)  # noqa: E731
+    started = run(env_b, "start", "--num-cpus=1")
+    decoy = None
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert os.stat(state_b).st_mode & 0o777 == 0o700
+        again = run(env_b, "start", "--num-cpus=1")  # the same user's second start on a running head
+        assert again.returncode == 2 and again.stderr.strip().count("\n") == 0 and "is running" in again.stderr
+        # a process of this user that names B's temp folder but was not started by B's head: not B's to stop
+        decoy = subprocess.Popen(["bash", "-c", f'exec -a "{state_b}/ray/session_latest decoy" sleep 600'])
+        time.sleep(0.5)
+        head_b = [p for p in session_processes(state_b) if "decoy" not in p]
+        assert head_b and not set(head_b) & set(head_a)
+        stopped = run(env_b, "stop")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        for _ in range(50):
+            if not [p for p in session_processes(state_b) if "decoy" not in p]:
+                break
+            time.sleep(0.2)
+        assert [p for p in session_processes(state_b) if "decoy" not in p] == []
+        # the Ray Client server names the GCS, not the state folder: recorded at start, stopped too
+        assert session_processes(f"ray.util.client.server.*--address=127.0.0.1:{env_b['GCS_PORT']}") == []
+        assert decoy.poll() is None  # the decoy lives
+        assert session_processes(local_head["HDEBM_LOCAL_STATE"]) == head_a  # user A's head untouched ...
+        from ray.job_submission import JobStatus
+
+        client = job_client(local_head)  # ... and still takes jobs
+        probe = client.submit_job(entrypoint="true")
+        deadline = time.time() + 120
+        while not client.get_job_status(probe).is_terminal() and time.time() < deadline:
+            time.sleep(0.5)
+        assert client.get_job_status(probe) == JobStatus.SUCCEEDED
+        assert "no head started" in run(env_b, "stop").stdout  # stopping twice is harmless
+        if os.getuid() == 0:  # a state folder that belongs to another user is refused, not used
+            os.chown(state_b, 65534, 65534)
+            refused = run(env_b, "start")
+            assert refused.returncode == 2 and "belongs to another user" in refused.stderr
+    finally:
+        run(env_b, "stop")
+        if decoy is not None:
+            decoy.kill()

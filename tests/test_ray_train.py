@@ -140,3 +140,33 @@ def test_ray_data_streams_a_folder_without_a_log_line_per_epoch_and_auto_keeps_a
     assert [e.value for e in acc.Scalars("Data/train_epochs")][-1] >= 2  # 100 images, 6 batches of 8 a rank
     assert "execution finished" not in log and "RayDeprecationWarning" not in log
     assert log.count("[diffusion] step") == 4
+
+
+def test_a_node_with_other_software_than_the_driver_is_refused_in_one_line(ray_local, tmp_path, monkeypatch):
+    """The driver's software fingerprint travels with the job; a Train worker and an eval actor whose own differs
+    (here: the driver claims another torch, as a node that installed a newer one would look) refuse before any work."""
+    import ray
+
+    from hdebm_ray.config import ConfigError
+    from hdebm_ray.distributed import driver
+    from hdebm_ray.distributed.eval_pool import EvalActor
+    from hdebm_ray.io.software import SoftwareMismatch, software_fingerprint
+
+    mine = software_fingerprint()
+    other = {**mine, "torch": "0.0.1"}
+    monkeypatch.setattr(driver, "software_fingerprint", lambda: other)
+    cfg = load_config(
+        "digits", overrides=small_digits_overrides(str(tmp_path), "other") + TINY + ["ray.max_failures=0"]
+    )
+    with pytest.raises(ConfigError) as err:
+        fit_stage(cfg, "diffusion")
+    message = str(err.value)
+    assert "\n" not in message and f"torch {mine['torch']} where the run's driver runs 0.0.1" in message, message
+    assert "a train worker on node" in message
+    assert not list((tmp_path / "other" / "diffusion").glob("**/checkpoint_0*"))  # refused before any step
+
+    actor = EvalActor.remote(None, {**mine, "hdebm_ray": "0123456789abcdef"})  # another commit of this package
+    with pytest.raises(ray.exceptions.RayTaskError) as err:
+        ray.get(actor.evaluate.remote(str(tmp_path / "none"), 1, 0, {}), timeout=120)
+    assert isinstance(err.value.cause, SoftwareMismatch) and "code (a digest of hdebm_ray's sources)" in str(err.value)
+    ray.kill(actor)

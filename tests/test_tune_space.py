@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,38 @@ def test_an_embedded_ray_for_a_sweep_fits_each_trials_workers_eval_actor_and_dri
     assert local_cpus(cfg, concurrent_runs=1, extra_cpus=0.1) == 4
     assert local_cpus(cfg, concurrent_runs=2, extra_cpus=0.2) == 7
     assert local_cpus(load_config("digits", overrides=["eval.actors=0", "ray.num_workers=1"])) == 2  # the machine's
+
+
+def test_resume_refuses_a_sweep_folder_other_users_can_write(tmp_path, capsys):
+    """--resume unpickles Tune's saved state in the driver: a sweep folder someone else could have written is refused
+    in one line (before Ray starts), and the same folder made private passes that check."""
+    from hdebm_ray.cli.main import main
+
+    good = tmp_path / "good.yaml"
+    good.write_text(space("  stage1.langevin.step_size: {uniform: [0.001, 0.002]}\n"))
+    sweep = tmp_path / "s"
+    (sweep / "trial-0").mkdir(parents=True)
+    state = sweep / "trial-0" / "params.pkl"
+    state.write_bytes(b"not really a pickle")
+    os.chmod(sweep, 0o755)
+    os.chmod(sweep / "trial-0", 0o755)
+    args = ["tune", "--preset", "toy2d", "--space", str(good), "--name", "s", "--resume", "--dry-run"]
+    args += ["--set", f"run.storage_path={tmp_path}"]
+    for mode in (0o666, 0o602):  # (group write alone is fine where the group is this user's own, as here)
+        os.chmod(state, mode)
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"'{state}' is writable by other users" in err and "tune --resume" in err, err
+    os.chmod(state, 0o644)
+    link = sweep / "trial-0" / "linked.pkl"  # a link into a folder others can write is no better
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)
+    (shared / "x.pkl").write_bytes(b"planted")
+    os.chmod(shared / "x.pkl", 0o666)
+    link.symlink_to(shared / "x.pkl")
+    assert main(args) == 2 and f"'{link}' is writable by other users" in capsys.readouterr().err
+    link.unlink()
+    assert main(args) == 2  # now refused only for the missing --init-from, after the check passed
+    err = capsys.readouterr().err
+    assert "writable by other users" not in err and "--init-from" in err, err

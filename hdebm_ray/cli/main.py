@@ -22,7 +22,7 @@ from ..distributed.sweep import SCHEDULERS, SEARCHERS, SweepOptions, sweep_dir
 from ..evaluation.features import EvalError
 from ..evaluation.results import print_eval_table
 from ..io.checkpoint import CheckpointError
-from ..io.ownership import RunInUse, RunLease
+from ..io.ownership import RunInUse, RunLease, check_private
 from ..io.storage import RunStateError, check_run_name, run_dir, write_text
 from ..stages import PIPELINE, STAGES
 from ..training.guard import GuardStop
@@ -150,8 +150,10 @@ def cmd_tune(args) -> int:
         resume=args.resume,
         pbt_interval=args.pbt_interval or 0,
     )
-    init_from = resolve_init_from(cfg, space.stage, args.init_from)
     location = sweep_dir(cfg, opts.name)
+    if opts.resume:  # Tune unpickles the sweep's saved state in this process
+        check_private(location, "tune --resume")
+    init_from = resolve_init_from(cfg, space.stage, args.init_from)
     preflight(cfg, [space.stage], {space.stage: init_from}, opts.max_concurrent, run_location=location)
     if args.dry_run:
         print(f"sweep {opts.name}: stage {space.stage}, {space.metric} ({space.mode}), {opts.samples} sample(s)")

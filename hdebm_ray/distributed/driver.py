@@ -24,6 +24,7 @@ from ..evaluation.results import print_eval_table
 from ..evaluation.sampling import Sampler, default_device
 from ..io.checkpoint import load_meta
 from ..io.ownership import StorageNotShared, run_id, run_identity
+from ..io.software import SoftwareMismatch, software_fingerprint
 from ..io.storage import as_uri, local_dir, run_dir, staged_output
 from ..stages import stage_class
 from ..training.interrupts import STOP_FILE, RunStopped, stop_requested
@@ -100,12 +101,14 @@ def fit_stage(
     report_hooks=(),
     eval_pool=None,
     chunk: Chunk | None = None,
+    software: dict | None = None,
 ) -> StageResult:
     """Run one stage to its end on Ray (resuming if it ran before; rolling back on a divergence).
 
     With ``eval_pool`` (a running ``EvalPool``) and ``stage`` in ``eval.stages``, every checkpoint the run
     registers is handed to the pool as it lands; the pool's results do not hold the stage up. ``chunk``: a PBT
-    trial's part of the stage, its own Train run.
+    trial's part of the stage, its own Train run. ``software``: the fingerprint every worker must match (this
+    process's by default; a Tune trial's driver, itself on some node, is handed the CLI's).
     """
     if uses_ray_data(cfg):
         section, n = stage_class(stage).section(cfg), len(build_dataset(cfg))
@@ -131,7 +134,7 @@ def fit_stage(
             rollbacks=rollbacks,
             stop_file=f"{location}/{STOP_FILE}",
         )
-        return _fit_attempt(attempt_cfg, job, train_name, callbacks, tuple(report_hooks), pool)
+        return _fit_attempt(attempt_cfg, job, train_name, callbacks, tuple(report_hooks), pool, software)
 
     # a chunk resumes from its donor's checkpoint until it has one of its own
     resumes_at = int(load_meta(chunk.resume_from)["step"]) if chunk is not None and chunk.resume_from else 0
@@ -147,21 +150,29 @@ def fit_stage(
     return out
 
 
-def _fit_attempt(cfg: Config, job: StageJob, train_name: str, callbacks, report_hooks, pool):
+def _fit_attempt(cfg: Config, job: StageJob, train_name: str, callbacks, report_hooks, pool, software=None):
     """One TorchTrainer run of the stage (with its bank actor, killed afterwards): to the end, or to the step
     where the guard stopped it."""
     bank = start_bank(cfg, job.stage, train_name if train_name != job.stage else None)
     name = bank_actor_name(cfg, job.stage) if bank is not None else None
     run = run_identity(run_dir(cfg))
-    work = WorkerJob(job, bank_actor=name, eval_pool=pool, report_hooks=report_hooks, run=run)
+    work = WorkerJob(
+        job,
+        bank_actor=name,
+        eval_pool=pool,
+        report_hooks=report_hooks,
+        run=run,
+        software=software or software_fingerprint(),
+    )
     try:
         try:
             return trainer_for(cfg, work, train_name, callbacks, keep_all=pool is not None).fit()
         except Exception as e:  # a bad file met by a worker or a Ray Data task: the user's, named in one line
             if (message := data_error_in(e)) is not None:
                 raise DatasetError(message) from None
-            if (message := data_error_in(e, StorageNotShared)) is not None:
-                raise ConfigError(message) from None
+            for kind in (StorageNotShared, SoftwareMismatch):
+                if (message := data_error_in(e, kind)) is not None:
+                    raise ConfigError(message) from None
             raise
     finally:
         if bank is not None:

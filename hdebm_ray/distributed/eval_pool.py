@@ -25,7 +25,7 @@ import collections
 import os
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 from ray.train import UserCallback
@@ -38,6 +38,7 @@ from ..evaluation.sampling import default_device
 from ..io import storage
 from ..io.checkpoint import load_config_of, load_meta, run_checkpoints
 from ..io.ownership import run_id, run_identity
+from ..io.software import check_same_software, software_fingerprint
 from ..io.storage import as_uri, local_dir
 from .bank_actor import NAMESPACE, owner_check
 from .cluster import stable_placement
@@ -58,6 +59,7 @@ class PoolSpec:
     keep: int = 2  # checkpoints kept per stage once scored (ray.checkpoints_to_keep)
     timeout_s: float = 7200.0  # eval.timeout_s
     hold_until: str | None = None  # testing aid: evaluations wait until this file exists
+    software: dict = field(default_factory=dict)  # the driver's software_fingerprint(): each eval actor must match it
 
 
 def pool_name(cfg: Config) -> str:
@@ -68,14 +70,18 @@ def pool_name(cfg: Config) -> str:
 class EvalActor:
     """Samples a checkpoint with its stage's sampler and scores it; keeps one feature extractor per dataset."""
 
-    def __init__(self, hold_until: str | None = None):
+    def __init__(self, hold_until: str | None = None, software: dict | None = None):
         self.spaces = FeatureSpaces(default_device())
         self.hold_until = hold_until  # testing aid: evaluations wait until this file exists
+        self.software = software  # checked at the first evaluation: a score from other software is no score
 
     def pid(self) -> int:
         return os.getpid()
 
     def evaluate(self, checkpoint: str, num_samples: int, seed: int, eval_files: dict) -> dict:
+        if self.software:
+            check_same_software(self.software, "an eval actor")
+            self.software = None
         while self.hold_until and not os.path.exists(self.hold_until):
             time.sleep(0.05)
         with local_dir(checkpoint) as d:
@@ -107,7 +113,7 @@ class EvalPool:
         self.workers: list[asyncio.Task] = []
 
     def _new_actor(self):
-        return EvalActor.options(**self.spec.actor_resources).remote(self.spec.hold_until)
+        return EvalActor.options(**self.spec.actor_resources).remote(self.spec.hold_until, self.spec.software)
 
     def run_identity(self) -> str:
         return self.spec.run
@@ -285,7 +291,7 @@ def create_eval_pool(cfg: Config, run_location: str, name: str | None = None, **
         cfg.run.seed,
         keep=cfg.ray.checkpoints_to_keep,
         timeout_s=e.timeout_s,
-        **testing,
+        **{"software": software_fingerprint(), **testing},
     )
     name = name or pool_name(cfg)
     options = {"name": name, "namespace": NAMESPACE, "get_if_exists": True, **stable_placement()}

@@ -36,6 +36,7 @@ from ..config import Config, ConfigError, from_dict
 from ..evaluation.results import append_jsonl
 from ..io import storage
 from ..io.checkpoint import incomplete, load_meta
+from ..io.software import software_fingerprint
 from ..io.storage import local_dir, run_dir
 from ..stages import stage_class
 from ..training.session import Chunk
@@ -96,6 +97,7 @@ def chunk_ends(start: int, total: int, interval: int) -> list[int]:
 
 def make_pbt_trainable(base: Config, stage: str, init_from: str | None, sweep_location: str, interval: int):
     base_tree = base.to_dict()
+    software = software_fingerprint()  # the CLI's: a trial's driver runs on whichever node Tune placed it
 
     def pbt_trial(params: dict) -> None:
         from ray import tune
@@ -113,7 +115,7 @@ def make_pbt_trainable(base: Config, stage: str, init_from: str | None, sweep_lo
             if resume is not None:  # the bank actor of the chunk restores from the chunk's own bank/ folder
                 prune(cfg, stage, keep=resume)
                 carry_snapshot(resume, step, f"{run_dir(cfg)}/{name}")
-            out = fit_stage(cfg, stage, init_from, chunk=Chunk(name, resume, end))
+            out = fit_stage(cfg, stage, init_from, chunk=Chunk(name, resume, end), software=software)
             resume, meta = out.checkpoint, load_meta(out.checkpoint)
             step = int(meta["step"])
             # PBT's clock: the step, but 0 at the end, so that no trial is cloned into or paused after it finished

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from ..config import Config, ConfigError, from_dict
 from ..io import storage
+from ..io.software import software_fingerprint
 from ..io.storage import run_dir
 from ..stages import stage_class
 from .pbt import check_pbt, make_pbt_trainable, pbt_scheduler
@@ -56,6 +57,7 @@ def reports_per_trial(cfg: Config, stage: str) -> int:
 
 def make_trainable(base: Config, stage: str, init_from: str | None, sweep_location: str):
     base_tree = base.to_dict()
+    software = software_fingerprint()  # the CLI's: a trial's driver runs on whichever node Tune placed it
 
     def train_trial(params: dict) -> None:
         from ray import tune
@@ -66,8 +68,8 @@ def make_trainable(base: Config, stage: str, init_from: str | None, sweep_locati
         cfg = trial_config(from_dict(base_tree), params, sweep_location, tune.get_context().get_trial_id())
         # Same Train run name on a retried or resumed trial: the Train run resumes from its own checkpoint.
         # With eval.actors > 0 the trial has its own eval pool, whose newest Eval/fid rides on the reports.
-        with running_eval_pool(cfg) as pool:
-            out = fit_stage(cfg, stage, init_from, callbacks=[TuneReportCallback()], eval_pool=pool)
+        with running_eval_pool(cfg, software=software) as pool:
+            out = fit_stage(cfg, stage, init_from, callbacks=[TuneReportCallback()], eval_pool=pool, software=software)
             wait_for_forwarded_reports()
             if pool is not None and stage in cfg.eval.stages:
                 report_final_score(pool, stage, out, cfg.eval.drain_timeout_s)

@@ -19,6 +19,7 @@ from ray.train.collective import broadcast_from_rank_zero
 from ..contracts import WorkerContext
 from ..io.checkpoint import save_checkpoint
 from ..io.ownership import check_run_visible
+from ..io.software import check_same_software
 from ..io.storage import as_uri
 from ..training.interrupts import Interruption, stop_requested
 from ..training.session import CheckpointDraft, StageJob, run_attempt
@@ -38,6 +39,7 @@ class WorkerJob:
     eval_pool: str | None = None  # the run's eval pool: rank 0 adds its newest Eval/fid to the reports
     report_hooks: tuple = field(default=())  # callables hook(rank=, step=) after every report (tests inject faults)
     run: str = ""  # the run's identity (``ownership.run_identity``): each worker checks it sees the run's folder
+    software: dict = field(default_factory=dict)  # the driver's software_fingerprint(): each worker must match it
 
 
 class RayPort:
@@ -112,6 +114,8 @@ class RayPort:
 
 def train_loop_per_worker(work: WorkerJob) -> None:
     quiet_train_report_log()
+    if work.software:  # a node the autoscaler added mid-run may have installed other versions
+        check_same_software(work.software, "a train worker")
     if work.run:  # a node the autoscaler added after the driver's storage check may not mount the run's folder
         check_run_visible(work.run.split("@", 1)[1], work.run)
     run_attempt(work.job, RayPort(work))

@@ -220,3 +220,48 @@ class RunLease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _private_group(gid: int) -> bool:
+    """A user private group (the default on Debian / Ubuntu, with umask 002): this user's primary group, with no
+    other member. Its write bit lets nobody else in."""
+    import grp
+    import pwd
+
+    try:
+        me = pwd.getpwuid(os.getuid()).pw_name
+        return gid == os.getgid() and set(grp.getgrgid(gid).gr_mem) <= {me}
+    except KeyError:
+        return False
+
+
+def check_private(location: str, what: str) -> None:
+    """``RunStateError`` where a local folder we are about to load pickles from (a Tune sweep's saved state, which
+    ``--resume`` unpickles in the driver) could have been written by another user: the folder or anything in it
+    (symbolic links followed) owned by someone else, or writable by others or by a group shared with others.
+    Whoever can write there could run code as this user. An object store's prefix has no such bits to read: its
+    bucket policy is the boundary (docs/usage.md)."""
+    if storage.is_object_store(location):
+        return
+    folder = location.removeprefix("file://")
+    if not os.path.isdir(folder):
+        return
+    me = os.getuid()
+    for parent, dirs, files in os.walk(folder):
+        for path in [parent] + [os.path.join(parent, name) for name in dirs + files]:
+            link = os.lstat(path)
+            try:
+                target = os.stat(path)  # a link's own mode bits mean nothing: its target's count
+            except OSError:  # a dangling link: nothing to load through it
+                target = link
+            if link.st_uid != me or target.st_uid != me:
+                problem = "belongs to another user"
+            elif target.st_mode & 0o002 or (target.st_mode & 0o020 and not _private_group(target.st_gid)):
+                problem = "is writable by other users"
+            else:
+                continue
+            raise RunStateError(
+                f"{what}: '{path}' {problem}, and {what.split()[0]} loads pickled state from this folder (loading it "
+                "would run whatever code was written there): make the folder yours alone (chmod -R go-w) or start "
+                "a new one"
+            )
