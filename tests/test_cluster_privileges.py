@@ -26,7 +26,14 @@ from test_cluster_configs import KUBERAY, validate_launcher
 ROOT = Path(__file__).resolve().parents[1]
 SECRETS = [".env", "deploy.pem", "kubeconfig", "credentials.json", "hdebm_ray/.env", "hdebm_ray/id_rsa.pem"]
 SECRETS += ["runs/a/checkpoint.pt", "data/train.parquet", "notes.txt", ".git/config"]
-ENV = {"REGION": "eu-west-1", "BUCKET": "lab-runs", "PREFIX": "team-hdebm", "SSH_CIDR": "198.51.100.7/32"}
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+ENV = {
+    "REGION": "eu-west-1",
+    "BUCKET": "lab-runs",
+    "PREFIX": "team-hdebm",
+    "SSH_CIDR": "198.51.100.7/32",
+    "COMMIT": COMMIT,
+}
 FAKE = """#!/usr/bin/env python3
 import json, os, sys
 with open(os.environ["FAKE_LOG"], "a") as f:
@@ -220,11 +227,14 @@ def test_aws_setup_opens_ssh_to_the_users_range_only_and_writes_a_config_rays_la
     assert head["SecurityGroupIds"] == ["sg-hdebm-nodes", "sg-hdebm-head-ssh"] and head["SubnetIds"] == ["subnet-pub"]
     assert head["IamInstanceProfile"]["Arn"] == "arn:aws:iam::210987654321:instance-profile/hdebm-head"
     assert config["provider"]["region"] == "eu-west-1"
+    (install,) = [c for c in config["setup_commands"] if "pip install" in c]
+    assert install.endswith(f'.git@{COMMIT}"')  # every node installs the commit set up, never a branch
     bad_inputs = [
         ({"SSH_CIDR": "0.0.0.0/0"}, "opens SSH to the internet"),
         ({"SSH_CIDR": "10.0.0.0/0"}, "opens SSH to the internet"),
         ({"SSH_CIDR": ""}, "set SSH_CIDR"),
         ({"PREFIX": "team/hdebm"}, "give one folder name"),
+        ({"COMMIT": "main"}, "give a full 40-digit commit hash"),
     ]
     for bad, message in bad_inputs:
         refused, calls, _ = run_setup("aws", tmp_path / "bad", **{**env, **bad})
@@ -279,6 +289,7 @@ def test_gcp_setup_makes_a_network_of_its_own_firewalled_to_the_cluster_and_the_
     config = yaml.safe_load(mine.read_text())
     validate_launcher(config)
     assert "your-project-id" not in mine.read_text() and config["provider"]["availability_zone"] == "europe-west4-a"
+    assert f"@{COMMIT}" in mine.read_text()
     refused, calls, _ = run_setup("gcp", tmp_path / "bad", **{**ENV, "PROJECT": "lab", "SSH_CIDR": "0.0.0.0/0"})
     assert refused.returncode == 2 and "opens SSH to the internet" in refused.stderr and calls == []
 

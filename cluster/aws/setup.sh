@@ -29,6 +29,11 @@ done
 case "$SSH_CIDR" in
   */0) echo "cluster/aws/setup.sh: SSH_CIDR=$SSH_CIDR opens SSH to the internet: give your own range" >&2; exit 2 ;;
 esac
+# the commit every node installs: COMMIT, or this checkout's (a branch name would let nodes differ)
+COMMIT="${COMMIT:-$(git -C "$here" rev-parse HEAD 2>/dev/null || true)}"
+if [ -n "$COMMIT" ] && ! [[ "$COMMIT" =~ ^[0-9a-f]{40}$ ]]; then
+  echo "cluster/aws/setup.sh: COMMIT=$COMMIT: give a full 40-digit commit hash" >&2; exit 2
+fi
 PREFIX="${PREFIX:-hdebm}"; PREFIX="${PREFIX%/}"
 case "$PREFIX" in  # pyarrow writes a marker object per folder level: one level keeps them all inside PREFIX/
   */*|"") echo "cluster/aws/setup.sh: PREFIX=$PREFIX: give one folder name (no /)" >&2; exit 2 ;;
@@ -68,8 +73,10 @@ sed -e "s#HDEBM_NODES_SG#$nodes_sg#g" -e "s#HDEBM_HEAD_SSH_SG#$ssh_sg#g" \
     -e "s#HDEBM_HEAD_SUBNET#$HEAD_SUBNET#g" -e "s#HDEBM_WORKER_SUBNET#$WORKER_SUBNET#g" \
     -e "s#123456789012#$ACCOUNT_ID#g" -e "s#instance-profile/hdebm-#instance-profile/$CLUSTER-#g" \
     -e "s#^cluster_name: hdebm#cluster_name: $CLUSTER#" -e "s#^  region: us-west-2#  region: $REGION#" \
+    -e "s#@0000000000000000000000000000000000000000#@${COMMIT:-0000000000000000000000000000000000000000}#" \
     "$here/hdebm-gpu.yaml" > "$out"
 echo "security groups: $nodes_sg ($CLUSTER-nodes), $ssh_sg ($CLUSTER-head-ssh: SSH from $SSH_CIDR)"
 echo "instance profiles: $CLUSTER-head, $CLUSTER-worker (s3://$BUCKET/$PREFIX)"
+[ -n "$COMMIT" ] || echo "not in a git checkout: put the commit to run in its setup_commands by hand"
 echo "wrote $out: edit its other CHANGE lines (instance types, the commit to run), then"
 echo "  ray up $out && HDEBM_STORAGE=s3://$BUCKET/$PREFIX ..."

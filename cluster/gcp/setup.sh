@@ -29,6 +29,11 @@ case "$SSH_CIDR" in
   */0) echo "cluster/gcp/setup.sh: SSH_CIDR=$SSH_CIDR opens SSH to the internet: give your own range" >&2; exit 2 ;;
 esac
 ZONE="${ZONE:-$REGION-a}"
+# the commit every node installs: COMMIT, or this checkout's (a branch name would let nodes differ)
+COMMIT="${COMMIT:-$(git -C "$here" rev-parse HEAD 2>/dev/null || true)}"
+if [ -n "$COMMIT" ] && ! [[ "$COMMIT" =~ ^[0-9a-f]{40}$ ]]; then
+  echo "cluster/gcp/setup.sh: COMMIT=$COMMIT: give a full 40-digit commit hash" >&2; exit 2
+fi
 PREFIX="${PREFIX:-hdebm}"; PREFIX="${PREFIX%/}"
 CLUSTER="${CLUSTER:-hdebm}"
 net="$CLUSTER-net"
@@ -67,8 +72,10 @@ out="$here/hdebm-gpu.mine.yaml"
 sed -e "s#your-project-id#$PROJECT#g" -e "s#us-central1-a#$ZONE#g" -e "s#us-central1#$REGION#g" \
     -e "s#hdebm-subnet#$CLUSTER-subnet#g" -e "s#hdebm-head@#$CLUSTER-head@#g" -e "s#hdebm-worker@#$CLUSTER-worker@#g" \
     -e "s#items: \[hdebm, hdebm-head\]#items: [$CLUSTER, $CLUSTER-head]#" -e "s#items: \[hdebm\]#items: [$CLUSTER]#" \
-    -e "s#^cluster_name: hdebm#cluster_name: $CLUSTER#" "$here/hdebm-gpu.yaml" > "$out"
+    -e "s#^cluster_name: hdebm#cluster_name: $CLUSTER#" -e "s#@0000000000000000000000000000000000000000#@${COMMIT:-0000000000000000000000000000000000000000}#" \
+    "$here/hdebm-gpu.yaml" > "$out"
 echo "network $net: Ray between instances tagged $CLUSTER, SSH to $CLUSTER-head from $SSH_CIDR"
 echo "service accounts: $head, $worker (gs://$BUCKET/$PREFIX)"
+[ -n "$COMMIT" ] || echo "not in a git checkout: put the commit to run in its setup_commands by hand"
 echo "wrote $out: edit its other CHANGE lines (machine types, the commit to run), then"
 echo "  ray up $out && HDEBM_STORAGE=gs://$BUCKET/$PREFIX ..."
