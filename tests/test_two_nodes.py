@@ -7,6 +7,7 @@ no step and no failure budget."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -235,6 +236,13 @@ def test_an_elastic_group_goes_on_with_the_workers_left_and_keeps_the_global_bat
     extra = two_nodes.add_node(num_cpus=2)
     two_nodes.wait_for_nodes()
     init = helpers.distilled_digits(tmp_path / "distilled")
+    # an elastic group starts with the workers that fit at that moment: wait until both do (the new node's CPUs
+    # reported, the earlier tests' actors gone from the head), or it may start with one and never lose a node
+    helpers.wait_for(lambda: ray.available_resources().get("CPU", 0) >= 5, "5 free CPUs: the head's 3 and the node's 2")
+    # ... as Ray Train sees it: through Ray's detached autoscaling coordinator, whose view of the nodes an earlier
+    # test's Ray Data run started and which refreshes only every 20 s. A fresh one reads the nodes as they are now.
+    with contextlib.suppress(ValueError):
+        ray.kill(ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator"))
     overrides = small_digits_overrides(str(tmp_path / "runs"), "elastic") + TINY
     overrides += [
         "stage1.steps=16",
