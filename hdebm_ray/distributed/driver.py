@@ -120,6 +120,7 @@ def fit_stage(
         callbacks = [*callbacks, NotifyEvalPool(pool, stage, location)]
     train_name = chunk.train_name if chunk is not None else stage
     stage_dir, guard_dir = f"{location}/{train_name}", f"{location}/{stage}"
+    software = software or software_fingerprint()  # once: every attempt's workers are held to the same
 
     def attempt(attempt_cfg: Config, rollbacks: tuple[dict, ...]):
         job = StageJob(
@@ -150,7 +151,7 @@ def fit_stage(
     return out
 
 
-def _fit_attempt(cfg: Config, job: StageJob, train_name: str, callbacks, report_hooks, pool, software=None):
+def _fit_attempt(cfg: Config, job: StageJob, train_name: str, callbacks, report_hooks, pool, software: dict):
     """One TorchTrainer run of the stage (with its bank actor, killed afterwards): to the end, or to the step
     where the guard stopped it."""
     bank = start_bank(cfg, job.stage, train_name if train_name != job.stage else None)
@@ -162,7 +163,7 @@ def _fit_attempt(cfg: Config, job: StageJob, train_name: str, callbacks, report_
         eval_pool=pool,
         report_hooks=report_hooks,
         run=run,
-        software=software or software_fingerprint(),
+        software=software,
     )
     try:
         try:
@@ -180,13 +181,14 @@ def _fit_attempt(cfg: Config, job: StageJob, train_name: str, callbacks, report_
 
 
 @contextlib.contextmanager
-def running_eval_pool(cfg: Config, **testing):
-    """The run's eval pool for the duration of the block (None if ``eval.actors`` is 0).
+def running_eval_pool(cfg: Config, software: dict | None = None, **testing):
+    """The run's eval pool for the duration of the block (None if ``eval.actors`` is 0); ``software`` as for
+    ``create_eval_pool``.
 
     On a normal exit the block waits for the queued evaluations and prints them; on an error or Ctrl-C the pool
     is killed at once (a later run of the same name scores what it missed).
     """
-    pool = create_eval_pool(cfg, run_dir(cfg), **testing)
+    pool = create_eval_pool(cfg, run_dir(cfg), software=software, **testing)
     if pool is None:
         yield None
         return

@@ -271,9 +271,9 @@ class EvalPool:
         return {"results": list(self.results), "failures": list(self.failures), "left": left, **(await self.status())}
 
 
-def create_eval_pool(cfg: Config, run_location: str, name: str | None = None, **testing):
+def create_eval_pool(cfg: Config, run_location: str, name: str | None = None, software: dict | None = None, **testing):
     """The run's pool (or the one a previous attempt left alive), checked to be this run's; None when
-    ``eval.actors`` is 0."""
+    ``eval.actors`` is 0. ``software``: the fingerprint its eval actors must match (this process's by default)."""
     e = cfg.eval
     if e.actors == 0:
         return None
@@ -291,7 +291,8 @@ def create_eval_pool(cfg: Config, run_location: str, name: str | None = None, **
         cfg.run.seed,
         keep=cfg.ray.checkpoints_to_keep,
         timeout_s=e.timeout_s,
-        **{"software": software_fingerprint(), **testing},
+        software=software or software_fingerprint(),
+        **testing,
     )
     name = name or pool_name(cfg)
     options = {"name": name, "namespace": NAMESPACE, "get_if_exists": True, **stable_placement()}
